@@ -1,0 +1,98 @@
+//! Validates an audit batch from the filter as a whole before anything is stored.
+
+use super::chain::ChainEntry;
+use crate::domain::GATEWAY_TENANT;
+use filter_core::audit::{AuditBatch, AuditRecord};
+use uuid::Uuid;
+
+/// Largest batch accepted in one request.
+pub const MAX_BATCH: usize = 10_000;
+
+/// A batch that passed validation: entries grouped per tenant, in batch order.
+#[derive(Debug)]
+pub struct ValidBatch {
+    pub batch_id: Uuid,
+    pub entry_count: usize,
+    /// Sorted by tenant id (the lock order), entries without sequence numbers yet.
+    pub tenants: Vec<(Uuid, Vec<ChainEntry>)>,
+    pub agent_ids: Vec<Uuid>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum BatchError {
+    #[error("batch_id is not a UUID")]
+    BatchId,
+    #[error("batch has no entries")]
+    Empty,
+    #[error("batch has {0} entries, more than {MAX_BATCH}")]
+    TooLarge(usize),
+    #[error("entry {index}: {problem}")]
+    Entry { index: usize, problem: String },
+}
+
+pub fn validate(batch: AuditBatch) -> Result<ValidBatch, BatchError> {
+    let batch_id = Uuid::parse_str(&batch.batch_id).map_err(|_| BatchError::BatchId)?;
+    if batch.entries.is_empty() {
+        return Err(BatchError::Empty);
+    }
+    if batch.entries.len() > MAX_BATCH {
+        return Err(BatchError::TooLarge(batch.entries.len()));
+    }
+    let entry_count = batch.entries.len();
+    let mut tenants: std::collections::BTreeMap<Uuid, Vec<ChainEntry>> = Default::default();
+    let mut agent_ids = Vec::new();
+    for (index, record) in batch.entries.into_iter().enumerate() {
+        let entry = entry(record).map_err(|problem| BatchError::Entry { index, problem })?;
+        if let Some(agent) = entry.agent_id {
+            agent_ids.push(agent);
+        }
+        tenants.entry(entry.tenant_id).or_default().push(entry);
+    }
+    agent_ids.sort_unstable();
+    agent_ids.dedup();
+    Ok(ValidBatch {
+        batch_id,
+        entry_count,
+        tenants: tenants.into_iter().collect(),
+        agent_ids,
+    })
+}
+
+fn entry(r: AuditRecord) -> Result<ChainEntry, String> {
+    let uuid = |field: &str, value: &str| {
+        Uuid::parse_str(value).map_err(|_| format!("{field} is not a UUID"))
+    };
+    let optional = |field: &str, value: Option<&String>| match value {
+        None => Ok(None),
+        Some(v) => uuid(field, v).map(Some),
+    };
+    if r.decision != "allow" && r.decision != "deny" {
+        return Err("decision must be allow or deny".into());
+    }
+    if r.reason.is_empty() {
+        return Err("reason must not be empty".into());
+    }
+    let timestamp_ns = i64::try_from(r.timestamp_ns)
+        .ok()
+        .filter(|t| *t > 0)
+        .ok_or("timestamp_ns must be a positive 63-bit integer")?;
+    Ok(ChainEntry {
+        tenant_id: optional("tenant_id", r.tenant_id.as_ref())?.unwrap_or(GATEWAY_TENANT),
+        sequence_number: 0,
+        entry_id: uuid("decision_id", &r.decision_id)?,
+        timestamp_ns,
+        kind: "decision".into(),
+        agent_id: optional("agent_id", r.agent_id.as_ref())?,
+        agent_fingerprint: r.agent_fingerprint,
+        agent_subject: r.agent_subject,
+        domain: r.domain,
+        method: r.method,
+        path: r.path,
+        user_agent: r.user_agent,
+        source_ip: r.source_ip,
+        decision: r.decision,
+        reason: r.reason,
+        policy_id: r.policy_id,
+        config_version: r.config_version,
+    })
+}

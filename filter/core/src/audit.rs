@@ -1,0 +1,243 @@
+//! Audit records the filter emits per decision, and the bounded buffer that batches them.
+//!
+//! No hashing happens here: the control plane assigns sequence numbers and chains entries.
+//! The batch JSON is a contract (`docs/contracts.md`).
+
+use crate::decision::Decision;
+use crate::input::RequestFacts;
+use serde::{Deserialize, Serialize};
+use std::collections::VecDeque;
+
+/// One decision, as sent to the control plane.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditRecord {
+    pub decision_id: String,
+    /// Envoy's clock at the decision, nanoseconds since the Unix epoch.
+    pub timestamp_ns: u64,
+    pub tenant_id: Option<String>,
+    pub agent_id: Option<String>,
+    pub agent_fingerprint: String,
+    pub agent_subject: String,
+    pub domain: String,
+    pub method: String,
+    pub path: String,
+    pub user_agent: String,
+    pub source_ip: String,
+    /// `allow` or `deny`.
+    pub decision: String,
+    pub reason: String,
+    pub policy_id: Option<String>,
+    pub config_version: String,
+}
+
+/// What the filter POSTs to the ingest endpoint.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditBatch {
+    /// Unique per batch; a retried batch keeps its id so it is stored once.
+    pub batch_id: String,
+    pub entries: Vec<AuditRecord>,
+}
+
+// === impl AuditRecord ===
+
+impl AuditRecord {
+    pub fn new(
+        decision_id: String,
+        facts: &RequestFacts,
+        decision: &Decision,
+        config_version: &str,
+    ) -> Self {
+        Self {
+            decision_id,
+            timestamp_ns: facts.unix_ns,
+            tenant_id: decision.tenant_id.clone(),
+            agent_id: decision.agent_id.clone(),
+            agent_fingerprint: facts.fingerprint.clone(),
+            agent_subject: facts.subject.clone(),
+            domain: facts.domain.clone(),
+            method: facts.method.clone(),
+            path: facts.path.clone(),
+            user_agent: facts.user_agent.clone(),
+            source_ip: facts.source_ip.clone(),
+            decision: decision.outcome().to_owned(),
+            reason: decision.reason.clone(),
+            policy_id: decision.policy_id.clone(),
+            config_version: config_version.to_owned(),
+        }
+    }
+}
+
+/// A bounded queue of records plus the batch in flight.
+///
+/// At most one batch is in flight; it stays owned by the buffer until the control plane
+/// acknowledges it, and is resent with the same id after a failure. When the queue is
+/// full the oldest queued record is dropped and counted.
+#[derive(Debug)]
+pub struct AuditBuffer {
+    queue: VecDeque<AuditRecord>,
+    capacity: usize,
+    in_flight: Option<AuditBatch>,
+    dropped: u64,
+}
+
+// === impl AuditBuffer ===
+
+impl AuditBuffer {
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            queue: VecDeque::new(),
+            capacity: capacity.max(1),
+            in_flight: None,
+            dropped: 0,
+        }
+    }
+
+    /// Queues a record; returns how many records were dropped to make room (0 or 1).
+    pub fn push(&mut self, record: AuditRecord) -> u64 {
+        let mut dropped = 0;
+        while self.buffered() >= self.capacity && self.queue.pop_front().is_some() {
+            dropped += 1;
+        }
+        self.queue.push_back(record);
+        self.dropped += dropped;
+        dropped
+    }
+
+    /// Changes the bound; records beyond it are dropped (oldest first) on the next push.
+    pub fn set_capacity(&mut self, capacity: usize) {
+        self.capacity = capacity.max(1);
+    }
+
+    /// Records held: queued plus in flight.
+    pub fn buffered(&self) -> usize {
+        self.queue.len() + self.in_flight.as_ref().map_or(0, |b| b.entries.len())
+    }
+
+    pub fn queued(&self) -> usize {
+        self.queue.len()
+    }
+
+    pub fn dropped_total(&self) -> u64 {
+        self.dropped
+    }
+
+    pub fn in_flight(&self) -> Option<&AuditBatch> {
+        self.in_flight.as_ref()
+    }
+
+    /// Takes up to `max` queued records into a new in-flight batch, unless one is already
+    /// in flight (then that one is returned again for a retry).
+    pub fn next_batch(
+        &mut self,
+        max: usize,
+        batch_id: impl FnOnce() -> String,
+    ) -> Option<&AuditBatch> {
+        if self.in_flight.is_none() && !self.queue.is_empty() {
+            let n = max.min(self.queue.len());
+            let entries = self.queue.drain(..n).collect();
+            self.in_flight = Some(AuditBatch {
+                batch_id: batch_id(),
+                entries,
+            });
+        }
+        self.in_flight.as_ref()
+    }
+
+    /// The in-flight batch was stored: forget it. Returns its size.
+    pub fn acknowledge(&mut self) -> usize {
+        self.in_flight.take().map_or(0, |b| b.entries.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(n: u64) -> AuditRecord {
+        let facts = RequestFacts {
+            unix_ns: n,
+            ..RequestFacts::default()
+        };
+        AuditRecord::new(format!("d{n}"), &facts, &Decision::fixed(true, "x"), "v1")
+    }
+
+    #[test]
+    fn full_buffer_drops_oldest_and_counts() {
+        let mut buffer = AuditBuffer::new(3);
+        for n in 0..5 {
+            buffer.push(record(n));
+        }
+        assert_eq!(buffer.dropped_total(), 2);
+        let batch = buffer.next_batch(10, || "b1".into()).unwrap();
+        let ids: Vec<_> = batch.entries.iter().map(|r| r.timestamp_ns).collect();
+        assert_eq!(ids, [2, 3, 4]);
+    }
+
+    #[test]
+    fn in_flight_batch_is_retried_with_same_id_and_counts_against_capacity() {
+        let mut buffer = AuditBuffer::new(3);
+        buffer.push(record(0));
+        buffer.push(record(1));
+        assert_eq!(
+            buffer.next_batch(10, || "b1".into()).unwrap().batch_id,
+            "b1"
+        );
+        // Not acknowledged: the same batch comes back.
+        assert_eq!(
+            buffer.next_batch(10, || "b2".into()).unwrap().batch_id,
+            "b1"
+        );
+        buffer.push(record(2));
+        buffer.push(record(3)); // capacity 3 with 2 in flight: drops record 2.
+        assert_eq!(buffer.dropped_total(), 1);
+        assert_eq!(buffer.acknowledge(), 2);
+        let batch = buffer.next_batch(10, || "b3".into()).unwrap();
+        assert_eq!(batch.batch_id, "b3");
+        assert_eq!(batch.entries.len(), 1);
+        assert_eq!(buffer.acknowledge(), 1);
+        assert!(buffer.next_batch(10, || "b4".into()).is_none());
+    }
+}
+
+/// Generates decision and batch ids that are unique across VMs and restarts: a random
+/// 64-bit prefix drawn once per VM and a counter, formatted as a UUID.
+#[derive(Debug)]
+pub struct IdGenerator {
+    prefix: u64,
+    counter: u64,
+}
+
+// === impl IdGenerator ===
+
+impl IdGenerator {
+    pub fn new(prefix: u64) -> Self {
+        Self { prefix, counter: 0 }
+    }
+
+    pub fn next_id(&mut self) -> String {
+        self.counter = self.counter.wrapping_add(1);
+        let (p, c) = (self.prefix, self.counter);
+        format!(
+            "{:08x}-{:04x}-{:04x}-{:04x}-{:012x}",
+            p >> 32,
+            (p >> 16) & 0xffff,
+            p & 0xffff,
+            (c >> 48) & 0xffff,
+            c & 0xffff_ffff_ffff
+        )
+    }
+}
+
+#[cfg(test)]
+mod id_tests {
+    use super::IdGenerator;
+
+    #[test]
+    fn ids_are_uuid_shaped_and_distinct() {
+        let mut ids = IdGenerator::new(0x0123_4567_89ab_cdef);
+        let a = ids.next_id();
+        let b = ids.next_id();
+        assert_eq!(a, "01234567-89ab-cdef-0000-000000000001");
+        assert_ne!(a, b);
+    }
+}

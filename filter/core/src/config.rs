@@ -1,0 +1,185 @@
+//! The filter's plugin configuration: the wire contract of the ECDS resource.
+//!
+//! The control plane serialises [`PluginConfig`] as JSON into the wasm filter's
+//! `configuration` field; the filter parses it once in `on_configure`. See
+//! `docs/contracts.md` for the versioned description.
+
+use serde::{Deserialize, Serialize};
+
+/// What the filter does with requests under this configuration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Mode {
+    /// Evaluate the bundle's policy.
+    #[default]
+    Enforce,
+    /// Deny every request with reason `not_configured` (the fail-closed default config
+    /// Envoy applies until the control plane's bundle arrives).
+    DenyAll,
+    /// Allow every request with reason `not_configured` (an operator's explicit fail-open
+    /// default).
+    AllowAll,
+}
+
+/// The complete filter configuration delivered over ECDS.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PluginConfig {
+    /// Opaque bundle version, echoed in audit records and stats.
+    pub version: String,
+    #[serde(default)]
+    pub mode: Mode,
+    /// Rego modules and data; required in [`Mode::Enforce`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bundle: Option<Bundle>,
+    /// Where audit batches go; without it decisions are not audited (default configs only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audit: Option<AuditSink>,
+}
+
+/// Rego modules plus the data document they evaluate against.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Bundle {
+    pub modules: Vec<RegoModule>,
+    pub data: serde_json::Value,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RegoModule {
+    pub name: String,
+    pub source: String,
+}
+
+/// The control plane's audit ingest endpoint, reached through an Envoy cluster.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AuditSink {
+    /// Envoy cluster name of the control plane's HTTP API.
+    pub cluster: String,
+    /// `:authority` sent with the callout.
+    pub authority: String,
+    /// Path of the ingest endpoint.
+    pub path: String,
+    /// Bearer credential of the filter (never an admin token). Never logged.
+    pub token: String,
+    /// Flush when this many records are queued.
+    #[serde(default = "defaults::batch_size")]
+    pub batch_size: usize,
+    /// Flush at least this often (milliseconds); also the retry tick.
+    #[serde(default = "defaults::flush_interval_ms")]
+    pub flush_interval_ms: u64,
+    /// Records kept per worker VM while the control plane is unreachable; beyond it the
+    /// oldest are dropped and counted.
+    #[serde(default = "defaults::max_buffered")]
+    pub max_buffered: usize,
+    /// Callout timeout (milliseconds).
+    #[serde(default = "defaults::timeout_ms")]
+    pub timeout_ms: u64,
+}
+
+mod defaults {
+    pub(super) fn batch_size() -> usize {
+        100
+    }
+    pub(super) fn flush_interval_ms() -> u64 {
+        500
+    }
+    pub(super) fn max_buffered() -> usize {
+        10_000
+    }
+    pub(super) fn timeout_ms() -> u64 {
+        2_000
+    }
+}
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration is not valid JSON for the plugin contract: {0}")]
+    Parse(#[from] serde_json::Error),
+    #[error("mode enforce needs a bundle")]
+    MissingBundle,
+    #[error("audit sink field {0} must not be empty or zero")]
+    InvalidAudit(&'static str),
+}
+
+// === impl PluginConfig ===
+
+impl PluginConfig {
+    /// Parses and checks a configuration; the only place configuration JSON is read.
+    pub fn from_slice(bytes: &[u8]) -> Result<Self, ConfigError> {
+        let config: Self = serde_json::from_slice(bytes)?;
+        if config.mode == Mode::Enforce && config.bundle.is_none() {
+            return Err(ConfigError::MissingBundle);
+        }
+        if let Some(audit) = &config.audit {
+            audit.check()?;
+        }
+        Ok(config)
+    }
+
+    /// The fail-closed configuration used before the control plane's bundle arrives.
+    pub fn deny_all() -> Self {
+        Self {
+            version: "default-deny".into(),
+            mode: Mode::DenyAll,
+            bundle: None,
+            audit: None,
+        }
+    }
+}
+
+// === impl AuditSink ===
+
+impl AuditSink {
+    fn check(&self) -> Result<(), ConfigError> {
+        let fields: [(&'static str, bool); 7] = [
+            ("cluster", self.cluster.is_empty()),
+            ("authority", self.authority.is_empty()),
+            ("path", self.path.is_empty()),
+            ("batchSize", self.batch_size == 0),
+            ("flushIntervalMs", self.flush_interval_ms == 0),
+            ("maxBuffered", self.max_buffered == 0),
+            ("timeoutMs", self.timeout_ms == 0),
+        ];
+        match fields.iter().find(|(_, bad)| *bad) {
+            Some((name, _)) => Err(ConfigError::InvalidAudit(name)),
+            None => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deny_all_round_trips() {
+        let json = serde_json::to_vec(&PluginConfig::deny_all()).unwrap();
+        assert_eq!(
+            PluginConfig::from_slice(&json).unwrap(),
+            PluginConfig::deny_all()
+        );
+    }
+
+    #[test]
+    fn enforce_without_bundle_is_refused() {
+        let err = PluginConfig::from_slice(br#"{"version":"1"}"#).unwrap_err();
+        assert!(matches!(err, ConfigError::MissingBundle));
+    }
+
+    #[test]
+    fn unknown_fields_are_refused() {
+        let err = PluginConfig::from_slice(br#"{"version":"1","mode":"denyAll","x":1}"#);
+        assert!(matches!(err, Err(ConfigError::Parse(_))));
+    }
+
+    #[test]
+    fn empty_audit_fields_are_refused() {
+        let json = br#"{"version":"1","mode":"denyAll","audit":{"cluster":"","authority":"cp","path":"/a","token":"t"}}"#;
+        let err = PluginConfig::from_slice(json).unwrap_err();
+        assert!(matches!(err, ConfigError::InvalidAudit("cluster")));
+    }
+}

@@ -1,0 +1,104 @@
+//! The outcome of one evaluation and how the filter answers with it.
+
+use serde::{Deserialize, Serialize};
+
+/// The decision the Rego library returns (`data.chronoguard.decision`), plus the
+/// attribution the audit log needs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Decision {
+    pub allow: bool,
+    /// Machine-readable reason code, e.g. `domain_allowed`, `domain_blocked`,
+    /// `unknown_agent`, `not_configured`, `evaluation_error`.
+    pub reason: String,
+    #[serde(default)]
+    pub policy_id: Option<String>,
+    #[serde(default)]
+    pub tenant_id: Option<String>,
+    #[serde(default)]
+    pub agent_id: Option<String>,
+}
+
+/// The JSON body of a deny response.
+#[derive(Debug, Serialize)]
+pub struct DenyBody<'a> {
+    pub decision: &'static str,
+    pub reason: &'a str,
+    pub message: &'static str,
+    pub policy_id: Option<&'a str>,
+    pub request_id: &'a str,
+}
+
+/// Header carrying the decision id on allowed requests (joins upstream logs with audit).
+pub const DECISION_ID_HEADER: &str = "x-chronoguard-decision-id";
+
+// === impl Decision ===
+
+impl Decision {
+    /// A decision that does not come from the policy (default configs, errors).
+    pub fn fixed(allow: bool, reason: &str) -> Self {
+        Self {
+            allow,
+            reason: reason.to_owned(),
+            policy_id: None,
+            tenant_id: None,
+            agent_id: None,
+        }
+    }
+
+    pub fn outcome(&self) -> &'static str {
+        if self.allow { "allow" } else { "deny" }
+    }
+
+    /// HTTP status of the local reply for a denied request.
+    pub fn status(&self) -> u32 {
+        403
+    }
+
+    /// The JSON body of the local reply.
+    pub fn deny_body(&self, request_id: &str) -> String {
+        let body = DenyBody {
+            decision: self.outcome(),
+            reason: &self.reason,
+            message: message(&self.reason),
+            policy_id: self.policy_id.as_deref(),
+            request_id,
+        };
+        serde_json::to_string(&body).unwrap_or_else(|_| String::from("{\"decision\":\"deny\"}"))
+    }
+}
+
+/// A human message per reason code.
+pub fn message(reason: &str) -> &'static str {
+    match reason {
+        "no_certificate" => "no verified client certificate was presented",
+        "unknown_agent" => "the client certificate does not belong to a registered agent",
+        "agent_pending" => "the agent is pending activation",
+        "agent_suspended" => "the agent is suspended",
+        "agent_deactivated" => "the agent is deactivated",
+        "domain_blocked" => "the domain is blocked by policy",
+        "domain_allowed" => "the domain is allowed by policy",
+        "no_matching_policy" => "no active policy allows this domain",
+        "not_configured" => "the gateway has not received its policy yet",
+        "evaluation_error" => "the policy could not be evaluated",
+        _ => "denied by policy",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deny_body_names_reason_and_policy() {
+        let decision = Decision {
+            policy_id: Some("p1".into()),
+            ..Decision::fixed(false, "domain_blocked")
+        };
+        let body: serde_json::Value = serde_json::from_str(&decision.deny_body("r1")).unwrap();
+        assert_eq!(body["decision"], "deny");
+        assert_eq!(body["reason"], "domain_blocked");
+        assert_eq!(body["policy_id"], "p1");
+        assert_eq!(body["request_id"], "r1");
+        assert_eq!(body["message"], "the domain is blocked by policy");
+    }
+}

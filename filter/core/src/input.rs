@@ -1,0 +1,126 @@
+//! The request facts the filter gathers, and the Rego `input` document built from them.
+//!
+//! The document's shape is a contract (`docs/contracts.md`):
+//! `{agent: {fingerprint, subject}, request: {domain, method, path, user_agent, source_ip,
+//! scheme}, time: {unix_ns}}`.
+
+use regorus::Value;
+use std::collections::BTreeMap;
+
+/// Facts about one request, as read from Envoy.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RequestFacts {
+    /// Lower-case hex SHA-256 of the verified peer certificate; empty without one.
+    pub fingerprint: String,
+    pub subject: String,
+    /// Normalised with [`normalize_domain`].
+    pub domain: String,
+    pub method: String,
+    pub path: String,
+    pub user_agent: String,
+    pub source_ip: String,
+    pub scheme: String,
+    /// Envoy's clock, nanoseconds since the Unix epoch.
+    pub unix_ns: u64,
+}
+
+/// Normalises an `:authority` into the domain policies match: lower case, port stripped,
+/// trailing dot removed, IPv6 brackets kept off.
+pub fn normalize_domain(authority: &str) -> String {
+    let authority = authority.trim();
+    let host = if let Some(rest) = authority.strip_prefix('[') {
+        // IPv6 literal: "[::1]:443" or "[::1]".
+        rest.split(']').next().unwrap_or_default()
+    } else {
+        match authority.rsplit_once(':') {
+            Some((host, port)) if port.bytes().all(|b| b.is_ascii_digit()) => host,
+            _ => authority,
+        }
+    };
+    host.trim_end_matches('.').to_ascii_lowercase()
+}
+
+/// Strips the peer address's port: Envoy's `source.address` is `ip:port`.
+pub fn source_ip(address: &str) -> String {
+    if let Some(rest) = address.strip_prefix('[') {
+        return rest.split(']').next().unwrap_or_default().to_owned();
+    }
+    match address.rsplit_once(':') {
+        Some((ip, port)) if !ip.contains(':') && port.bytes().all(|b| b.is_ascii_digit()) => {
+            ip.to_owned()
+        }
+        _ => address.to_owned(),
+    }
+}
+
+// === impl RequestFacts ===
+
+impl RequestFacts {
+    /// Builds the Rego input directly as a regorus value (no JSON text on the request path).
+    pub fn to_value(&self) -> Value {
+        let agent = object([
+            ("fingerprint", self.fingerprint.as_str().into()),
+            ("subject", self.subject.as_str().into()),
+        ]);
+        let request = object([
+            ("domain", self.domain.as_str().into()),
+            ("method", self.method.as_str().into()),
+            ("path", self.path.as_str().into()),
+            ("user_agent", self.user_agent.as_str().into()),
+            ("source_ip", self.source_ip.as_str().into()),
+            ("scheme", self.scheme.as_str().into()),
+        ]);
+        let time = object([("unix_ns", self.unix_ns.into())]);
+        object([("agent", agent), ("request", request), ("time", time)])
+    }
+}
+
+fn object<const N: usize>(fields: [(&str, Value); N]) -> Value {
+    let map: BTreeMap<Value, Value> = fields
+        .into_iter()
+        .map(|(key, value)| (Value::from(key), value))
+        .collect();
+    Value::from(map)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn domains_are_normalised() {
+        for (raw, want) in [
+            ("Example.COM", "example.com"),
+            ("example.com:8443", "example.com"),
+            ("example.com.", "example.com"),
+            ("Example.com.:443", "example.com"),
+            ("[::1]:443", "::1"),
+            ("[::1]", "::1"),
+            ("xn--bcher-kva.example", "xn--bcher-kva.example"),
+            ("", ""),
+        ] {
+            assert_eq!(normalize_domain(raw), want, "{raw}");
+        }
+    }
+
+    #[test]
+    fn source_ip_drops_port() {
+        assert_eq!(source_ip("127.0.0.1:5555"), "127.0.0.1");
+        assert_eq!(source_ip("[::1]:5555"), "::1");
+        assert_eq!(source_ip("10.0.0.1"), "10.0.0.1");
+    }
+
+    #[test]
+    fn input_document_has_contract_shape() {
+        let facts = RequestFacts {
+            fingerprint: "ab".into(),
+            domain: "example.com".into(),
+            unix_ns: 7,
+            ..RequestFacts::default()
+        };
+        let json = serde_json::to_value(facts.to_value()).unwrap();
+        assert_eq!(json["agent"]["fingerprint"], "ab");
+        assert_eq!(json["request"]["domain"], "example.com");
+        assert_eq!(json["time"]["unix_ns"], 7);
+    }
+}

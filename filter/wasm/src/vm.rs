@@ -1,0 +1,160 @@
+//! State shared by all contexts of one worker VM: the audit buffer and its sender.
+
+use crate::host;
+use crate::metrics::Metrics;
+use filter_core::audit::{AuditBuffer, AuditRecord, IdGenerator};
+use filter_core::config::AuditSink;
+use proxy_wasm::types::LogLevel;
+use std::cell::RefCell;
+use std::hash::{BuildHasher, RandomState};
+use std::rc::Rc;
+use std::time::Duration;
+
+/// Records kept before any configuration names a sink.
+const DEFAULT_CAPACITY: usize = 10_000;
+/// Longest pause between retries of a failing sink.
+const MAX_BACKOFF_NS: u64 = 30_000_000_000;
+
+pub struct VmState {
+    pub ids: IdGenerator,
+    pub metrics: Metrics,
+    audit: AuditBuffer,
+    sink: Option<AuditSink>,
+    /// Token and dispatch time of the callout carrying the in-flight batch.
+    pending: Option<(u32, u64)>,
+    backoff_ns: u64,
+    next_attempt_ns: u64,
+}
+
+thread_local! {
+    static VM: Rc<RefCell<VmState>> = Rc::new(RefCell::new(VmState::new()));
+}
+
+/// The state of the VM this thread runs.
+pub fn state() -> Rc<RefCell<VmState>> {
+    VM.with(Rc::clone)
+}
+
+// === impl VmState ===
+
+impl VmState {
+    fn new() -> Self {
+        let prefix = RandomState::new().hash_one(host::now_ns());
+        Self {
+            ids: IdGenerator::new(prefix),
+            metrics: Metrics::define(),
+            audit: AuditBuffer::new(DEFAULT_CAPACITY),
+            sink: None,
+            pending: None,
+            backoff_ns: 0,
+            next_attempt_ns: 0,
+        }
+    }
+
+    /// A configuration named its sink: later flushes use it.
+    pub fn set_sink(&mut self, sink: Option<AuditSink>) {
+        if let Some(sink) = &sink {
+            self.audit.set_capacity(sink.max_buffered);
+        }
+        self.sink = sink;
+    }
+
+    pub fn record(&mut self, record: AuditRecord) {
+        let dropped = self.audit.push(record);
+        host::increment(self.metrics.audit_buffered, 1);
+        if dropped > 0 {
+            host::increment(self.metrics.audit_dropped, dropped as i64);
+            host::increment(self.metrics.audit_buffered, -(dropped as i64));
+            if self.audit.dropped_total().is_power_of_two() {
+                host::log(
+                    LogLevel::Warn,
+                    &format!(
+                        "audit buffer full: {} records dropped so far on this worker",
+                        self.audit.dropped_total()
+                    ),
+                );
+            }
+        }
+    }
+
+    /// Sends the next batch if the sink is idle and due. Called from ticks and responses.
+    pub fn flush(&mut self, force: bool) {
+        let Some(sink) = self.sink.clone() else {
+            return;
+        };
+        let now = host::now_ns();
+        if let Some((_, sent_at)) = self.pending {
+            // A callout whose response never reached us (its root context went away) is
+            // treated as failed after twice its timeout; the batch keeps its id.
+            if now.saturating_sub(sent_at) < 2 * sink.timeout_ms * 1_000_000 {
+                return;
+            }
+            self.pending = None;
+            self.failed(&sink, now);
+        }
+        if !force && now < self.next_attempt_ns {
+            return;
+        }
+        let ids = &mut self.ids;
+        let Some(batch) = self.audit.next_batch(sink.batch_size, || ids.next_id()) else {
+            return;
+        };
+        let Ok(body) = serde_json::to_vec(batch) else {
+            return;
+        };
+        let timeout = Duration::from_millis(sink.timeout_ms);
+        match host::dispatch_post(
+            &sink.cluster,
+            &sink.authority,
+            &sink.path,
+            &sink.token,
+            &body,
+            timeout,
+        ) {
+            Some(token) => self.pending = Some((token, now)),
+            None => self.failed(&sink, now),
+        }
+    }
+
+    /// Whether a callout response with this token belongs to the in-flight batch.
+    pub fn owns(&self, token: u32) -> bool {
+        matches!(self.pending, Some((t, _)) if t == token)
+    }
+
+    /// The callout for the in-flight batch completed with this HTTP status (none: timeout
+    /// or reset).
+    pub fn completed(&mut self, status: Option<u32>) {
+        self.pending = None;
+        let Some(sink) = self.sink.clone() else {
+            return;
+        };
+        let now = host::now_ns();
+        match status {
+            Some(200..=299) => {
+                let sent = self.audit.acknowledge();
+                host::increment(self.metrics.audit_sent, sent as i64);
+                host::increment(self.metrics.audit_buffered, -(sent as i64));
+                self.backoff_ns = 0;
+                self.next_attempt_ns = 0;
+                // Keep draining while full batches are waiting.
+                if self.audit.queued() >= sink.batch_size {
+                    self.flush(true);
+                }
+            }
+            _ => {
+                host::log(
+                    LogLevel::Warn,
+                    &format!("audit batch not accepted (status {status:?}); will retry"),
+                );
+                self.failed(&sink, now);
+            }
+        }
+    }
+
+    fn failed(&mut self, sink: &AuditSink, now: u64) {
+        host::increment(self.metrics.audit_retried, 1);
+        let base = sink.flush_interval_ms * 1_000_000;
+        self.backoff_ns = (self.backoff_ns.saturating_mul(2)).clamp(base, MAX_BACKOFF_NS);
+        self.next_attempt_ns = now + self.backoff_ns;
+    }
+}

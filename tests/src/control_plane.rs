@@ -1,0 +1,129 @@
+//! The control plane binary, run as a child process against the harness's databases.
+
+use crate::process::Process;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+pub struct ControlPlane {
+    pub http_port: u16,
+    pub grpc_port: u16,
+    pub admin_token: String,
+    pub ingest_token: String,
+    process: Process,
+    config: ControlPlaneConfig,
+}
+
+/// What a control plane needs to start (kept so it can be restarted identically).
+#[derive(Clone)]
+pub struct ControlPlaneConfig {
+    pub database_url: String,
+    pub redis_url: String,
+    pub wasm: PathBuf,
+    pub log: PathBuf,
+    pub audit_flush_interval_ms: u64,
+}
+
+/// The binary: `CHRONOGUARD_CONTROL_PLANE`, or the workspace's debug build.
+pub fn binary() -> PathBuf {
+    std::env::var_os("CHRONOGUARD_CONTROL_PLANE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| crate::target_dir().join("debug/chronoguard-control-plane"))
+}
+
+// === impl ControlPlane ===
+
+impl ControlPlane {
+    pub async fn start(config: ControlPlaneConfig) -> anyhow::Result<Self> {
+        let (http_port, grpc_port) = (crate::free_port(), crate::free_port());
+        let admin_token = format!("admin-{}", uuid::Uuid::new_v4().simple());
+        let ingest_token = format!("ingest-{}", uuid::Uuid::new_v4().simple());
+        let process = spawn(&config, http_port, grpc_port, &admin_token, &ingest_token)?;
+        let cp = Self {
+            http_port,
+            grpc_port,
+            admin_token,
+            ingest_token,
+            process,
+            config,
+        };
+        cp.wait_ready().await?;
+        Ok(cp)
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.http_port)
+    }
+
+    async fn wait_ready(&self) -> anyhow::Result<()> {
+        let client = crate::client::plain_client()?;
+        let url = self.url("/health/ready");
+        crate::wait_for(
+            "control plane ready",
+            std::time::Duration::from_secs(30),
+            || {
+                let request = client.get(&url).send();
+                async move {
+                    request
+                        .await
+                        .ok()
+                        .filter(|r| r.status().is_success())
+                        .map(|_| ())
+                }
+            },
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}; see {}", self.config.log.display()))
+    }
+
+    /// Stops the process (SIGTERM).
+    pub fn stop(&mut self) {
+        self.process.stop(std::time::Duration::from_secs(5));
+    }
+
+    /// Starts it again on the same ports and tokens.
+    pub async fn restart(&mut self) -> anyhow::Result<()> {
+        self.stop();
+        self.process = spawn(
+            &self.config,
+            self.http_port,
+            self.grpc_port,
+            &self.admin_token,
+            &self.ingest_token,
+        )?;
+        self.wait_ready().await
+    }
+}
+
+fn spawn(
+    config: &ControlPlaneConfig,
+    http_port: u16,
+    grpc_port: u16,
+    admin_token: &str,
+    ingest_token: &str,
+) -> anyhow::Result<Process> {
+    let binary = binary();
+    anyhow::ensure!(
+        binary.exists(),
+        "{} not found: build it with `cargo build -p control-plane`",
+        binary.display()
+    );
+    let mut cmd = Command::new(&binary);
+    cmd.env("APP__HTTP__ADDR", format!("127.0.0.1:{http_port}"))
+        .env("APP__GRPC__ADDR", format!("127.0.0.1:{grpc_port}"))
+        .env("APP__DATABASE__URL", &config.database_url)
+        .env("APP__REDIS__URL", &config.redis_url)
+        .env("APP__AUTH__ADMIN_TOKEN", admin_token)
+        .env("APP__AUTH__INGEST_TOKEN", ingest_token)
+        .env("APP__GATEWAY__WASM_FILENAME", path_str(&config.wasm))
+        .env(
+            "APP__GATEWAY__AUDIT_FLUSH_INTERVAL_MS",
+            config.audit_flush_interval_ms.to_string(),
+        )
+        .env("APP__LOG__FORMAT", "json")
+        .env("APP__LOG__LEVEL", "info");
+    Process::spawn("control-plane", cmd, &config.log)
+}
+
+fn path_str(path: &Path) -> String {
+    path.to_string_lossy().into_owned()
+}

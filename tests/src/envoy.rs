@@ -1,0 +1,171 @@
+//! Envoy 1.40 with the built filter, configured from `envoy-config/envoy.yaml.tmpl`.
+
+use crate::process::Process;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+pub struct Envoy {
+    pub listen_port: u16,
+    pub admin_port: u16,
+    pub node_id: String,
+    pub log: PathBuf,
+    process: Process,
+}
+
+/// Values for the bootstrap template's placeholders.
+pub struct EnvoyConfig<'a> {
+    pub node_id: &'a str,
+    pub cp_grpc_port: u16,
+    pub cp_http_port: u16,
+    pub upstream_port: u16,
+    pub ca: &'a Path,
+    pub server_cert: &'a Path,
+    pub server_key: &'a Path,
+    pub wasm: &'a Path,
+    pub initial_fetch_timeout: &'a str,
+    pub concurrency: u32,
+    pub dir: &'a Path,
+}
+
+/// The Envoy binary: `CHRONOGUARD_ENVOY`, or the one `cargo xtask setup` installs.
+pub fn binary() -> PathBuf {
+    std::env::var_os("CHRONOGUARD_ENVOY")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| crate::target_dir().join("tools/bin/envoy"))
+}
+
+/// The filter module: `CHRONOGUARD_WASM`, or the one `cargo xtask build-filter` writes.
+pub fn wasm() -> PathBuf {
+    std::env::var_os("CHRONOGUARD_WASM")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| crate::target_dir().join("filter/chronoguard.wasm"))
+}
+
+/// Renders the bootstrap template.
+pub fn render(
+    config: &EnvoyConfig<'_>,
+    listen_port: u16,
+    admin_port: u16,
+) -> anyhow::Result<String> {
+    let template =
+        std::fs::read_to_string(crate::workspace_root().join("envoy-config/envoy.yaml.tmpl"))?;
+    let path = |p: &Path| p.to_string_lossy().into_owned();
+    let values = [
+        ("NODE_ID", config.node_id.to_owned()),
+        ("ADMIN_PORT", admin_port.to_string()),
+        ("LISTEN_PORT", listen_port.to_string()),
+        ("CP_GRPC_PORT", config.cp_grpc_port.to_string()),
+        ("CP_HTTP_PORT", config.cp_http_port.to_string()),
+        ("UPSTREAM_PORT", config.upstream_port.to_string()),
+        ("CA_CERT", path(config.ca)),
+        ("SERVER_CERT", path(config.server_cert)),
+        ("SERVER_KEY", path(config.server_key)),
+        ("WASM", path(config.wasm)),
+        (
+            "INITIAL_FETCH_TIMEOUT",
+            config.initial_fetch_timeout.to_owned(),
+        ),
+    ];
+    let mut out = template;
+    for (key, value) in values {
+        out = out.replace(&format!("{{{{{key}}}}}"), &value);
+    }
+    anyhow::ensure!(
+        !out.contains("{{"),
+        "unfilled placeholder in the envoy template"
+    );
+    Ok(out)
+}
+
+// === impl Envoy ===
+
+impl Envoy {
+    /// Starts Envoy and waits until its admin endpoint reports ready (listeners warmed,
+    /// i.e. the first ECDS response applied or the fetch timed out).
+    pub async fn start(config: EnvoyConfig<'_>) -> anyhow::Result<Self> {
+        let (listen_port, admin_port) = (crate::free_port(), crate::free_port());
+        let bootstrap = config.dir.join(format!("envoy-{}.yaml", config.node_id));
+        std::fs::write(&bootstrap, render(&config, listen_port, admin_port)?)?;
+        let log = config.dir.join(format!("envoy-{}.log", config.node_id));
+        let binary = binary();
+        anyhow::ensure!(
+            binary.exists(),
+            "{} not found: run `cargo xtask setup`",
+            binary.display()
+        );
+        let mut cmd = Command::new(binary);
+        cmd.arg("-c")
+            .arg(&bootstrap)
+            .args(["--concurrency", &config.concurrency.to_string()])
+            .args(["--disable-hot-restart", "--log-level", "info"]);
+        let process = Process::spawn("envoy", cmd, &log)?;
+        let envoy = Self {
+            listen_port,
+            admin_port,
+            node_id: config.node_id.to_owned(),
+            log,
+            process,
+        };
+        envoy.wait_ready().await?;
+        Ok(envoy)
+    }
+
+    pub async fn wait_ready(&self) -> anyhow::Result<()> {
+        let client = crate::client::plain_client()?;
+        let url = self.admin("/ready");
+        crate::wait_for("envoy ready", std::time::Duration::from_secs(30), || {
+            let request = client.get(&url).send();
+            async move {
+                request
+                    .await
+                    .ok()
+                    .filter(|r| r.status().is_success())
+                    .map(|_| ())
+            }
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}; see {}", self.log.display()))
+    }
+
+    pub fn admin(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.admin_port)
+    }
+
+    /// The gateway URL for `path` (send the target domain in the Host header).
+    pub fn url(&self, path: &str) -> String {
+        format!("https://127.0.0.1:{}{path}", self.listen_port)
+    }
+
+    /// One stat's value from `/stats?filter=`.
+    pub async fn stat(&self, name: &str) -> anyhow::Result<Option<String>> {
+        let body = crate::client::plain_client()?
+            .get(self.admin(&format!("/stats?filter=^{}$", regex_escape(name))))
+            .send()
+            .await?
+            .text()
+            .await?;
+        Ok(body
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}: ")).map(str::to_owned)))
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.process.pid()
+    }
+
+    pub fn stop(&mut self) {
+        self.process.stop(std::time::Duration::from_secs(5));
+    }
+}
+
+fn regex_escape(s: &str) -> String {
+    s.chars()
+        .flat_map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' {
+                vec![c]
+            } else {
+                vec!['\\', c]
+            }
+        })
+        .collect()
+}

@@ -1,0 +1,249 @@
+//! The whole ChronoGuard stack for one test (or the demo).
+
+use crate::certs::{AgentCert, Pki};
+use crate::control_plane::{ControlPlane, ControlPlaneConfig};
+use crate::envoy::{Envoy, EnvoyConfig};
+use crate::postgres::Postgres;
+use crate::redis::Redis;
+use crate::upstream::Upstream;
+use anyhow::Context as _;
+use serde_json::{Value, json};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+pub struct StackOptions {
+    /// Envoy worker threads.
+    pub concurrency: u32,
+    /// How long Envoy's listener waits for the first ECDS response.
+    pub initial_fetch_timeout: &'static str,
+    pub audit_flush_interval_ms: u64,
+}
+
+impl Default for StackOptions {
+    fn default() -> Self {
+        Self {
+            concurrency: 2,
+            initial_fetch_timeout: "10s",
+            audit_flush_interval_ms: 100,
+        }
+    }
+}
+
+pub struct Stack {
+    pub dir: PathBuf,
+    pub pki: Pki,
+    pub database_url: String,
+    pub db: sqlx::PgPool,
+    pub upstream: Upstream,
+    pub control_plane: ControlPlane,
+    pub envoy: Envoy,
+    pub http: reqwest::Client,
+    _postgres: Arc<Postgres>,
+    _redis: Arc<Redis>,
+}
+
+// === impl Stack ===
+
+impl Stack {
+    pub async fn start(options: StackOptions) -> anyhow::Result<Self> {
+        let dir = crate::postgres::tempdir("chronoguard-stack")?;
+        let (postgres, redis, upstream) =
+            tokio::try_join!(Postgres::shared(), Redis::shared(), Upstream::start())?;
+        let database_url = postgres.fresh_database().await?;
+        let pki = Pki::new(dir.join("pki"))?;
+        let wasm = crate::envoy::wasm();
+        anyhow::ensure!(
+            wasm.exists(),
+            "{} not found: run `cargo xtask build-filter`",
+            wasm.display()
+        );
+        let control_plane = ControlPlane::start(ControlPlaneConfig {
+            database_url: database_url.clone(),
+            redis_url: redis.url(),
+            wasm: wasm.clone(),
+            log: dir.join("control-plane.log"),
+            audit_flush_interval_ms: options.audit_flush_interval_ms,
+        })
+        .await
+        .context("starting the control plane")?;
+        let envoy = Envoy::start(EnvoyConfig {
+            node_id: "gateway-1",
+            cp_grpc_port: control_plane.grpc_port,
+            cp_http_port: control_plane.http_port,
+            upstream_port: upstream.port,
+            ca: &pki.ca_path,
+            server_cert: &pki.server_cert_path,
+            server_key: &pki.server_key_path,
+            wasm: &wasm,
+            initial_fetch_timeout: options.initial_fetch_timeout,
+            concurrency: options.concurrency,
+            dir: &dir,
+        })
+        .await
+        .context("starting envoy")?;
+        let db = sqlx::PgPool::connect(&database_url).await?;
+        Ok(Self {
+            dir,
+            pki,
+            database_url,
+            db,
+            upstream,
+            control_plane,
+            envoy,
+            http: crate::client::plain_client()?,
+            _postgres: postgres,
+            _redis: redis,
+        })
+    }
+
+    /// Sends an admin request; fails unless the status is 2xx. Returns the JSON body.
+    pub async fn admin(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> anyhow::Result<Value> {
+        let (status, body) = self.admin_raw(method.clone(), path, body).await?;
+        anyhow::ensure!(status.is_success(), "{method} {path} → {status}: {body}");
+        Ok(body)
+    }
+
+    /// Sends an admin request and returns status and JSON body whatever they are.
+    pub async fn admin_raw(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> anyhow::Result<(reqwest::StatusCode, Value)> {
+        let mut request = self
+            .http
+            .request(method, self.control_plane.url(path))
+            .bearer_auth(&self.control_plane.admin_token);
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await?;
+        let status = response.status();
+        let text = response.text().await?;
+        Ok((
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        ))
+    }
+
+    pub async fn create_tenant(&self, name: &str) -> anyhow::Result<String> {
+        let tenant = self
+            .admin(
+                reqwest::Method::POST,
+                "/api/v1/tenants",
+                Some(json!({"name": name})),
+            )
+            .await?;
+        str_field(&tenant, "id")
+    }
+
+    /// Registers an agent with a fresh certificate and activates it.
+    pub async fn create_active_agent(
+        &self,
+        tenant: &str,
+        name: &str,
+        policy_ids: &[&str],
+    ) -> anyhow::Result<(String, AgentCert)> {
+        let cert = self.pki.agent(name)?;
+        let agent = self
+            .admin(
+                reqwest::Method::POST,
+                "/api/v1/agents",
+                Some(json!({"tenant_id": tenant, "name": name, "certificate_pem": cert.cert_pem})),
+            )
+            .await?;
+        let id = str_field(&agent, "id")?;
+        self.admin(
+            reqwest::Method::PATCH,
+            &format!("/api/v1/agents/{id}"),
+            Some(json!({"status": "active", "policy_ids": policy_ids})),
+        )
+        .await?;
+        Ok((id, cert))
+    }
+
+    pub async fn create_policy(
+        &self,
+        tenant: &str,
+        name: &str,
+        allowed: &[&str],
+        blocked: &[&str],
+    ) -> anyhow::Result<String> {
+        let policy = self
+            .admin(
+                reqwest::Method::POST,
+                "/api/v1/policies",
+                Some(json!({
+                    "tenant_id": tenant, "name": name, "priority": 100,
+                    "allowed_domains": allowed, "blocked_domains": blocked
+                })),
+            )
+            .await?;
+        str_field(&policy, "id")
+    }
+
+    /// A client presenting `agent`'s certificate (or none) to Envoy.
+    pub fn agent_client(&self, agent: Option<&AgentCert>) -> anyhow::Result<reqwest::Client> {
+        crate::client::agent_client(&self.pki.ca_pem, agent)
+    }
+
+    /// `GET https://<domain><path>` through the gateway with `client`.
+    pub async fn request(
+        &self,
+        client: &reqwest::Client,
+        domain: &str,
+        path: &str,
+    ) -> anyhow::Result<Reply> {
+        let response = client
+            .get(self.envoy.url(path))
+            .header(reqwest::header::HOST, domain)
+            .send()
+            .await?;
+        let status = response.status().as_u16();
+        let decision_id = response
+            .headers()
+            .get("x-chronoguard-decision-id")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let text = response.text().await?;
+        let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        Ok(Reply {
+            status,
+            decision_id,
+            body,
+        })
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        // Keep the logs of a failed test for inspection; clean up after a passing one.
+        if std::thread::panicking() {
+            eprintln!("stack logs kept in {}", self.dir.display());
+        } else {
+            self.envoy.stop();
+            self.control_plane.stop();
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// What the gateway answered.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub status: u16,
+    pub decision_id: Option<String>,
+    pub body: Value,
+}
+
+pub fn str_field(value: &Value, key: &str) -> anyhow::Result<String> {
+    value[key]
+        .as_str()
+        .map(str::to_owned)
+        .with_context(|| format!("no string {key} in {value}"))
+}

@@ -1,0 +1,57 @@
+//! A small upstream that answers every request with what it received, and counts hits.
+
+use axum::extract::Request;
+use axum::response::Json;
+use serde_json::{Value, json};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+pub struct Upstream {
+    pub port: u16,
+    hits: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+// === impl Upstream ===
+
+impl Upstream {
+    pub async fn start() -> anyhow::Result<Self> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let port = listener.local_addr()?.port();
+        let hits = Arc::new(AtomicU64::new(0));
+        let counter = hits.clone();
+        let app = axum::Router::new().fallback(move |req: Request| {
+            let counter = counter.clone();
+            async move {
+                counter.fetch_add(1, Ordering::Relaxed);
+                let header = |name: &str| {
+                    req.headers()
+                        .get(name)
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or_default()
+                        .to_owned()
+                };
+                Json::<Value>(json!({
+                    "upstream": "chronoguard-demo-upstream",
+                    "host": header("host"),
+                    "path": req.uri().path(),
+                    "decision_id": header("x-chronoguard-decision-id"),
+                }))
+            }
+        });
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Ok(Self { port, hits, task })
+    }
+
+    pub fn hits(&self) -> u64 {
+        self.hits.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
