@@ -38,6 +38,8 @@ pub struct Stack {
     pub control_plane: ControlPlane,
     pub envoy: Envoy,
     pub http: reqwest::Client,
+    envoy_concurrency: u32,
+    envoy_fetch_timeout: &'static str,
     _postgres: Arc<Postgres>,
     _redis: Arc<Redis>,
 }
@@ -91,9 +93,33 @@ impl Stack {
             control_plane,
             envoy,
             http: crate::client::plain_client()?,
+            envoy_concurrency: options.concurrency,
+            envoy_fetch_timeout: options.initial_fetch_timeout,
             _postgres: postgres,
             _redis: redis,
         })
+    }
+
+    /// Stops Envoy and starts a new one with the same bootstrap (new ports), returning when
+    /// its listener is warm.
+    pub async fn restart_envoy(&mut self) -> anyhow::Result<()> {
+        self.envoy.stop();
+        let wasm = crate::envoy::wasm();
+        self.envoy = Envoy::start(EnvoyConfig {
+            node_id: "gateway-1",
+            cp_grpc_port: self.control_plane.grpc_port,
+            cp_http_port: self.control_plane.http_port,
+            upstream_port: self.upstream.port,
+            ca: &self.pki.ca_path,
+            server_cert: &self.pki.server_cert_path,
+            server_key: &self.pki.server_key_path,
+            wasm: &wasm,
+            initial_fetch_timeout: self.envoy_fetch_timeout,
+            concurrency: self.envoy_concurrency,
+            dir: &self.dir,
+        })
+        .await?;
+        Ok(())
     }
 
     /// Sends an admin request; fails unless the status is 2xx. Returns the JSON body.
