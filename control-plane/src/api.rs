@@ -1,15 +1,23 @@
 //! The REST API (axum): router, auth extractors, problem+json errors.
 
 pub mod audit;
+pub mod auth;
+pub mod cache;
 pub mod error;
+pub mod events;
+pub mod metrics;
+pub mod openapi;
 pub mod ops;
+pub mod ratelimit;
 pub mod resources;
+pub mod testing;
 
 use crate::app::AppState;
+pub use auth::PlatformAdmin as Admin;
 use axum::Router;
 use axum::extract::{FromRequest, FromRequestParts};
 use axum::http::request::Parts;
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 pub use error::ApiError;
 
 pub fn router(state: AppState) -> Router {
@@ -17,10 +25,14 @@ pub fn router(state: AppState) -> Router {
         .route("/health/live", get(ops::live))
         .route("/health/ready", get(ops::ready))
         .route("/api/v1/envoys", get(ops::envoys))
+        .route("/api/v1/openapi.json", get(openapi::document))
+        .route("/metrics", get(metrics::render))
+        .route("/ws/v1/events", get(events::subscribe))
         .route(
             "/api/v1/tenants",
             post(resources::create_tenant).get(resources::list_tenants),
         )
+        .route("/api/v1/tenants/{id}", get(resources::get_tenant))
         .route(
             "/api/v1/agents",
             post(resources::create_agent).get(resources::list_agents),
@@ -30,16 +42,55 @@ pub fn router(state: AppState) -> Router {
             get(resources::get_agent).patch(resources::update_agent),
         )
         .route(
+            "/api/v1/agents/{id}/certificate",
+            put(resources::rotate_certificate),
+        )
+        .route(
+            "/api/v1/agents/{id}/evaluate",
+            post(resources::evaluate_agent),
+        )
+        .route(
             "/api/v1/policies",
             post(resources::create_policy).get(resources::list_policies),
         )
         .route(
             "/api/v1/policies/{id}",
-            get(resources::get_policy).put(resources::update_policy),
+            get(resources::get_policy)
+                .put(resources::update_policy)
+                .delete(resources::delete_policy),
+        )
+        .route(
+            "/api/v1/policies/{id}/evaluate",
+            post(resources::evaluate_policy),
+        )
+        .route(
+            "/api/v1/testing/unvalidated-bundle",
+            post(testing::publish_unvalidated),
         )
         .route("/api/v1/audit/batches", post(audit::ingest))
         .route("/api/v1/audit/verify", get(audit::verify))
+        .route(
+            "/api/v1/audit/checkpoints",
+            post(audit::create_checkpoint).get(audit::list_checkpoints),
+        )
+        .route("/api/v1/audit/public-key", get(audit::public_key))
+        .route("/api/v1/audit/entries", get(audit::entries))
+        .route("/api/v1/audit/export", get(audit::export))
+        .route(
+            "/api/v1/analytics/decisions",
+            get(audit::analytics::decisions),
+        )
+        .route(
+            "/api/v1/analytics/top-denied-domains",
+            get(audit::analytics::top_denied_domains),
+        )
+        .route("/api/v1/analytics/heatmap", get(audit::analytics::heatmap))
+        .route_layer(axum::middleware::from_fn(metrics::track))
         .fallback(|| async { ApiError::NotFound })
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            ratelimit::limit,
+        ))
         .layer(tower_http::trace::TraceLayer::new_for_http())
         .with_state(state)
 }
@@ -49,42 +100,42 @@ pub fn router(state: AppState) -> Router {
 #[from_request(via(axum::Json), rejection(ApiError))]
 pub struct Json<T>(pub T);
 
-/// A request authenticated with the administrator token.
-pub struct Admin;
+/// Path parameters whose rejections (e.g. a malformed id) are problem+json 400s.
+#[derive(FromRequestParts)]
+#[from_request(via(axum::extract::Path), rejection(ApiError))]
+pub struct Path<T>(pub T);
 
-/// A request authenticated with the filter's ingest credential.
-pub struct Ingest;
+/// Query string extractor whose rejections are problem+json 400s.
+#[derive(FromRequestParts)]
+#[from_request(via(axum::extract::Query), rejection(ApiError))]
+pub struct Query<T>(pub T);
 
-impl FromRequestParts<AppState> for Admin {
-    type Rejection = ApiError;
-
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        check_bearer(parts, state.settings.auth.admin_token.expose()).map(|()| Admin)
+impl From<axum::extract::rejection::PathRejection> for ApiError {
+    fn from(rejection: axum::extract::rejection::PathRejection) -> Self {
+        Self::BadRequest(rejection.body_text())
     }
 }
+
+impl From<axum::extract::rejection::QueryRejection> for ApiError {
+    fn from(rejection: axum::extract::rejection::QueryRejection) -> Self {
+        Self::BadRequest(rejection.body_text())
+    }
+}
+
+/// A request authenticated with the filter's ingest credential (never an admin
+/// credential; see [`auth`] for those).
+pub struct Ingest;
 
 impl FromRequestParts<AppState> for Ingest {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        check_bearer(parts, state.settings.auth.ingest_token.expose()).map(|()| Ingest)
+        let presented = auth::bearer(parts)?;
+        let expected = state.settings.auth.ingest_token.expose();
+        if auth::constant_time_eq(presented.as_bytes(), expected.as_bytes()) {
+            Ok(Ingest)
+        } else {
+            Err(ApiError::Unauthorized)
+        }
     }
-}
-
-fn check_bearer(parts: &Parts, expected: &str) -> Result<(), ApiError> {
-    let presented = parts
-        .headers
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .ok_or(ApiError::Unauthorized)?;
-    if constant_time_eq(presented.as_bytes(), expected.as_bytes()) {
-        Ok(())
-    } else {
-        Err(ApiError::Unauthorized)
-    }
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }

@@ -15,10 +15,18 @@ pub struct AppState {
     pub store: Store,
     pub publisher: Arc<Publisher>,
     pub registry: EnvoyRegistry,
+    /// Audit HMAC keys and the checkpoint signer, checked at startup.
+    pub audit: Arc<crate::audit::AuditKeys>,
 }
 
 /// Runs until SIGINT/SIGTERM.
 pub async fn run(settings: Settings) -> anyhow::Result<()> {
+    let audit = Arc::new(
+        crate::audit::AuditKeys::from_settings(&settings.audit).context("audit settings")?,
+    );
+    if audit.checkpoint_signer.is_none() {
+        tracing::warn!("audit.checkpoint_signing_key is not set: no signed checkpoints are taken");
+    }
     let store = Store::connect(&settings)
         .await
         .context("connecting to the database")?;
@@ -32,13 +40,22 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         .rebuild()
         .await
         .context("building the initial policy bundle")?;
+    tokio::spawn(crate::bundle::refresh_periodically(publisher.clone()));
     let registry = EnvoyRegistry::default();
     let state = AppState {
         settings: Arc::new(settings.clone()),
         store,
         publisher: publisher.clone(),
         registry: registry.clone(),
+        audit: audit.clone(),
     };
+    if settings.audit.checkpoint_interval_secs > 0 {
+        tokio::spawn(crate::audit::checkpointer::run(
+            state.store.pool.clone(),
+            audit,
+            Duration::from_secs(settings.audit.checkpoint_interval_secs),
+        ));
+    }
 
     let http = tokio::net::TcpListener::bind(settings.http.addr)
         .await

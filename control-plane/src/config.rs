@@ -13,6 +13,12 @@ pub struct Settings {
     pub auth: Auth,
     pub gateway: Gateway,
     pub log: Log,
+    /// Test hooks (`POST /api/v1/testing/...`); never enable in production.
+    #[serde(default)]
+    pub testing: Testing,
+    /// Audit signing keys and checkpoints; unsigned and without checkpoints when absent.
+    #[serde(default)]
+    pub audit: Audit,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -38,6 +44,78 @@ pub struct Auth {
     pub admin_token: Secret,
     /// Bearer token the filter presents to the audit ingest endpoint.
     pub ingest_token: Secret,
+    /// Tenant-scoped bearer JWTs for the admin API; disabled while no key is set.
+    #[serde(default)]
+    pub jwt: Jwt,
+    /// Per-credential admin API rate limit (a token bucket in Redis).
+    #[serde(default)]
+    pub rate_limit: RateLimit,
+}
+
+/// A token bucket per admin credential, kept in Redis so replicas share it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct RateLimit {
+    pub enabled: bool,
+    /// Sustained rate.
+    pub requests_per_minute: u32,
+    /// Bucket size: requests allowed at once after a quiet period.
+    pub burst: u32,
+    /// Without Redis: `true` lets requests through (fail open), `false` answers 503.
+    pub fail_open: bool,
+}
+
+impl Default for RateLimit {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            requests_per_minute: 1_200,
+            burst: 600,
+            fail_open: true,
+        }
+    }
+}
+
+/// How admin API JWTs are verified. HS256 with a shared secret for development; RS256 or
+/// ES256 with the issuer's public key (PEM) in production.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct Jwt {
+    pub algorithm: JwtAlgorithm,
+    /// HS256 shared secret (at least 32 bytes); set it through `APP__AUTH__JWT__SECRET`.
+    pub secret: Secret,
+    /// RS256/ES256 verification key, PEM (SubjectPublicKeyInfo).
+    pub public_key_pem: String,
+    /// Required `iss` claim when not empty.
+    pub issuer: String,
+    /// Required `aud` claim when not empty.
+    pub audience: String,
+    /// Clock skew tolerated on `exp`/`nbf`, seconds.
+    pub leeway_secs: u64,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+pub enum JwtAlgorithm {
+    #[default]
+    #[serde(rename = "HS256")]
+    Hs256,
+    #[serde(rename = "RS256")]
+    Rs256,
+    #[serde(rename = "ES256")]
+    Es256,
+}
+
+impl Default for Jwt {
+    fn default() -> Self {
+        Self {
+            algorithm: JwtAlgorithm::Hs256,
+            secret: Secret::default(),
+            public_key_pem: String::new(),
+            issuer: String::new(),
+            audience: String::new(),
+            leeway_secs: 30,
+        }
+    }
 }
 
 /// What the control plane tells Envoy gateways in the ECDS resource.
@@ -51,6 +129,46 @@ pub struct Gateway {
     pub audit_batch_size: usize,
     pub audit_flush_interval_ms: u64,
     pub audit_max_buffered: usize,
+}
+
+/// Audit chain signing. Secrets come from the environment (`APP__AUDIT__HMAC_KEYS`,
+/// `APP__AUDIT__CHECKPOINT_SIGNING_KEY`), never from a file in the repository.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct Audit {
+    /// HMAC-SHA256 entry keys, `key_id:hex_secret[,key_id:hex_secret…]` (secrets of at
+    /// least 32 bytes). Verification accepts every key listed, so keep rotated-out keys.
+    pub hmac_keys: Secret,
+    /// The key id new entries are signed with; required when keys are set.
+    pub hmac_active_key: String,
+    /// Ed25519 checkpoint signing key: a 32-byte seed as 64 hex digits. Empty disables
+    /// checkpoints.
+    pub checkpoint_signing_key: Secret,
+    /// Key id published with the checkpoint public key.
+    pub checkpoint_key_id: String,
+    /// Earlier checkpoint public keys still trusted, `key_id:hex_public_key[,…]`.
+    pub checkpoint_trusted_keys: String,
+    /// How often every chain head that moved is checkpointed; 0 disables the task.
+    pub checkpoint_interval_secs: u64,
+}
+
+impl Default for Audit {
+    fn default() -> Self {
+        Self {
+            hmac_keys: Secret::default(),
+            hmac_active_key: String::new(),
+            checkpoint_signing_key: Secret::default(),
+            checkpoint_key_id: String::new(),
+            checkpoint_trusted_keys: String::new(),
+            checkpoint_interval_secs: 300,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct Testing {
+    #[serde(default)]
+    pub hooks: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -99,6 +217,11 @@ pub enum SettingsError {
     Load(#[from] config::ConfigError),
     #[error("setting {0} must be set (use the environment, e.g. APP__AUTH__ADMIN_TOKEN)")]
     Missing(&'static str),
+    #[error("setting {setting} is invalid: {problem}")]
+    Invalid {
+        setting: &'static str,
+        problem: String,
+    },
 }
 
 // === impl Settings ===
@@ -136,6 +259,12 @@ impl Settings {
         if self.database.url.is_empty() {
             return Err(SettingsError::Missing("database.url"));
         }
+        crate::api::auth::JwtVerifier::from_settings(&self.auth.jwt).map_err(|problem| {
+            SettingsError::Invalid {
+                setting: "auth.jwt",
+                problem,
+            }
+        })?;
         Ok(())
     }
 }

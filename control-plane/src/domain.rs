@@ -9,7 +9,7 @@ use sha2::{Digest, Sha256};
 /// unknown certificate) are chained under it.
 pub const GATEWAY_TENANT: uuid::Uuid = uuid::Uuid::nil();
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum AgentStatus {
     Pending,
@@ -18,7 +18,7 @@ pub enum AgentStatus {
     Deactivated,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum PolicyStatus {
     Draft,
@@ -26,7 +26,7 @@ pub enum PolicyStatus {
     Archived,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum PolicyMode {
     #[default]

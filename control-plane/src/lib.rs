@@ -7,6 +7,7 @@ pub mod audit;
 pub mod bundle;
 pub mod config;
 pub mod domain;
+pub mod policy_spec;
 pub mod storage;
 pub mod telemetry;
 pub mod xds;

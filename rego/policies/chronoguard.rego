@@ -1,12 +1,15 @@
 # ChronoGuard decision library: data-driven, evaluated by regorus inside Envoy.
 #
-# Entry point: data.chronoguard.decision (an object, see rego/README.md).
+# Entry point: data.chronoguard.decision (an object, see rego/README.md for the semantics).
 # Data (the policy bundle's data document) is indexed by the control plane's compiler:
-#   data.agents[<sha256 fingerprint>]  -> {id, tenant_id, name, status, policies: [policy id]}
-#   data.policies[<policy id>]         -> {id, tenant_id, priority, status, mode,
-#                                          allowed_domains, blocked_domains}
-# Input is built by the filter (see filter/core/src/input.rs); the domain arrives
-# normalised (lower case, no port, no trailing dot).
+#   data.agents[<sha256 fingerprint>] -> {id, tenant_id, name, status, metadata, policies}
+#   data.policies[<policy id>]        -> {id, tenant_id, priority, status, mode, timezone,
+#                                         windows, rules, allowed_domains, blocked_domains,
+#                                         rate_limit, custom}
+# Input is built by the filter core (filter/core/src/input.rs): the domain arrives
+# normalised (lower case, no port, no trailing dot), the method upper-cased, and
+# input.time.local[<timezone>] holds the local day and minute for every timezone the
+# bundle uses (computed from Envoy's clock with the bundle's offset tables).
 package chronoguard
 
 import rego.v1
@@ -19,6 +22,13 @@ active_policies contains p if {
 	p := data.policies[pid]
 	p.status == "active"
 }
+
+enforced_policies contains p if {
+	some p in active_policies
+	p.mode != "dry_run"
+}
+
+# === Domains ===
 
 # A pattern matches the domain exactly, or as "*.suffix" for strict subdomains.
 domain_matches(domain, pattern) if pattern == domain
@@ -33,45 +43,205 @@ listed(domain, patterns) if {
 	domain_matches(domain, pattern)
 }
 
-# The verdict of one policy on this request, or undefined when the policy does not decide.
-# Blocked beats allowed within a policy.
-verdict(p) := {"allow": false, "reason": "domain_blocked", "policy_id": p.id, "priority": p.priority} if {
+# === Time windows ===
+
+local_time(p) := input.time.local[p.timezone]
+
+# A policy without windows is always in its window.
+in_window(p) if count(p.windows) == 0
+
+in_window(p) if {
+	some w in p.windows
+	window_matches(w, local_time(p))
+}
+
+# [start, end) in minutes of the local day; start > end crosses midnight, and the part
+# after midnight belongs to the day the window started.
+window_matches(w, t) if {
+	w.start < w.end
+	t.day in w.days
+	t.minute >= w.start
+	t.minute < w.end
+}
+
+window_matches(w, t) if {
+	w.start > w.end
+	t.day in w.days
+	t.minute >= w.start
+}
+
+window_matches(w, t) if {
+	w.start > w.end
+	t.prev_day in w.days
+	t.minute < w.end
+}
+
+# === Rule conditions ===
+
+field_value(_, "domain") := input.request.domain
+
+field_value(_, "method") := input.request.method
+
+field_value(_, "path") := input.request.path
+
+field_value(_, "user_agent") := input.request.user_agent
+
+field_value(_, "source_ip") := input.request.source_ip
+
+field_value(p, "hour") := local_time(p).hour
+
+field_value(p, "minute") := local_time(p).minute_of_hour
+
+field_value(p, "day_of_week") := local_time(p).day
+
+field_value(_, "agent_name") := agent.name
+
+field_value(_, field) := agent.metadata[key] if {
+	startswith(field, "agent_metadata.")
+	key := substring(field, 15, -1)
+}
+
+member(value, values) if value in values
+
+holds("equals", value, expected) if value == expected
+
+holds("not_equals", value, expected) if value != expected
+
+holds("in", value, expected) if member(value, expected)
+
+holds("not_in", value, expected) if not member(value, expected)
+
+holds("contains", value, expected) if contains(value, expected)
+
+holds("starts_with", value, expected) if startswith(value, expected)
+
+holds("ends_with", value, expected) if endswith(value, expected)
+
+holds("matches", value, expected) if regex.match(expected, value)
+
+holds("cidr", value, expected) if net.cidr_contains(expected, value)
+
+condition_holds(p, c) if {
+	value := field_value(p, c.field)
+	holds(c.operator, value, c.value)
+}
+
+# All conditions of a rule hold (a rule without conditions always matches).
+rule_matches(p, rule) if {
+	failing := [c | some c in rule.conditions; not condition_holds(p, c)]
+	count(failing) == 0
+}
+
+# Rules arrive sorted by priority (highest first), then id: the first matching one counts.
+matching_rules(p) := [i | some i, rule in p.rules; rule_matches(p, rule)]
+
+first_rule(p) := p.rules[min(matching_rules(p))] if count(matching_rules(p)) > 0
+
+# === Custom Rego ===
+
+# A policy's custom module (package chronoguard.custom.<key>) adds deny reasons through
+# its `deny` set.
+custom_deny(p) := concat("", ["custom:", min(reasons)]) if {
+	p.custom != null
+	reasons := data.chronoguard.custom[p.custom].deny
+	count(reasons) > 0
+}
+
+# === One policy's verdict ===
+
+verdict_of(p, allow, reason, rule_id) := {
+	"allow": allow,
+	"reason": reason,
+	"policy_id": p.id,
+	"priority": p.priority,
+	"rule_id": rule_id,
+	"rate_limit": p.rate_limit,
+}
+
+# An allow only holds inside the policy's time windows.
+allow_verdict(p, reason, rule_id) := verdict_of(p, true, reason, rule_id) if {
+	in_window(p)
+} else := verdict_of(p, false, "outside_time_window", rule_id)
+
+rule_verdict(p, rule) := verdict_of(p, false, "rule_denied", rule.id) if {
+	rule.action == "deny"
+} else := allow_verdict(p, "rule_allowed", rule.id)
+
+# Undefined when the policy does not decide this request.
+verdict(p) := verdict_of(p, false, "domain_blocked", null) if {
 	listed(input.request.domain, p.blocked_domains)
-} else := {"allow": true, "reason": "domain_allowed", "policy_id": p.id, "priority": p.priority} if {
+} else := verdict_of(p, false, reason, null) if {
+	reason := custom_deny(p)
+} else := rule_verdict(p, rule) if {
+	rule := first_rule(p)
+} else := allow_verdict(p, "domain_allowed", null) if {
 	listed(input.request.domain, p.allowed_domains)
 }
 
-verdicts contains v if {
-	some p in active_policies
+# === Combining policies ===
+
+# The highest priority wins; at equal priority a deny wins; ties are broken by Rego's
+# total order over the verdicts so the result is deterministic.
+best(verdicts) := min(denies) if {
+	top := max({v.priority | some v in verdicts})
+	denies := {v | some v in verdicts; v.priority == top; v.allow == false}
+	count(denies) > 0
+} else := min(tops) if {
+	top := max({v.priority | some v in verdicts})
+	tops := {v | some v in verdicts; v.priority == top}
+	count(tops) > 0
+}
+
+enforced_verdicts contains v if {
+	some p in enforced_policies
 	v := verdict(p)
 }
 
-# The highest priority among decisive policies wins; on a tie a deny wins.
-top_priority := max({v.priority | some v in verdicts})
-
-top := {v | some v in verdicts; v.priority == top_priority}
-
-top_denies := {v | some v in top; v.allow == false}
-
-# Ties are broken deterministically (Rego's total order over the verdict objects).
-winning := min(top_denies) if {
-	count(top_denies) > 0
-} else := min(top) if {
-	count(top) > 0
+# What would happen if the dry-run policies were enforced too.
+all_verdicts contains v if {
+	some p in active_policies
+	v := verdict(p)
 }
 
 identity := {"tenant_id": agent.tenant_id, "agent_id": agent.id}
 
 default identity := {"tenant_id": null, "agent_id": null}
 
-decision := deny("no_certificate", null) if {
-	input.agent.fingerprint == ""
-} else := deny("unknown_agent", null) if {
-	not agent
-} else := deny(concat("", ["agent_", agent.status]), null) if {
-	agent.status != "active"
-} else := object.union(identity, {"allow": winning.allow, "reason": winning.reason, "policy_id": winning.policy_id}) if {
-	winning
-} else := deny("no_matching_policy", null)
+outcome(v) := {
+	"allow": v.allow,
+	"reason": v.reason,
+	"policy_id": v.policy_id,
+	"rule_id": v.rule_id,
+	"rate_limit": v.rate_limit,
+}
 
-deny(reason, policy_id) := object.union(identity, {"allow": false, "reason": reason, "policy_id": policy_id})
+no_verdict := {"allow": false, "reason": "no_matching_policy", "policy_id": null, "rule_id": null, "rate_limit": null}
+
+enforced_outcome := outcome(best(enforced_verdicts)) if {
+	count(enforced_verdicts) > 0
+} else := no_verdict
+
+would_outcome := outcome(best(all_verdicts)) if {
+	count(all_verdicts) > 0
+} else := no_verdict
+
+# Present only when dry-run policies would change the decision.
+dry_run := {"dry_run": {
+	"allow": would_outcome.allow,
+	"reason": would_outcome.reason,
+	"policy_id": would_outcome.policy_id,
+	"rule_id": would_outcome.rule_id,
+}} if {
+	count(active_policies) != count(enforced_policies)
+	would_outcome.allow != enforced_outcome.allow
+} else := {}
+
+decision := deny("no_certificate") if {
+	input.agent.fingerprint == ""
+} else := deny("unknown_agent") if {
+	not agent
+} else := deny(concat("", ["agent_", agent.status])) if {
+	agent.status != "active"
+} else := object.union(object.union(identity, enforced_outcome), dry_run)
+
+deny(reason) := object.union(identity, {"allow": false, "reason": reason, "policy_id": null, "rule_id": null, "rate_limit": null})

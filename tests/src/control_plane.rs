@@ -9,6 +9,8 @@ pub struct ControlPlane {
     pub grpc_port: u16,
     pub admin_token: String,
     pub ingest_token: String,
+    /// The audit signing settings it runs with (generated per run, never in the repo).
+    pub audit_keys: AuditKeys,
     process: Process,
     config: ControlPlaneConfig,
 }
@@ -23,6 +25,48 @@ pub struct ControlPlaneConfig {
     pub audit_flush_interval_ms: u64,
 }
 
+/// Audit signing settings for a control plane: fresh random keys per run. Replicas of one
+/// database share them (clone them into [`ControlPlane::start_with_keys`]).
+#[derive(Clone, Debug)]
+pub struct AuditKeys {
+    /// `key_id:hex_secret[,…]`.
+    pub hmac_keys: String,
+    pub hmac_active_key: String,
+    /// Ed25519 seed, 64 hex digits.
+    pub checkpoint_seed: String,
+    pub checkpoint_key_id: String,
+    /// Periodic checkpoints; 0 (the default here) leaves them to explicit requests.
+    pub checkpoint_interval_secs: u64,
+}
+
+impl AuditKeys {
+    pub fn generate() -> Self {
+        let id = |prefix: &str| {
+            format!(
+                "{prefix}-{}",
+                &uuid::Uuid::new_v4().simple().to_string()[..8]
+            )
+        };
+        let hmac_id = id("hmac");
+        Self {
+            hmac_keys: format!("{hmac_id}:{}", random_hex32()),
+            hmac_active_key: hmac_id,
+            checkpoint_seed: random_hex32(),
+            checkpoint_key_id: id("cp"),
+            checkpoint_interval_secs: 0,
+        }
+    }
+}
+
+/// 32 random bytes as hex (two v4 UUIDs: 244 random bits, plenty for test keys).
+fn random_hex32() -> String {
+    format!(
+        "{}{}",
+        uuid::Uuid::new_v4().simple(),
+        uuid::Uuid::new_v4().simple()
+    )
+}
+
 /// The binary: `CHRONOGUARD_CONTROL_PLANE`, or the workspace's debug build.
 pub fn binary() -> PathBuf {
     std::env::var_os("CHRONOGUARD_CONTROL_PLANE")
@@ -34,15 +78,31 @@ pub fn binary() -> PathBuf {
 
 impl ControlPlane {
     pub async fn start(config: ControlPlaneConfig) -> anyhow::Result<Self> {
+        Self::start_with_keys(config, AuditKeys::generate()).await
+    }
+
+    /// Starts with given audit keys (a second replica of the same database).
+    pub async fn start_with_keys(
+        config: ControlPlaneConfig,
+        audit_keys: AuditKeys,
+    ) -> anyhow::Result<Self> {
         let (http_port, grpc_port) = (crate::free_port(), crate::free_port());
         let admin_token = format!("admin-{}", uuid::Uuid::new_v4().simple());
         let ingest_token = format!("ingest-{}", uuid::Uuid::new_v4().simple());
-        let process = spawn(&config, http_port, grpc_port, &admin_token, &ingest_token)?;
+        let process = spawn(
+            &config,
+            http_port,
+            grpc_port,
+            &admin_token,
+            &ingest_token,
+            &audit_keys,
+        )?;
         let cp = Self {
             http_port,
             grpc_port,
             admin_token,
             ingest_token,
+            audit_keys,
             process,
             config,
         };
@@ -52,6 +112,11 @@ impl ControlPlane {
 
     pub fn url(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{path}", self.http_port)
+    }
+
+    /// The HS256 secret this control plane verifies admin JWTs with (see [`crate::jwt`]).
+    pub fn jwt_secret(&self) -> String {
+        jwt_secret_for(&self.admin_token)
     }
 
     async fn wait_ready(&self) -> anyhow::Result<()> {
@@ -89,6 +154,7 @@ impl ControlPlane {
             self.grpc_port,
             &self.admin_token,
             &self.ingest_token,
+            &self.audit_keys,
         )?;
         self.wait_ready().await
     }
@@ -100,6 +166,7 @@ fn spawn(
     grpc_port: u16,
     admin_token: &str,
     ingest_token: &str,
+    audit_keys: &AuditKeys,
 ) -> anyhow::Result<Process> {
     let binary = binary();
     anyhow::ensure!(
@@ -114,14 +181,39 @@ fn spawn(
         .env("APP__REDIS__URL", &config.redis_url)
         .env("APP__AUTH__ADMIN_TOKEN", admin_token)
         .env("APP__AUTH__INGEST_TOKEN", ingest_token)
+        .env("APP__AUTH__JWT__SECRET", jwt_secret_for(admin_token))
         .env("APP__GATEWAY__WASM_FILENAME", path_str(&config.wasm))
         .env(
             "APP__GATEWAY__AUDIT_FLUSH_INTERVAL_MS",
             config.audit_flush_interval_ms.to_string(),
         )
+        .env("APP__TESTING__HOOKS", "true")
         .env("APP__LOG__FORMAT", "json")
-        .env("APP__LOG__LEVEL", "info");
+        .env("APP__LOG__LEVEL", "info")
+        .env("APP__AUDIT__HMAC_KEYS", &audit_keys.hmac_keys)
+        .env("APP__AUDIT__HMAC_ACTIVE_KEY", &audit_keys.hmac_active_key)
+        .env(
+            "APP__AUDIT__CHECKPOINT_SIGNING_KEY",
+            &audit_keys.checkpoint_seed,
+        )
+        .env(
+            "APP__AUDIT__CHECKPOINT_KEY_ID",
+            &audit_keys.checkpoint_key_id,
+        )
+        .env(
+            "APP__AUDIT__CHECKPOINT_INTERVAL_SECS",
+            audit_keys.checkpoint_interval_secs.to_string(),
+        );
     Process::spawn("control-plane", cmd, &config.log)
+}
+
+/// Derived from the run's random admin token, so it is as fresh and never in the repo.
+fn jwt_secret_for(admin_token: &str) -> String {
+    use sha2::Digest as _;
+    format!(
+        "jwt-{}",
+        hex::encode(sha2::Sha256::digest(format!("jwt:{admin_token}")))
+    )
 }
 
 fn path_str(path: &Path) -> String {

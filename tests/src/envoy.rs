@@ -25,6 +25,8 @@ pub struct EnvoyConfig<'a> {
     pub initial_fetch_timeout: &'a str,
     pub concurrency: u32,
     pub dir: &'a Path,
+    /// Drop the ChronoGuard filter from the bootstrap (benchmark baseline only).
+    pub without_filter: bool,
 }
 
 /// The Envoy binary: `CHRONOGUARD_ENVOY`, or the one `cargo xtask setup` installs.

@@ -6,10 +6,12 @@
 //! test process dies without running destructors. PostgreSQL and Redis are shared per test
 //! process; each stack gets a fresh database.
 
+pub mod api_stack;
 pub mod certs;
 pub mod client;
 pub mod control_plane;
 pub mod envoy;
+pub mod jwt;
 pub mod postgres;
 pub mod process;
 pub mod redis;

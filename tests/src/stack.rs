@@ -40,6 +40,7 @@ pub struct Stack {
     pub http: reqwest::Client,
     envoy_concurrency: u32,
     envoy_fetch_timeout: &'static str,
+    plain_envoy: bool,
     _postgres: Arc<Postgres>,
     _redis: Arc<Redis>,
 }
@@ -80,6 +81,7 @@ impl Stack {
             initial_fetch_timeout: options.initial_fetch_timeout,
             concurrency: options.concurrency,
             dir: &dir,
+            without_filter: false,
         })
         .await
         .context("starting envoy")?;
@@ -95,16 +97,18 @@ impl Stack {
             http: crate::client::plain_client()?,
             envoy_concurrency: options.concurrency,
             envoy_fetch_timeout: options.initial_fetch_timeout,
+            plain_envoy: false,
             _postgres: postgres,
             _redis: redis,
         })
     }
 
     /// Stops Envoy and starts a new one with the same bootstrap (new ports), returning when
-    /// its listener is warm.
-    pub async fn restart_envoy(&mut self) -> anyhow::Result<()> {
+    /// its listener is warm, with the time from spawn to ready.
+    pub async fn restart_envoy(&mut self) -> anyhow::Result<std::time::Duration> {
         self.envoy.stop();
         let wasm = crate::envoy::wasm();
+        let started = std::time::Instant::now();
         self.envoy = Envoy::start(EnvoyConfig {
             node_id: "gateway-1",
             cp_grpc_port: self.control_plane.grpc_port,
@@ -117,9 +121,16 @@ impl Stack {
             initial_fetch_timeout: self.envoy_fetch_timeout,
             concurrency: self.envoy_concurrency,
             dir: &self.dir,
+            without_filter: self.plain_envoy,
         })
         .await?;
-        Ok(())
+        Ok(started.elapsed())
+    }
+
+    /// Whether [`Stack::restart_envoy`] starts Envoy without the ChronoGuard filter (the
+    /// benchmark's baseline).
+    pub fn set_plain_envoy(&mut self, plain: bool) {
+        self.plain_envoy = plain;
     }
 
     /// Sends an admin request; fails unless the status is 2xx. Returns the JSON body.
@@ -134,17 +145,27 @@ impl Stack {
         Ok(body)
     }
 
-    /// Sends an admin request and returns status and JSON body whatever they are.
+    /// Sends an admin request and returns status and JSON body whatever they are. PUT and
+    /// PATCH go with `If-Match` set to the resource's current `ETag` (read just before), as
+    /// an admin's read-modify-write would; the admin API tests exercise stale versions.
     pub async fn admin_raw(
         &self,
         method: reqwest::Method,
         path: &str,
         body: Option<Value>,
     ) -> anyhow::Result<(reqwest::StatusCode, Value)> {
+        let if_match = if method == reqwest::Method::PUT || method == reqwest::Method::PATCH {
+            self.current_etag(path).await?
+        } else {
+            None
+        };
         let mut request = self
             .http
             .request(method, self.control_plane.url(path))
             .bearer_auth(&self.control_plane.admin_token);
+        if let Some(tag) = if_match {
+            request = request.header(reqwest::header::IF_MATCH, tag);
+        }
         if let Some(body) = body {
             request = request.json(&body);
         }
@@ -155,6 +176,26 @@ impl Stack {
             status,
             serde_json::from_str(&text).unwrap_or(Value::String(text)),
         ))
+    }
+
+    /// The `ETag` a GET of `path` answers with, if any.
+    async fn current_etag(&self, path: &str) -> anyhow::Result<Option<String>> {
+        let response = self
+            .http
+            .get(self.control_plane.url(path))
+            .bearer_auth(&self.control_plane.admin_token)
+            .send()
+            .await?;
+        Ok(response
+            .headers()
+            .get(reqwest::header::ETAG)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned))
+    }
+
+    /// A JWT for `role` (`platform-admin`, `admin`, `auditor`) in `tenant`, valid 10 min.
+    pub fn token(&self, role: &str, tenant: Option<&str>) -> String {
+        crate::jwt::mint(&self.control_plane.jwt_secret(), role, tenant, 600)
     }
 
     pub async fn create_tenant(&self, name: &str) -> anyhow::Result<String> {
@@ -168,7 +209,35 @@ impl Stack {
         str_field(&tenant, "id")
     }
 
-    /// Registers an agent with a fresh certificate and activates it.
+    /// Waits until every connected Envoy acknowledged the bundle version the control plane
+    /// publishes now (a 2xx write means "published", not yet "applied by Envoy").
+    pub async fn wait_envoy_synced(&self) -> anyhow::Result<()> {
+        crate::wait_for(
+            "envoy on the published bundle",
+            std::time::Duration::from_secs(15),
+            || async {
+                let ready = self
+                    .admin(reqwest::Method::GET, "/health/ready", None)
+                    .await
+                    .ok()?;
+                let published = ready["bundle_version"].as_i64()?.to_string();
+                let envoys = self
+                    .admin(reqwest::Method::GET, "/api/v1/envoys", None)
+                    .await
+                    .ok()?;
+                let envoys = envoys.as_array()?;
+                (!envoys.is_empty()
+                    && envoys
+                        .iter()
+                        .all(|e| e["acked_version"] == published.as_str()))
+                .then_some(())
+            },
+        )
+        .await
+    }
+
+    /// Registers an agent with a fresh certificate, activates it, and waits until Envoy
+    /// enforces the resulting bundle.
     pub async fn create_active_agent(
         &self,
         tenant: &str,
@@ -190,6 +259,7 @@ impl Stack {
             Some(json!({"status": "active", "policy_ids": policy_ids})),
         )
         .await?;
+        self.wait_envoy_synced().await?;
         Ok((id, cert))
     }
 

@@ -32,6 +32,7 @@ async fn envoy_without_control_plane_fails_closed() {
         initial_fetch_timeout: "1s",
         concurrency: 2,
         dir: &dir,
+        without_filter: false,
     })
     .await
     .unwrap();

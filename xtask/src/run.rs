@@ -29,7 +29,8 @@ pub fn bench(args: &[String]) -> Result<()> {
     let mut cmd = cargo_with_e2e_env();
     cmd.args([
         "run",
-        "--release",
+        "--profile",
+        "bench-tools",
         "-q",
         "-p",
         "integration-tests",

@@ -19,10 +19,21 @@ pub enum ApiError {
     BadRequest(String),
     #[error("missing or invalid credentials")]
     Unauthorized,
+    #[error("{0}")]
+    Forbidden(String),
     #[error("resource not found")]
     NotFound,
     #[error("{0}")]
     Conflict(String),
+    /// The `If-Match` version is not the current one.
+    #[error("{0}")]
+    PreconditionFailed(String),
+    /// An update came without `If-Match`.
+    #[error("{0}")]
+    PreconditionRequired(String),
+    /// The caller's request rate is over its limit; retry after this many seconds.
+    #[error("too many requests; retry after {0} s")]
+    TooManyRequests(u64),
     #[error("{detail}")]
     Validation {
         detail: String,
@@ -65,6 +76,22 @@ impl ApiError {
         match self {
             Self::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad-request", "Bad request"),
             Self::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized", "Unauthorized"),
+            Self::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden", "Forbidden"),
+            Self::PreconditionFailed(_) => (
+                StatusCode::PRECONDITION_FAILED,
+                "precondition-failed",
+                "Precondition failed",
+            ),
+            Self::PreconditionRequired(_) => (
+                StatusCode::PRECONDITION_REQUIRED,
+                "precondition-required",
+                "Precondition required",
+            ),
+            Self::TooManyRequests(_) => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate-limited",
+                "Too many requests",
+            ),
             Self::NotFound => (StatusCode::NOT_FOUND, "not-found", "Not found"),
             Self::Conflict(_) => (StatusCode::CONFLICT, "conflict", "Conflict"),
             Self::Validation { .. } => (
@@ -121,6 +148,9 @@ impl IntoResponse for ApiError {
             }
             Self::Unauthorized => {
                 headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            Self::TooManyRequests(secs) => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
             }
             _ => {}
         }

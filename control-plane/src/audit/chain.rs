@@ -4,7 +4,10 @@
 //! of the previous hash (all zero for sequence 1). The encoding is specified in
 //! `docs/audit-chain.md` so auditors can re-implement verification independently.
 
+use super::checkpoint::{Checkpoint, CheckpointCheck, TrustedKeys};
+use super::signing::{EntrySignature, HmacKeyring, SignatureCheck};
 use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
 use uuid::Uuid;
 
 /// Format version byte that starts every canonical encoding.
@@ -41,6 +44,8 @@ pub struct StoredEntry {
     pub entry: ChainEntry,
     pub previous_hash: String,
     pub current_hash: String,
+    /// The HMAC of the entry (see `signing`), `None` when stored unsigned.
+    pub signature: Option<EntrySignature>,
 }
 
 // === impl ChainEntry ===
@@ -76,17 +81,7 @@ impl ChainEntry {
             self.policy_id.as_deref(),
             Some(&self.config_version),
         ];
-        for field in fields {
-            match field {
-                None => out.push(0),
-                Some(text) => {
-                    out.push(1);
-                    let len = u32::try_from(text.len()).unwrap_or(u32::MAX);
-                    out.extend_from_slice(&len.to_be_bytes());
-                    out.extend_from_slice(text.as_bytes());
-                }
-            }
-        }
+        encode_fields(&mut out, &fields);
         out
     }
 
@@ -100,7 +95,7 @@ impl ChainEntry {
 }
 
 /// Why verification stopped.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Problem {
     /// A sequence number is missing or out of order (deleted, inserted or reordered row).
@@ -113,15 +108,37 @@ pub enum Problem {
     MalformedHash,
     /// The chain ends before the head the control plane recorded (truncated tail).
     HeadMismatch,
+    /// The entry's HMAC does not verify (entry or signature changed).
+    BadSignature,
+    /// The entry is signed with a key id the verifier does not know.
+    UnknownSignatureKey,
+    /// The entry carries no HMAC although the verifier holds keys, or although an earlier
+    /// entry of the chain was signed.
+    MissingSignature,
+    /// A signed checkpoint pins a different hash at this sequence (chain rewritten).
+    CheckpointMismatch,
+    /// A signed checkpoint covers entries the chain no longer has (tail truncated).
+    Truncated,
+    /// A checkpoint's Ed25519 signature does not verify.
+    BadCheckpointSignature,
+    /// A checkpoint is signed with a key id the verifier does not trust.
+    UnknownCheckpointKey,
 }
 
-/// Incremental verifier: feed entries in sequence order, constant memory.
+/// Incremental verifier: feed entries in sequence order, constant memory (plus the
+/// checkpoints' pins).
 #[derive(Debug)]
 pub struct Verifier {
     expected_sequence: i64,
     previous: [u8; 32],
     checked: u64,
     failure: Option<(i64, Problem)>,
+    keys: Option<HmacKeyring>,
+    seen_signed: bool,
+    signatures_checked: u64,
+    unsigned_entries: u64,
+    pins: BTreeMap<i64, [u8; 32]>,
+    checkpoints_matched: u64,
 }
 
 // === impl Verifier ===
@@ -146,6 +163,67 @@ impl Verifier {
             previous,
             checked: 0,
             failure: None,
+            keys: None,
+            seen_signed: false,
+            signatures_checked: 0,
+            unsigned_entries: 0,
+            pins: BTreeMap::new(),
+            checkpoints_matched: 0,
+        }
+    }
+
+    /// Starts right after a signed checkpoint, for a chain whose older entries were dropped
+    /// by retention: `None` unless the checkpoint verifies with `trusted`.
+    pub fn after_checkpoint(checkpoint: &Checkpoint, trusted: &TrustedKeys) -> Option<Self> {
+        let head = checkpoint.head()?;
+        (trusted.check(checkpoint) == CheckpointCheck::Valid)
+            .then(|| Self::starting_at(checkpoint.sequence_number + 1, head))
+    }
+
+    /// Checks every entry's HMAC with `keys`; with a non-empty keyring every entry must be
+    /// signed. Without keys only the presence rule applies: once an entry of the chain is
+    /// signed, every later one must be.
+    pub fn with_keys(mut self, keys: HmacKeyring) -> Self {
+        self.keys = (!keys.is_empty()).then_some(keys);
+        self
+    }
+
+    /// Pins the chain to signed checkpoints (of this chain's tenant): each checkpoint's
+    /// signature must verify with `trusted`, the entry at its sequence must have its head
+    /// hash, and the chain must reach its sequence.
+    pub fn with_checkpoints(mut self, checkpoints: &[Checkpoint], trusted: &TrustedKeys) -> Self {
+        let mut sorted: Vec<&Checkpoint> = checkpoints.iter().collect();
+        sorted.sort_by_key(|c| c.sequence_number);
+        for checkpoint in sorted {
+            self.add_checkpoint(checkpoint, trusted);
+        }
+        self
+    }
+
+    /// Adds one checkpoint while entries stream in (e.g. the ones embedded in an export);
+    /// it must arrive before the entry at its sequence.
+    pub fn add_checkpoint(&mut self, checkpoint: &Checkpoint, trusted: &TrustedKeys) {
+        let seq = checkpoint.sequence_number;
+        let problem = match trusted.check(checkpoint) {
+            CheckpointCheck::BadSignature => Some(Problem::BadCheckpointSignature),
+            CheckpointCheck::UnknownKey => Some(Problem::UnknownCheckpointKey),
+            CheckpointCheck::Valid => match checkpoint.head() {
+                None => Some(Problem::BadCheckpointSignature),
+                Some(head) => match self.pins.insert(seq, head) {
+                    // Two validly signed checkpoints disagree: the chain forked.
+                    Some(other) if other != head => Some(Problem::CheckpointMismatch),
+                    _ => None,
+                },
+            },
+        };
+        if let Some(problem) = problem {
+            self.fail(seq, problem);
+        }
+    }
+
+    fn fail(&mut self, seq: i64, problem: Problem) {
+        if self.failure.is_none() {
+            self.failure = Some((seq, problem));
         }
     }
 
@@ -164,7 +242,14 @@ impl Verifier {
                         Some(Problem::PreviousHashMismatch)
                     } else if stored.entry.link(&prev) != cur {
                         Some(Problem::HashMismatch)
+                    } else if let Some(problem) = self.check_signature(stored, &cur) {
+                        Some(problem)
+                    } else if self.pins.get(&seq).is_some_and(|pin| *pin != cur) {
+                        Some(Problem::CheckpointMismatch)
                     } else {
+                        if self.pins.contains_key(&seq) {
+                            self.checkpoints_matched += 1;
+                        }
                         self.previous = cur;
                         None
                     }
@@ -181,33 +266,82 @@ impl Verifier {
         }
     }
 
-    /// Ends verification against the recorded head sequence, if known.
+    fn check_signature(&mut self, stored: &StoredEntry, current: &[u8; 32]) -> Option<Problem> {
+        let Some(signature) = &stored.signature else {
+            self.unsigned_entries += 1;
+            return (self.seen_signed || self.keys.is_some()).then_some(Problem::MissingSignature);
+        };
+        self.seen_signed = true;
+        let keys = self.keys.as_ref()?;
+        self.signatures_checked += 1;
+        match keys.check(current, signature) {
+            SignatureCheck::Valid => None,
+            SignatureCheck::Invalid => Some(Problem::BadSignature),
+            SignatureCheck::UnknownKey => Some(Problem::UnknownSignatureKey),
+        }
+    }
+
+    /// Ends verification against the recorded head sequence, if known, and the
+    /// checkpoints: a checkpoint beyond the last entry means the tail was truncated.
     pub fn finish(mut self, head_sequence: Option<i64>) -> Outcome {
-        if self.failure.is_none()
-            && let Some(head) = head_sequence
-            && head >= self.expected_sequence
-        {
-            self.failure = Some((self.expected_sequence, Problem::HeadMismatch));
+        if self.failure.is_none() {
+            if self.pins.range(self.expected_sequence..).next().is_some() {
+                self.failure = Some((self.expected_sequence, Problem::Truncated));
+            } else if let Some(head) = head_sequence
+                && head >= self.expected_sequence
+            {
+                self.failure = Some((self.expected_sequence, Problem::HeadMismatch));
+            }
         }
         Outcome {
             ok: self.failure.is_none(),
             entries_checked: self.checked,
+            last_sequence: self.expected_sequence - 1,
             first_bad_sequence: self.failure.map(|(seq, _)| seq),
             problem: self.failure.map(|(_, problem)| problem),
             last_hash: hex::encode(self.previous),
+            signatures_checked: self.signatures_checked,
+            unsigned_entries: self.unsigned_entries,
+            checkpoints: self.pins.len() as u64,
+            checkpoints_matched: self.checkpoints_matched,
         }
     }
 }
 
 /// The result of verifying a chain.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Outcome {
     pub ok: bool,
     pub entries_checked: u64,
+    /// Sequence number of the last entry that verified.
+    pub last_sequence: i64,
     pub first_bad_sequence: Option<i64>,
     pub problem: Option<Problem>,
     /// Hash of the last entry that verified.
     pub last_hash: String,
+    /// Entries whose HMAC was checked (0 without keys).
+    pub signatures_checked: u64,
+    pub unsigned_entries: u64,
+    /// Checkpoints whose signature verified and that pin this chain.
+    pub checkpoints: u64,
+    /// Of those, how many were matched against an entry.
+    pub checkpoints_matched: u64,
+}
+
+/// The field encoding of `docs/audit-chain.md`: null is `0x00`; a present value is `0x01`,
+/// its UTF-8 length as u32 big-endian, then the bytes.
+pub fn encode_fields(out: &mut Vec<u8>, fields: &[Option<&str>]) {
+    for field in fields {
+        match field {
+            None => out.push(0),
+            Some(text) => {
+                out.push(1);
+                let len = u32::try_from(text.len()).unwrap_or(u32::MAX);
+                out.extend_from_slice(&len.to_be_bytes());
+                out.extend_from_slice(text.as_bytes());
+            }
+        }
+    }
 }
 
 fn decode(hash: &str) -> Option<[u8; 32]> {
@@ -216,8 +350,13 @@ fn decode(hash: &str) -> Option<[u8; 32]> {
     Some(out)
 }
 
-/// Links `entries` (already numbered from `head_sequence + 1`) after `head_hash`.
-pub fn append(head_hash: [u8; 32], entries: Vec<ChainEntry>) -> (Vec<StoredEntry>, [u8; 32]) {
+/// Links `entries` (already numbered from `head_sequence + 1`) after `head_hash`, each
+/// signed with the active HMAC key of `keys` (unsigned when it has none).
+pub fn append(
+    head_hash: [u8; 32],
+    entries: Vec<ChainEntry>,
+    keys: &HmacKeyring,
+) -> (Vec<StoredEntry>, [u8; 32]) {
     let mut previous = head_hash;
     let stored = entries
         .into_iter()
@@ -227,6 +366,7 @@ pub fn append(head_hash: [u8; 32], entries: Vec<ChainEntry>) -> (Vec<StoredEntry
                 entry,
                 previous_hash: hex::encode(previous),
                 current_hash: hex::encode(current),
+                signature: keys.sign(&current),
             };
             previous = current;
             stored
@@ -243,6 +383,7 @@ pub fn parse_hash(hash: &str) -> Option<[u8; 32]> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::audit::checkpoint::CheckpointSigner;
 
     fn entry(seq: i64) -> ChainEntry {
         ChainEntry {
@@ -267,7 +408,152 @@ mod tests {
     }
 
     fn chain(n: i64) -> Vec<StoredEntry> {
-        append(GENESIS, (1..=n).map(entry).collect()).0
+        append(GENESIS, (1..=n).map(entry).collect(), &HmacKeyring::empty()).0
+    }
+
+    fn keys() -> HmacKeyring {
+        HmacKeyring::parse(&format!("k1:{}", "11".repeat(32)), "k1").unwrap()
+    }
+
+    fn signed_chain(n: i64) -> Vec<StoredEntry> {
+        append(GENESIS, (1..=n).map(entry).collect(), &keys()).0
+    }
+
+    fn signer() -> CheckpointSigner {
+        CheckpointSigner::from_settings(&"07".repeat(32), "cp1")
+            .unwrap()
+            .unwrap()
+    }
+
+    fn checkpoint_at(entries: &[StoredEntry], seq: i64) -> Checkpoint {
+        let head = parse_hash(&entries[(seq - 1) as usize].current_hash).unwrap();
+        signer().sign(Uuid::from_u128(1), seq, &head, 1)
+    }
+
+    fn verify_with(
+        entries: &[StoredEntry],
+        checkpoints: &[Checkpoint],
+        head: Option<i64>,
+    ) -> Outcome {
+        let trusted = TrustedKeys::from_settings(Some(&signer()), "").unwrap();
+        let mut verifier = Verifier::new()
+            .with_keys(keys())
+            .with_checkpoints(checkpoints, &trusted);
+        entries.iter().for_each(|e| verifier.push(e));
+        verifier.finish(head)
+    }
+
+    fn problem(out: &Outcome) -> (Option<i64>, Option<Problem>) {
+        (out.first_bad_sequence, out.problem)
+    }
+
+    #[test]
+    fn signed_chain_with_checkpoints_verifies() {
+        let entries = signed_chain(6);
+        let cps = [checkpoint_at(&entries, 3), checkpoint_at(&entries, 6)];
+        let out = verify_with(&entries, &cps, Some(6));
+        assert!(out.ok, "{out:?}");
+        assert_eq!(
+            (
+                out.signatures_checked,
+                out.checkpoints,
+                out.checkpoints_matched
+            ),
+            (6, 2, 2)
+        );
+    }
+
+    #[test]
+    fn verification_resumes_after_a_checkpoint() {
+        let entries = signed_chain(8);
+        let anchor = checkpoint_at(&entries, 4);
+        let trusted = TrustedKeys::from_settings(Some(&signer()), "").unwrap();
+        let run = |verifier: Verifier, from: usize| {
+            let mut verifier = verifier
+                .with_keys(keys())
+                .with_checkpoints(std::slice::from_ref(&anchor), &trusted);
+            entries[from..].iter().for_each(|e| verifier.push(e));
+            verifier.finish(Some(8))
+        };
+        let out = run(Verifier::after_checkpoint(&anchor, &trusted).unwrap(), 4);
+        assert!(out.ok, "{out:?}");
+        assert_eq!(out.entries_checked, 4);
+        // A gap right after the anchor is still a gap.
+        let out = run(Verifier::after_checkpoint(&anchor, &trusted).unwrap(), 5);
+        assert_eq!(problem(&out), (Some(5), Some(Problem::SequenceGap)));
+        let mut forged = anchor.clone();
+        forged.sequence_number = 3;
+        assert!(Verifier::after_checkpoint(&forged, &trusted).is_none());
+    }
+
+    #[test]
+    fn signatures_catch_changes_and_stripping() {
+        let mut entries = signed_chain(4);
+        entries[1].signature.as_mut().unwrap().mac = "00".repeat(32);
+        assert_eq!(
+            problem(&verify_with(&entries, &[], None)),
+            (Some(2), Some(Problem::BadSignature))
+        );
+
+        let mut entries = signed_chain(4);
+        entries[2].signature.as_mut().unwrap().key_id = "k9".into();
+        assert_eq!(
+            problem(&verify_with(&entries, &[], None)),
+            (Some(3), Some(Problem::UnknownSignatureKey))
+        );
+
+        // Without keys, an unsigned entry after a signed one is still caught.
+        let mut entries = signed_chain(4);
+        entries[3].signature = None;
+        let mut verifier = Verifier::new();
+        entries.iter().for_each(|e| verifier.push(e));
+        assert_eq!(
+            problem(&verifier.finish(None)),
+            (Some(4), Some(Problem::MissingSignature))
+        );
+
+        // With keys, every entry must be signed.
+        let unsigned = chain(2);
+        assert_eq!(
+            problem(&verify_with(&unsigned, &[], None)),
+            (Some(1), Some(Problem::MissingSignature))
+        );
+    }
+
+    #[test]
+    fn checkpoints_catch_truncation_and_rewrite() {
+        let entries = signed_chain(6);
+        let cps = [checkpoint_at(&entries, 5)];
+
+        // Tail truncated and the head row moved back: the chain itself is consistent.
+        let truncated = &entries[..3];
+        assert!(verify_with(truncated, &[], Some(3)).ok);
+        assert_eq!(
+            problem(&verify_with(truncated, &cps, Some(3))),
+            (Some(4), Some(Problem::Truncated))
+        );
+
+        // Whole chain rewritten from entry 2 with recomputed hashes, signatures dropped.
+        let mut forged: Vec<ChainEntry> = entries.iter().map(|e| e.entry.clone()).collect();
+        forged[1].domain = "evil.test".into();
+        let forged = append(GENESIS, forged, &HmacKeyring::empty()).0;
+        let mut verifier = Verifier::new().with_checkpoints(
+            &cps,
+            &TrustedKeys::from_settings(Some(&signer()), "").unwrap(),
+        );
+        forged.iter().for_each(|e| verifier.push(e));
+        assert_eq!(
+            problem(&verifier.finish(Some(6))),
+            (Some(5), Some(Problem::CheckpointMismatch))
+        );
+
+        // A forged checkpoint does not verify.
+        let mut bad = cps[0].clone();
+        bad.head_hash = forged[4].current_hash.clone();
+        assert_eq!(
+            problem(&verify_with(&entries, &[bad], Some(6))),
+            (Some(5), Some(Problem::BadCheckpointSignature))
+        );
     }
 
     fn verify(entries: &[StoredEntry], head: Option<i64>) -> Outcome {

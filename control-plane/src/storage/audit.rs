@@ -1,9 +1,15 @@
 //! Persisting chained audit entries: append under the per-tenant head lock, read back in
-//! sequence order.
+//! sequence order, list with filters, stream exports; store and read signed checkpoints.
+
+pub mod analytics;
 
 use super::StoreError;
 use crate::audit::chain::{self, ChainEntry, StoredEntry};
+use crate::audit::checkpoint::Checkpoint;
+use crate::audit::export::ExportRecord;
 use crate::audit::ingest::ValidBatch;
+use crate::audit::signing::{EntrySignature, HmacKeyring};
+use chrono::{DateTime, Utc};
 use futures::TryStreamExt;
 use sqlx::{PgPool, Postgres, Transaction};
 use uuid::Uuid;
@@ -22,7 +28,12 @@ pub enum Appended {
 /// Per tenant the chain head row is locked (`FOR UPDATE`, in tenant-id order so two
 /// batches never deadlock), so concurrent requests and replicas append one after another
 /// without forks or gaps.
-pub async fn append_batch(pool: &PgPool, batch: ValidBatch) -> Result<Appended, StoreError> {
+/// Entries are signed with the active key of `keys` (unsigned when it has none).
+pub async fn append_batch(
+    pool: &PgPool,
+    batch: ValidBatch,
+    keys: &HmacKeyring,
+) -> Result<Appended, StoreError> {
     let mut tx = pool.begin().await?;
     let fresh = sqlx::query(
         "INSERT INTO audit_batches (batch_id, entry_count) VALUES ($1, $2)
@@ -38,7 +49,7 @@ pub async fn append_batch(pool: &PgPool, batch: ValidBatch) -> Result<Appended, 
         return Ok(Appended::Duplicate);
     }
     for (tenant, entries) in batch.tenants {
-        append_tenant(&mut tx, tenant, entries).await?;
+        append_tenant(&mut tx, tenant, entries, keys).await?;
     }
     if !batch.agent_ids.is_empty() {
         sqlx::query("UPDATE agents SET last_seen_at = now() WHERE id = ANY($1)")
@@ -54,6 +65,7 @@ async fn append_tenant(
     tx: &mut Transaction<'static, Postgres>,
     tenant: Uuid,
     mut entries: Vec<ChainEntry>,
+    keys: &HmacKeyring,
 ) -> Result<(), StoreError> {
     sqlx::query(
         "INSERT INTO audit_chain_heads (tenant_id, sequence_number, current_hash)
@@ -70,11 +82,16 @@ async fn append_tenant(
     .bind(tenant)
     .fetch_one(&mut **tx)
     .await?;
-    let head_hash = chain::parse_hash(&head_hash).unwrap_or(chain::GENESIS);
+    // A corrupt head must stop ingest for this tenant, not silently restart the chain.
+    let head_hash = chain::parse_hash(&head_hash).ok_or_else(|| {
+        StoreError::Database(sqlx::Error::Protocol(format!(
+            "audit chain head of tenant {tenant} is not a hash"
+        )))
+    })?;
     for (offset, entry) in entries.iter_mut().enumerate() {
         entry.sequence_number = head_seq + 1 + offset as i64;
     }
-    let (stored, last) = chain::append(head_hash, entries);
+    let (stored, last) = chain::append(head_hash, entries, keys);
     let new_head = head_seq + stored.len() as i64;
     insert_entries(tx, &stored).await?;
     sqlx::query(
@@ -101,12 +118,15 @@ async fn insert_entries(
     sqlx::query(
         "INSERT INTO audit_entries (tenant_id, sequence_number, entry_id, timestamp_ns, ts, kind,
             agent_id, agent_fingerprint, agent_subject, domain, method, path, user_agent,
-            source_ip, decision, reason, policy_id, config_version, previous_hash, current_hash)
-         SELECT t, s, e, n, to_timestamp(n / 1e9), k, a, fp, sub, d, m, p, ua, ip, dec, r, pol, cv, ph, ch
+            source_ip, decision, reason, policy_id, config_version, previous_hash, current_hash,
+            signature_key_id, signature)
+         SELECT t, s, e, n, to_timestamp(n / 1e9), k, a, fp, sub, d, m, p, ua, ip, dec, r, pol, cv, ph, ch,
+            sk, sg
          FROM UNNEST($1::uuid[], $2::bigint[], $3::uuid[], $4::bigint[], $5::text[], $6::uuid[],
             $7::text[], $8::text[], $9::text[], $10::text[], $11::text[], $12::text[], $13::text[],
-            $14::text[], $15::text[], $16::text[], $17::text[], $18::text[], $19::text[])
-            AS x(t, s, e, n, k, a, fp, sub, d, m, p, ua, ip, dec, r, pol, cv, ph, ch)",
+            $14::text[], $15::text[], $16::text[], $17::text[], $18::text[], $19::text[],
+            $20::text[], $21::text[])
+            AS x(t, s, e, n, k, a, fp, sub, d, m, p, ua, ip, dec, r, pol, cv, ph, ch, sk, sg)",
     )
     .bind(column!(|s| s.entry.tenant_id))
     .bind(column!(|s| s.entry.sequence_number))
@@ -127,6 +147,8 @@ async fn insert_entries(
     .bind(column!(|s| s.entry.config_version.clone()))
     .bind(column!(|s| s.previous_hash.clone()))
     .bind(column!(|s| s.current_hash.clone()))
+    .bind(column!(|s| s.signature.as_ref().map(|g| g.key_id.clone())))
+    .bind(column!(|s| s.signature.as_ref().map(|g| g.mac.clone())))
     .execute(&mut **tx)
     .await?;
     Ok(())
@@ -153,10 +175,16 @@ struct Row {
     config_version: String,
     previous_hash: String,
     current_hash: String,
+    signature_key_id: Option<String>,
+    signature: Option<String>,
 }
 
 impl From<Row> for StoredEntry {
     fn from(r: Row) -> Self {
+        let signature = match (r.signature_key_id, r.signature) {
+            (Some(key_id), Some(mac)) => Some(EntrySignature { key_id, mac }),
+            _ => None,
+        };
         StoredEntry {
             entry: ChainEntry {
                 tenant_id: r.tenant_id,
@@ -179,8 +207,62 @@ impl From<Row> for StoredEntry {
             },
             previous_hash: r.previous_hash,
             current_hash: r.current_hash,
+            signature,
         }
     }
+}
+
+/// The columns of [`Row`].
+const ENTRY_COLUMNS: &str = "e.tenant_id, e.sequence_number, e.entry_id, e.timestamp_ns, e.kind,
+    e.agent_id, e.agent_fingerprint, e.agent_subject, e.domain, e.method, e.path, e.user_agent,
+    e.source_ip, e.decision, e.reason, e.policy_id, e.config_version, e.previous_hash,
+    e.current_hash, e.signature_key_id, e.signature";
+
+/// An entry joined with the checkpoint taken at it, if any.
+#[derive(sqlx::FromRow)]
+struct RecordRow {
+    #[sqlx(flatten)]
+    entry: Row,
+    cp_head_hash: Option<String>,
+    cp_created_at_ns: Option<i64>,
+    cp_key_id: Option<String>,
+    cp_signature: Option<String>,
+}
+
+impl From<RecordRow> for ExportRecord {
+    fn from(r: RecordRow) -> Self {
+        let (tenant_id, sequence_number) = (r.entry.tenant_id, r.entry.sequence_number);
+        let checkpoint = match (
+            r.cp_head_hash,
+            r.cp_created_at_ns,
+            r.cp_key_id,
+            r.cp_signature,
+        ) {
+            (Some(head_hash), Some(created_at_ns), Some(key_id), Some(signature)) => {
+                Some(Checkpoint {
+                    tenant_id,
+                    sequence_number,
+                    head_hash,
+                    created_at_ns,
+                    key_id,
+                    signature,
+                })
+            }
+            _ => None,
+        };
+        ExportRecord::new(r.entry.into(), checkpoint)
+    }
+}
+
+fn record_query(filter: &str) -> String {
+    format!(
+        "SELECT {ENTRY_COLUMNS}, c.head_hash AS cp_head_hash, c.created_at_ns AS cp_created_at_ns,
+                c.key_id AS cp_key_id, c.signature AS cp_signature
+         FROM audit_entries e
+         LEFT JOIN audit_checkpoints c
+           ON c.tenant_id = e.tenant_id AND c.sequence_number = e.sequence_number
+         WHERE {filter} ORDER BY e.sequence_number"
+    )
 }
 
 /// The recorded head sequence of a tenant's chain, if it has one.
@@ -193,22 +275,184 @@ pub async fn head(pool: &PgPool, tenant: Uuid) -> Result<Option<i64>, StoreError
     )
 }
 
-/// Streams a tenant's entries in sequence order into `visit` (constant memory).
+/// Streams a tenant's entries from `from_sequence` on, in sequence order, into `visit`
+/// (constant memory).
 pub async fn for_each_entry(
     pool: &PgPool,
     tenant: Uuid,
+    from_sequence: i64,
     mut visit: impl FnMut(StoredEntry),
 ) -> Result<(), StoreError> {
-    let mut rows = sqlx::query_as::<_, Row>(
-        "SELECT tenant_id, sequence_number, entry_id, timestamp_ns, kind, agent_id,
-                agent_fingerprint, agent_subject, domain, method, path, user_agent, source_ip,
-                decision, reason, policy_id, config_version, previous_hash, current_hash
-         FROM audit_entries WHERE tenant_id = $1 ORDER BY sequence_number",
-    )
-    .bind(tenant)
-    .fetch(pool);
+    let query = format!(
+        "SELECT {ENTRY_COLUMNS} FROM audit_entries e
+         WHERE e.tenant_id = $1 AND e.sequence_number >= $2
+         ORDER BY e.sequence_number"
+    );
+    let mut rows = sqlx::query_as::<_, Row>(sqlx::AssertSqlSafe(query))
+        .bind(tenant)
+        .bind(from_sequence)
+        .fetch(pool);
     while let Some(row) = rows.try_next().await? {
         visit(row.into());
     }
     Ok(())
+}
+
+/// Filters of the entries listing; all optional but the tenant.
+#[derive(Debug, Clone, Default)]
+pub struct EntryFilter {
+    pub tenant_id: Uuid,
+    pub agent_id: Option<Uuid>,
+    pub domain: Option<String>,
+    pub decision: Option<String>,
+    pub policy_id: Option<String>,
+    pub from: Option<DateTime<Utc>>,
+    pub to: Option<DateTime<Utc>>,
+    /// Only entries after this sequence number (the cursor).
+    pub after_sequence: i64,
+}
+
+/// One page of entries in sequence order; `limit + 1` rows are read to know whether more
+/// follow.
+pub async fn list_entries(
+    pool: &PgPool,
+    filter: &EntryFilter,
+    limit: i64,
+) -> Result<(Vec<ExportRecord>, bool), StoreError> {
+    let query = record_query(
+        "e.tenant_id = $1 AND e.sequence_number > $2
+         AND ($3::uuid IS NULL OR e.agent_id = $3)
+         AND ($4::text IS NULL OR e.domain = $4)
+         AND ($5::text IS NULL OR e.decision = $5)
+         AND ($6::text IS NULL OR e.policy_id = $6)
+         AND ($7::timestamptz IS NULL OR e.ts >= $7)
+         AND ($8::timestamptz IS NULL OR e.ts < $8)",
+    ) + " LIMIT $9";
+    let mut rows: Vec<ExportRecord> = sqlx::query_as::<_, RecordRow>(sqlx::AssertSqlSafe(query))
+        .bind(filter.tenant_id)
+        .bind(filter.after_sequence)
+        .bind(filter.agent_id)
+        .bind(filter.domain.as_deref())
+        .bind(filter.decision.as_deref())
+        .bind(filter.policy_id.as_deref())
+        .bind(filter.from)
+        .bind(filter.to)
+        .bind(limit + 1)
+        .fetch_all(pool)
+        .await?
+        .into_iter()
+        .map(ExportRecord::from)
+        .collect();
+    let more = rows.len() as i64 > limit;
+    rows.truncate(usize::try_from(limit).unwrap_or(0));
+    Ok((rows, more))
+}
+
+/// Streams a tenant's whole chain (one statement, so one consistent snapshot) into `out`,
+/// row by row: memory stays flat whatever the size. Stops early, without error, when the
+/// receiver goes away (the client disconnected). Returns how many records were sent and
+/// whether that was all of them.
+pub async fn export(
+    pool: &PgPool,
+    tenant: Uuid,
+    out: tokio::sync::mpsc::Sender<ExportRecord>,
+) -> Result<(u64, bool), StoreError> {
+    let query = record_query("e.tenant_id = $1");
+    let mut rows = sqlx::query_as::<_, RecordRow>(sqlx::AssertSqlSafe(query))
+        .bind(tenant)
+        .fetch(pool);
+    let mut sent = 0;
+    while let Some(row) = rows.try_next().await? {
+        if out.send(row.into()).await.is_err() {
+            return Ok((sent, false));
+        }
+        sent += 1;
+    }
+    Ok((sent, true))
+}
+
+/// A tenant's chain head (sequence, hash), if it has one.
+pub async fn chain_head(pool: &PgPool, tenant: Uuid) -> Result<Option<(i64, String)>, StoreError> {
+    Ok(sqlx::query_as(
+        "SELECT sequence_number, current_hash FROM audit_chain_heads WHERE tenant_id = $1",
+    )
+    .bind(tenant)
+    .fetch_optional(pool)
+    .await?)
+}
+
+/// Tenants whose chain head moved past their latest checkpoint.
+pub async fn heads_without_checkpoint(pool: &PgPool) -> Result<Vec<Uuid>, StoreError> {
+    Ok(sqlx::query_scalar(
+        "SELECT h.tenant_id FROM audit_chain_heads h
+         WHERE h.sequence_number > COALESCE(
+            (SELECT max(c.sequence_number) FROM audit_checkpoints c WHERE c.tenant_id = h.tenant_id), 0)
+         ORDER BY h.tenant_id",
+    )
+    .fetch_all(pool)
+    .await?)
+}
+
+#[derive(sqlx::FromRow)]
+struct CheckpointRow {
+    tenant_id: Uuid,
+    sequence_number: i64,
+    head_hash: String,
+    created_at_ns: i64,
+    key_id: String,
+    signature: String,
+}
+
+impl From<CheckpointRow> for Checkpoint {
+    fn from(r: CheckpointRow) -> Self {
+        Checkpoint {
+            tenant_id: r.tenant_id,
+            sequence_number: r.sequence_number,
+            head_hash: r.head_hash,
+            created_at_ns: r.created_at_ns,
+            key_id: r.key_id,
+            signature: r.signature,
+        }
+    }
+}
+
+/// Stores a checkpoint; when this head was checkpointed already (another replica, a
+/// repeated request) the stored one is returned instead.
+pub async fn insert_checkpoint(pool: &PgPool, cp: &Checkpoint) -> Result<Checkpoint, StoreError> {
+    let mut tx = pool.begin().await?;
+    sqlx::query(
+        "INSERT INTO audit_checkpoints
+            (tenant_id, sequence_number, head_hash, created_at_ns, key_id, signature)
+         VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (tenant_id, sequence_number) DO NOTHING",
+    )
+    .bind(cp.tenant_id)
+    .bind(cp.sequence_number)
+    .bind(&cp.head_hash)
+    .bind(cp.created_at_ns)
+    .bind(&cp.key_id)
+    .bind(&cp.signature)
+    .execute(&mut *tx)
+    .await?;
+    let stored: CheckpointRow = sqlx::query_as(
+        "SELECT tenant_id, sequence_number, head_hash, created_at_ns, key_id, signature
+         FROM audit_checkpoints WHERE tenant_id = $1 AND sequence_number = $2",
+    )
+    .bind(cp.tenant_id)
+    .bind(cp.sequence_number)
+    .fetch_one(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(stored.into())
+}
+
+/// A tenant's checkpoints in sequence order.
+pub async fn checkpoints(pool: &PgPool, tenant: Uuid) -> Result<Vec<Checkpoint>, StoreError> {
+    let rows: Vec<CheckpointRow> = sqlx::query_as(
+        "SELECT tenant_id, sequence_number, head_hash, created_at_ns, key_id, signature
+         FROM audit_checkpoints WHERE tenant_id = $1 ORDER BY sequence_number",
+    )
+    .bind(tenant)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.into_iter().map(Checkpoint::from).collect())
 }

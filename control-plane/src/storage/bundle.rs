@@ -11,6 +11,7 @@ pub struct AgentRow {
     pub name: String,
     pub fingerprint: String,
     pub status: String,
+    pub metadata: serde_json::Value,
     pub policies: Vec<Uuid>,
 }
 
@@ -24,12 +25,16 @@ pub struct PolicyRow {
     pub mode: String,
     pub allowed_domains: Vec<String>,
     pub blocked_domains: Vec<String>,
+    pub rules: serde_json::Value,
+    pub time_restrictions: Option<serde_json::Value>,
+    pub rate_limit: Option<serde_json::Value>,
+    pub custom_rego: Option<String>,
 }
 
 /// Every agent with its assigned policy ids, ordered for a deterministic bundle.
 pub async fn agents(pool: &PgPool) -> Result<Vec<AgentRow>, StoreError> {
     Ok(sqlx::query_as(
-        "SELECT a.id, a.tenant_id, a.name, a.fingerprint, a.status,
+        "SELECT a.id, a.tenant_id, a.name, a.fingerprint, a.status, a.metadata,
                 COALESCE(array_agg(ap.policy_id ORDER BY ap.policy_id)
                          FILTER (WHERE ap.policy_id IS NOT NULL), '{}') AS policies
          FROM agents a LEFT JOIN agent_policies ap ON ap.agent_id = a.id
@@ -42,7 +47,8 @@ pub async fn agents(pool: &PgPool) -> Result<Vec<AgentRow>, StoreError> {
 /// Active policies (the only ones the filter evaluates).
 pub async fn active_policies(pool: &PgPool) -> Result<Vec<PolicyRow>, StoreError> {
     Ok(sqlx::query_as(
-        "SELECT id, tenant_id, name, priority, status, mode, allowed_domains, blocked_domains
+        "SELECT id, tenant_id, name, priority, status, mode, allowed_domains, blocked_domains,
+                rules, time_restrictions, rate_limit, custom_rego
          FROM policies WHERE status = 'active' ORDER BY id",
     )
     .fetch_all(pool)

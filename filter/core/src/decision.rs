@@ -16,6 +16,39 @@ pub struct Decision {
     pub tenant_id: Option<String>,
     #[serde(default)]
     pub agent_id: Option<String>,
+    /// The rule that decided, if a rule did.
+    #[serde(default)]
+    pub rule_id: Option<String>,
+    /// The deciding policy's rate limit, applied by the filter to allowed requests.
+    #[serde(default)]
+    pub rate_limit: Option<RateLimit>,
+    /// What dry-run policies would have decided, when it differs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dry_run: Option<DryRun>,
+}
+
+/// Requests per window for one agent under one policy; `burst` caps the per-minute bucket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+pub struct RateLimit {
+    #[serde(default)]
+    pub per_minute: Option<u32>,
+    #[serde(default)]
+    pub per_hour: Option<u32>,
+    #[serde(default)]
+    pub per_day: Option<u32>,
+    #[serde(default)]
+    pub burst: Option<u32>,
+}
+
+/// The decision dry-run policies would have made.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DryRun {
+    pub allow: bool,
+    pub reason: String,
+    #[serde(default)]
+    pub policy_id: Option<String>,
+    #[serde(default)]
+    pub rule_id: Option<String>,
 }
 
 /// The JSON body of a deny response.
@@ -25,8 +58,14 @@ pub struct DenyBody<'a> {
     pub reason: &'a str,
     pub message: &'static str,
     pub policy_id: Option<&'a str>,
+    pub rule_id: Option<&'a str>,
     pub request_id: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retry_after_seconds: Option<u64>,
 }
+
+/// Reason code of a request over its rate limit (answered with 429).
+pub const RATE_LIMITED: &str = "rate_limited";
 
 /// Header carrying the decision id on allowed requests (joins upstream logs with audit).
 pub const DECISION_ID_HEADER: &str = "x-chronoguard-decision-id";
@@ -42,6 +81,9 @@ impl Decision {
             policy_id: None,
             tenant_id: None,
             agent_id: None,
+            rule_id: None,
+            rate_limit: None,
+            dry_run: None,
         }
     }
 
@@ -51,17 +93,30 @@ impl Decision {
 
     /// HTTP status of the local reply for a denied request.
     pub fn status(&self) -> u32 {
-        403
+        if self.reason == RATE_LIMITED {
+            429
+        } else {
+            403
+        }
+    }
+
+    /// Turns an allow into a rate-limited deny.
+    pub fn rate_limited(mut self) -> Self {
+        self.allow = false;
+        self.reason = RATE_LIMITED.to_owned();
+        self
     }
 
     /// The JSON body of the local reply.
-    pub fn deny_body(&self, request_id: &str) -> String {
+    pub fn deny_body(&self, request_id: &str, retry_after_seconds: Option<u64>) -> String {
         let body = DenyBody {
             decision: self.outcome(),
             reason: &self.reason,
             message: message(&self.reason),
             policy_id: self.policy_id.as_deref(),
+            rule_id: self.rule_id.as_deref(),
             request_id,
+            retry_after_seconds,
         };
         serde_json::to_string(&body).unwrap_or_else(|_| String::from("{\"decision\":\"deny\"}"))
     }
@@ -77,9 +132,14 @@ pub fn message(reason: &str) -> &'static str {
         "agent_deactivated" => "the agent is deactivated",
         "domain_blocked" => "the domain is blocked by policy",
         "domain_allowed" => "the domain is allowed by policy",
+        "rule_allowed" => "a policy rule allows this request",
+        "rule_denied" => "a policy rule denies this request",
+        "outside_time_window" => "the policy does not allow access at this time",
+        "rate_limited" => "the agent exceeded its rate limit for this policy",
         "no_matching_policy" => "no active policy allows this domain",
         "not_configured" => "the gateway has not received its policy yet",
         "evaluation_error" => "the policy could not be evaluated",
+        r if r.starts_with("custom:") => "denied by the policy's custom rule",
         _ => "denied by policy",
     }
 }
@@ -94,7 +154,8 @@ mod tests {
             policy_id: Some("p1".into()),
             ..Decision::fixed(false, "domain_blocked")
         };
-        let body: serde_json::Value = serde_json::from_str(&decision.deny_body("r1")).unwrap();
+        let body: serde_json::Value =
+            serde_json::from_str(&decision.deny_body("r1", None)).unwrap();
         assert_eq!(body["decision"], "deny");
         assert_eq!(body["reason"], "domain_blocked");
         assert_eq!(body["policy_id"], "p1");

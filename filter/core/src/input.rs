@@ -2,8 +2,10 @@
 //!
 //! The document's shape is a contract (`docs/contracts.md`):
 //! `{agent: {fingerprint, subject}, request: {domain, method, path, user_agent, source_ip,
-//! scheme}, time: {unix_ns}}`.
+//! scheme}, time: {unix_ns, local: {<timezone>: {day, prev_day, minute, hour,
+//! minute_of_hour}}}}`.
 
+use crate::time::OffsetTable;
 use regorus::Value;
 use std::collections::BTreeMap;
 
@@ -56,8 +58,9 @@ pub fn source_ip(address: &str) -> String {
 // === impl RequestFacts ===
 
 impl RequestFacts {
-    /// Builds the Rego input directly as a regorus value (no JSON text on the request path).
-    pub fn to_value(&self) -> Value {
+    /// Builds the Rego input directly as a regorus value (no JSON text on the request
+    /// path), with the local time in every timezone of `tables`.
+    pub fn to_value(&self, tables: &BTreeMap<String, OffsetTable>) -> Value {
         let agent = object([
             ("fingerprint", self.fingerprint.as_str().into()),
             ("subject", self.subject.as_str().into()),
@@ -70,7 +73,25 @@ impl RequestFacts {
             ("source_ip", self.source_ip.as_str().into()),
             ("scheme", self.scheme.as_str().into()),
         ]);
-        let time = object([("unix_ns", self.unix_ns.into())]);
+        let unix_s = i64::try_from(self.unix_ns / 1_000_000_000).unwrap_or(i64::MAX);
+        let local: BTreeMap<Value, Value> = tables
+            .iter()
+            .map(|(tz, table)| {
+                let t = table.local(unix_s);
+                let local = object([
+                    ("day", t.day_name().into()),
+                    ("prev_day", t.prev_day_name().into()),
+                    ("minute", u64::from(t.minute).into()),
+                    ("hour", u64::from(t.minute / 60).into()),
+                    ("minute_of_hour", u64::from(t.minute % 60).into()),
+                ]);
+                (Value::from(tz.as_str()), local)
+            })
+            .collect();
+        let time = object([
+            ("unix_ns", self.unix_ns.into()),
+            ("local", Value::from(local)),
+        ]);
         object([("agent", agent), ("request", request), ("time", time)])
     }
 }
@@ -118,9 +139,12 @@ mod tests {
             unix_ns: 7,
             ..RequestFacts::default()
         };
-        let json = serde_json::to_value(facts.to_value()).unwrap();
+        let tables = crate::time::tables_from_json(None).unwrap();
+        let json = serde_json::to_value(facts.to_value(&tables)).unwrap();
         assert_eq!(json["agent"]["fingerprint"], "ab");
         assert_eq!(json["request"]["domain"], "example.com");
         assert_eq!(json["time"]["unix_ns"], 7);
+        assert_eq!(json["time"]["local"]["UTC"]["day"], "thu");
+        assert_eq!(json["time"]["local"]["UTC"]["prev_day"], "wed");
     }
 }

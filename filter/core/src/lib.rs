@@ -7,9 +7,15 @@
 
 pub mod audit;
 pub mod config;
+pub mod data;
 pub mod decision;
 pub mod input;
 pub mod policy;
+pub mod ratelimit;
+pub mod time;
+
+#[cfg(test)]
+mod cases;
 
 /// The Rego modules of the `rego/` library, embedded so the control plane ships exactly the
 /// library this core was tested against.

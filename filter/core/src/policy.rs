@@ -1,10 +1,23 @@
 //! Compiling a policy bundle once and evaluating requests against it with regorus.
+//!
+//! [`CompiledPolicy::evaluate`] memoises decisions per VM, keyed on exactly the request
+//! facts the bundle reads (identity, domain, the fields rule conditions test) and the UTC
+//! minute: every time-dependent input (local day, hour, minute, window membership) is
+//! constant within one UTC minute because offsets are whole minutes. A new configuration
+//! builds a new `CompiledPolicy`, so the memo never outlives its bundle. Rate limits and
+//! audit stay outside the memo.
 
-use crate::config::Bundle;
+use crate::config::{Bundle, RegoModule};
+use crate::data::{self, Reads};
 use crate::decision::Decision;
 use crate::input::RequestFacts;
+use crate::time::OffsetTable;
 use crate::{DECISION_RULE, REGO_LIBRARY};
 use regorus::{Engine, Value};
+use std::collections::{BTreeMap, HashMap};
+
+/// Memoised decisions kept per VM before the memo is cleared.
+pub const MEMO_CAPACITY: usize = 16_384;
 
 /// Why a bundle could not be compiled or a request not evaluated.
 #[derive(Debug, thiserror::Error)]
@@ -12,6 +25,12 @@ pub enum PolicyError {
     /// The message carries regorus's `file:line:col` position of the problem.
     #[error("rego module {module} does not compile: {message}")]
     Compile { module: String, message: String },
+    #[error("rego module {module} must declare package {expected}, not {found}")]
+    Package {
+        module: String,
+        expected: String,
+        found: String,
+    },
     #[error("policy data is invalid: {0}")]
     Data(String),
     #[error("evaluation failed: {0}")]
@@ -20,86 +39,173 @@ pub enum PolicyError {
     Shape(String),
 }
 
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct MemoKey {
+    fingerprint: String,
+    domain: String,
+    method: Option<String>,
+    path: Option<String>,
+    user_agent: Option<String>,
+    source_ip: Option<String>,
+    minute: u64,
+}
+
 /// A bundle compiled once per configuration; evaluation never parses or compiles.
 #[derive(Debug, Clone)]
 pub struct CompiledPolicy {
     engine: Engine,
+    tables: BTreeMap<String, OffsetTable>,
+    reads: Reads,
+    memo: HashMap<MemoKey, Decision>,
 }
 
 // === impl CompiledPolicy ===
 
 impl CompiledPolicy {
-    /// Compiles the bundle's modules against its data and checks the decision rule exists
+    /// Validates the data, compiles the modules against it and checks the decision rule
     /// by evaluating it once on an empty request.
     pub fn compile(bundle: &Bundle) -> Result<Self, PolicyError> {
+        let prepared = data::prepare(&bundle.data).map_err(PolicyError::Data)?;
         let mut engine = Engine::new();
         engine.set_rego_v0(false);
+        let mut custom_modules = Vec::new();
         for module in &bundle.modules {
-            engine
+            let package = engine
                 .add_policy(module.name.clone(), module.source.clone())
                 .map_err(|e| PolicyError::Compile {
                     module: module.name.clone(),
                     message: e.to_string(),
                 })?;
+            let expected = match custom_key(&module.name) {
+                Some(key) => {
+                    custom_modules.push(key.to_owned());
+                    format!("data.chronoguard.custom.{key}")
+                }
+                None => "data.chronoguard".to_owned(),
+            };
+            if package != expected {
+                return Err(PolicyError::Package {
+                    module: module.name.clone(),
+                    expected: expected.trim_start_matches("data.").to_owned(),
+                    found: package.trim_start_matches("data.").to_owned(),
+                });
+            }
+        }
+        if let Some(missing) = prepared
+            .custom_keys
+            .iter()
+            .find(|k| !custom_modules.contains(k))
+        {
+            return Err(PolicyError::Data(format!(
+                "a policy refers to custom module {missing:?} but the bundle has no module custom/{missing}.rego"
+            )));
         }
         let data =
-            serde_json::to_string(&bundle.data).map_err(|e| PolicyError::Data(e.to_string()))?;
+            serde_json::to_string(&prepared.data).map_err(|e| PolicyError::Data(e.to_string()))?;
         let data = Value::from_json_str(&data).map_err(|e| PolicyError::Data(e.to_string()))?;
         engine
             .add_data(data)
             .map_err(|e| PolicyError::Data(e.to_string()))?;
-        let mut compiled = Self { engine };
-        compiled.evaluate(&RequestFacts::default())?;
+        let mut compiled = Self {
+            engine,
+            tables: prepared.tables,
+            reads: prepared.reads,
+            memo: HashMap::new(),
+        };
+        compiled.evaluate_fresh(&RequestFacts::default())?;
         Ok(compiled)
     }
 
     /// The bundle modules for the built-in library: what the control plane ships.
-    pub fn library_modules() -> Vec<crate::config::RegoModule> {
+    pub fn library_modules() -> Vec<RegoModule> {
         REGO_LIBRARY
             .iter()
-            .map(|(name, source)| crate::config::RegoModule {
+            .map(|(name, source)| RegoModule {
                 name: (*name).to_owned(),
                 source: (*source).to_owned(),
             })
             .collect()
     }
 
-    /// Evaluates one request.
+    /// Evaluates one request, from the memo when the same facts were decided in the same
+    /// UTC minute.
     pub fn evaluate(&mut self, facts: &RequestFacts) -> Result<Decision, PolicyError> {
-        self.engine.set_input(facts.to_value());
+        self.evaluate_memo(facts).map(|(decision, _)| decision)
+    }
+
+    /// Like [`CompiledPolicy::evaluate`], also telling whether the memo answered.
+    pub fn evaluate_memo(&mut self, facts: &RequestFacts) -> Result<(Decision, bool), PolicyError> {
+        let key = self.memo_key(facts);
+        if let Some(decision) = self.memo.get(&key) {
+            return Ok((decision.clone(), true));
+        }
+        let decision = self.evaluate_fresh(facts)?;
+        if self.memo.len() >= MEMO_CAPACITY {
+            self.memo.clear();
+        }
+        self.memo.insert(key, decision.clone());
+        Ok((decision, false))
+    }
+
+    /// Evaluates one request with regorus, bypassing the memo.
+    pub fn evaluate_fresh(&mut self, facts: &RequestFacts) -> Result<Decision, PolicyError> {
+        self.engine.set_input(facts.to_value(&self.tables));
         let value = self
             .engine
             .eval_rule(DECISION_RULE.to_owned())
             .map_err(|e| PolicyError::Eval(e.to_string()))?;
         decision_from_value(&value)
     }
+
+    /// Memoised decisions currently held.
+    pub fn memo_len(&self) -> usize {
+        self.memo.len()
+    }
+
+    /// The earliest last transition over the bundle's offset tables: after it, local
+    /// times are extrapolated with the last known offset (the control plane refreshes
+    /// bundles long before).
+    pub fn tables_valid_until(&self) -> i64 {
+        self.tables
+            .iter()
+            .filter(|(tz, _)| tz.as_str() != "UTC")
+            .map(|(_, t)| t.last_start())
+            .min()
+            .unwrap_or(i64::MAX)
+    }
+
+    fn memo_key(&self, facts: &RequestFacts) -> MemoKey {
+        let pick = |read: bool, value: &str| read.then(|| value.to_owned());
+        MemoKey {
+            fingerprint: facts.fingerprint.clone(),
+            domain: facts.domain.clone(),
+            method: pick(self.reads.method, &facts.method),
+            path: pick(self.reads.path, &facts.path),
+            user_agent: pick(self.reads.user_agent, &facts.user_agent),
+            source_ip: pick(self.reads.source_ip, &facts.source_ip),
+            minute: facts.unix_ns / 60_000_000_000,
+        }
+    }
+}
+
+/// `custom/<key>.rego` → `<key>`.
+fn custom_key(module_name: &str) -> Option<&str> {
+    module_name
+        .strip_prefix("custom/")
+        .and_then(|rest| rest.strip_suffix(".rego"))
 }
 
 fn decision_from_value(value: &Value) -> Result<Decision, PolicyError> {
     if *value == Value::Undefined {
         return Err(PolicyError::Shape("decision is undefined".into()));
     }
-    let allow = *value["allow"]
-        .as_bool()
-        .map_err(|_| PolicyError::Shape("allow is not a boolean".into()))?;
-    let reason = value["reason"]
-        .as_string()
-        .map_err(|_| PolicyError::Shape("reason is not a string".into()))?
-        .to_string();
-    let optional = |key: &str| value[key].as_string().ok().map(|s| s.to_string());
-    Ok(Decision {
-        allow,
-        reason,
-        policy_id: optional("policy_id"),
-        tenant_id: optional("tenant_id"),
-        agent_id: optional("agent_id"),
-    })
+    let json = serde_json::to_value(value).map_err(|e| PolicyError::Shape(e.to_string()))?;
+    serde_json::from_value(json).map_err(|e| PolicyError::Shape(e.to_string()))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::RegoModule;
 
     fn bundle(data: serde_json::Value) -> Bundle {
         Bundle {
@@ -119,11 +225,29 @@ mod tests {
     fn syntax_error_names_module_and_position() {
         let mut b = bundle(serde_json::json!({}));
         b.modules.push(RegoModule {
-            name: "custom.rego".into(),
-            source: "package custom\nallow if {\n".into(),
+            name: "custom/x.rego".into(),
+            source: "package chronoguard.custom.x\nallow if {\n".into(),
         });
         let err = CompiledPolicy::compile(&b).unwrap_err().to_string();
-        assert!(err.contains("custom.rego"), "{err}");
+        assert!(err.contains("custom/x.rego"), "{err}");
         assert!(err.contains(":3:") || err.contains(":2:"), "{err}");
+    }
+
+    #[test]
+    fn custom_module_cannot_take_over_the_library_package() {
+        let mut b = bundle(serde_json::json!({}));
+        b.modules.push(RegoModule {
+            name: "custom/evil.rego".into(),
+            source: "package chronoguard\nimport rego.v1\nx := 1\n".into(),
+        });
+        let err = CompiledPolicy::compile(&b).unwrap_err();
+        assert!(matches!(err, PolicyError::Package { .. }), "{err}");
+    }
+
+    #[test]
+    fn missing_custom_module_is_a_configuration_error() {
+        let b = bundle(serde_json::json!({"policies": {"p": {"id": "p", "custom": "gone"}}}));
+        let err = CompiledPolicy::compile(&b).unwrap_err().to_string();
+        assert!(err.contains("custom module \"gone\""), "{err}");
     }
 }

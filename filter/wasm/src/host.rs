@@ -96,6 +96,21 @@ pub fn configuration() -> Option<Vec<u8>> {
     .flatten()
 }
 
+/// A shared-data value and its CAS token (shared by all worker VMs of this Envoy).
+pub fn shared_get(key: &str) -> Result<(Option<Vec<u8>>, Option<u32>), ()> {
+    hostcalls::get_shared_data(key).map_err(|_| ())
+}
+
+/// Sets a shared-data value if its CAS token is still `cas`; `Ok(false)` on a CAS
+/// mismatch (another worker updated it first).
+pub fn shared_set(key: &str, value: &[u8], cas: Option<u32>) -> Result<bool, ()> {
+    match hostcalls::set_shared_data(key, Some(value), cas) {
+        Ok(()) => Ok(true),
+        Err(proxy_wasm::types::Status::CasMismatch) => Ok(false),
+        Err(_) => Err(()),
+    }
+}
+
 pub fn log(level: LogLevel, message: &str) {
     let _ = hostcalls::log(level, message);
 }

@@ -1,5 +1,8 @@
-//! The HTTP context: gathers request facts, asks the core for a decision, acts on it.
+//! The HTTP context: gathers request facts, asks the core for a decision, enforces the
+//! rate limit, audits, and answers.
 
+use crate::metrics::Metrics;
+use crate::ratelimit::{self, Check};
 use crate::root::Active;
 use crate::{host, vm};
 use filter_core::audit::AuditRecord;
@@ -41,7 +44,7 @@ impl Request {
             subject: host::property(&["connection", "subject_peer_certificate"])
                 .unwrap_or_default(),
             domain: normalize_domain(&header(":authority")),
-            method: header(":method"),
+            method: header(":method").to_ascii_uppercase(),
             path,
             user_agent: header("user-agent"),
             source_ip: source_ip(&host::property(&["source", "address"]).unwrap_or_default()),
@@ -51,36 +54,67 @@ impl Request {
     }
 
     /// The decision under the active configuration; never fails.
-    fn decide(
-        &self,
-        facts: &RequestFacts,
-        metrics: &crate::metrics::Metrics,
-    ) -> (Decision, Rc<str>) {
+    fn decide(&self, facts: &RequestFacts, metrics: &mut Metrics) -> (Decision, Rc<str>) {
         let Some(active) = &self.active else {
-            host::increment(metrics.not_configured, 1);
+            metrics.add(metrics.not_configured, 1);
             return (Decision::fixed(false, "not_configured"), Rc::from("none"));
         };
         let mut active = active.borrow_mut();
         let version = active.version.clone();
         let decision = match (active.mode, active.policy.as_mut()) {
-            (Mode::Enforce, Some(policy)) => match policy.evaluate(facts) {
-                Ok(decision) => decision,
+            (Mode::Enforce, Some(policy)) => match policy.evaluate_memo(facts) {
+                Ok((decision, hit)) => {
+                    if hit {
+                        metrics.add(metrics.memo_hits, 1);
+                    } else {
+                        let micros = host::now_ns().saturating_sub(facts.unix_ns) / 1_000;
+                        host::record(metrics.evaluation_us, micros);
+                    }
+                    decision
+                }
                 Err(err) => {
-                    host::increment(metrics.evaluation_errors, 1);
+                    metrics.add(metrics.evaluation_errors, 1);
                     host::log(LogLevel::Error, &format!("evaluation error: {err}"));
                     Decision::fixed(false, "evaluation_error")
                 }
             },
             (Mode::AllowAll, _) => {
-                host::increment(metrics.not_configured, 1);
+                metrics.add(metrics.not_configured, 1);
                 Decision::fixed(true, "not_configured")
             }
             _ => {
-                host::increment(metrics.not_configured, 1);
+                metrics.add(metrics.not_configured, 1);
                 Decision::fixed(false, "not_configured")
             }
         };
         (decision, version)
+    }
+
+    /// Applies the deciding policy's rate limit to an allowed request.
+    fn limit(
+        decision: Decision,
+        facts: &RequestFacts,
+        metrics: &mut Metrics,
+    ) -> (Decision, Option<u64>) {
+        let (Some(limit), Some(agent), Some(policy)) = (
+            decision.rate_limit.filter(|_| decision.allow),
+            decision.agent_id.as_deref(),
+            decision.policy_id.as_deref(),
+        ) else {
+            return (decision, None);
+        };
+        match ratelimit::check(agent, policy, &limit, facts.unix_ns) {
+            Check::Allowed => (decision, None),
+            Check::Limited(retry_after) => (decision.rate_limited(), Some(retry_after)),
+            Check::StoreError => {
+                metrics.add(metrics.rate_limit_errors, 1);
+                host::log(
+                    LogLevel::Warn,
+                    "rate limit store unavailable; request allowed",
+                );
+                (decision, None)
+            }
+        }
     }
 }
 
@@ -91,32 +125,38 @@ impl HttpContext for Request {
         let facts = Self::facts();
         let state = vm::state();
         let mut state = state.borrow_mut();
-        let (decision, version) = self.decide(&facts, &state.metrics);
+        let (decision, version) = self.decide(&facts, &mut state.metrics);
+        let (decision, retry_after) = Self::limit(decision, &facts, &mut state.metrics);
         let id = state.ids.next_id();
-        host::increment(
-            if decision.allow {
-                state.metrics.allow
-            } else {
-                state.metrics.deny
-            },
-            1,
-        );
-        state.record(AuditRecord::new(id.clone(), &facts, &decision, &version));
+        state.count_decision(&decision);
+        let mut record = AuditRecord::new(id.clone(), &facts, &decision, &version);
+        if let Some(dry_run) = decision
+            .dry_run
+            .as_ref()
+            .filter(|d| !d.allow && decision.allow)
+        {
+            // The request went through; the record says which dry-run policy would have
+            // blocked it and why.
+            record.reason = format!("dry_run_deny:{}", dry_run.reason);
+            record.policy_id.clone_from(&dry_run.policy_id);
+        }
+        state.record(record);
         drop(state);
         if decision.allow {
             host::set_request_header(DECISION_ID_HEADER, &id);
             self.decision_id = Some(id);
             Action::Continue
         } else {
-            let body = decision.deny_body(&id);
-            host::send_response(
-                decision.status(),
-                vec![
-                    ("content-type", "application/json"),
-                    (DECISION_ID_HEADER, &id),
-                ],
-                body.as_bytes(),
-            );
+            let body = decision.deny_body(&id, retry_after);
+            let retry = retry_after.map(|s| s.to_string());
+            let mut headers = vec![
+                ("content-type", "application/json"),
+                (DECISION_ID_HEADER, id.as_str()),
+            ];
+            if let Some(retry) = &retry {
+                headers.push(("retry-after", retry.as_str()));
+            }
+            host::send_response(decision.status(), headers, body.as_bytes());
             Action::Pause
         }
     }

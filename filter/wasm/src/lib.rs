@@ -7,6 +7,7 @@
 mod host;
 mod http;
 mod metrics;
+mod ratelimit;
 mod root;
 mod vm;
 

@@ -94,13 +94,12 @@ impl RootContext for Root {
                 if let Ok(version) = active.version.parse::<u64>() {
                     host::record(state.metrics.config_version, version);
                 }
-                let period = config.audit.as_ref().map(|a| a.flush_interval_ms);
+                // The tick flushes stats and audit; without a sink, stats only, once a second.
+                let period = config.audit.as_ref().map_or(1_000, |a| a.flush_interval_ms);
                 if config.audit.is_some() {
                     state.set_sink(config.audit);
                 }
-                if let Some(ms) = period {
-                    host::set_tick_period(Duration::from_millis(ms));
-                }
+                host::set_tick_period(Duration::from_millis(period));
                 self.active = Some(Rc::new(RefCell::new(active)));
                 true
             }
@@ -116,7 +115,7 @@ impl RootContext for Root {
     }
 
     fn on_tick(&mut self) {
-        vm::state().borrow_mut().flush(false);
+        vm::state().borrow_mut().tick();
     }
 
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {

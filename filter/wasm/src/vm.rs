@@ -51,6 +51,11 @@ impl VmState {
         }
     }
 
+    /// Counts a decision in the stats.
+    pub fn count_decision(&mut self, decision: &filter_core::decision::Decision) {
+        self.metrics.count(decision.allow, &decision.reason);
+    }
+
     /// A configuration named its sink: later flushes use it.
     pub fn set_sink(&mut self, sink: Option<AuditSink>) {
         if let Some(sink) = &sink {
@@ -61,10 +66,11 @@ impl VmState {
 
     pub fn record(&mut self, record: AuditRecord) {
         let dropped = self.audit.push(record);
-        host::increment(self.metrics.audit_buffered, 1);
+        self.metrics.add(self.metrics.audit_buffered, 1);
         if dropped > 0 {
-            host::increment(self.metrics.audit_dropped, dropped as i64);
-            host::increment(self.metrics.audit_buffered, -(dropped as i64));
+            self.metrics.add(self.metrics.audit_dropped, dropped as i64);
+            self.metrics
+                .add(self.metrics.audit_buffered, -(dropped as i64));
             if self.audit.dropped_total().is_power_of_two() {
                 host::log(
                     LogLevel::Warn,
@@ -75,6 +81,12 @@ impl VmState {
                 );
             }
         }
+    }
+
+    /// The root context's tick: hands stats to Envoy and sends audit if due.
+    pub fn tick(&mut self) {
+        self.metrics.flush();
+        self.flush(false);
     }
 
     /// Sends the next batch if the sink is idle and due. Called from ticks and responses.
@@ -132,8 +144,9 @@ impl VmState {
         match status {
             Some(200..=299) => {
                 let sent = self.audit.acknowledge();
-                host::increment(self.metrics.audit_sent, sent as i64);
-                host::increment(self.metrics.audit_buffered, -(sent as i64));
+                self.metrics.add(self.metrics.audit_sent, sent as i64);
+                self.metrics
+                    .add(self.metrics.audit_buffered, -(sent as i64));
                 self.backoff_ns = 0;
                 self.next_attempt_ns = 0;
                 // Keep draining while full batches are waiting.
@@ -152,7 +165,7 @@ impl VmState {
     }
 
     fn failed(&mut self, sink: &AuditSink, now: u64) {
-        host::increment(self.metrics.audit_retried, 1);
+        self.metrics.add(self.metrics.audit_retried, 1);
         let base = sink.flush_interval_ms * 1_000_000;
         self.backoff_ns = (self.backoff_ns.saturating_mul(2)).clamp(base, MAX_BACKOFF_NS);
         self.next_attempt_ns = now + self.backoff_ns;

@@ -1,0 +1,195 @@
+//! Runs the table-driven Rego cases in `rego/cases/*.json` against the core, and checks
+//! that memoised decisions equal fresh ones on every case and on randomised requests.
+//!
+//! A case file holds a data document (timezones are compiled automatically for the
+//! policies' `timezone` fields), optional custom modules, and cases: `request` facts
+//! (`time` in RFC 3339) → `expect`ed decision fields. Requests go through the same
+//! normalisation the filter applies.
+
+use crate::config::{Bundle, RegoModule};
+use crate::input::{RequestFacts, normalize_domain};
+use crate::policy::CompiledPolicy;
+use serde::Deserialize;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+
+#[derive(Deserialize)]
+struct CaseFile {
+    data: Value,
+    #[serde(default)]
+    modules: Vec<RegoModule>,
+    cases: Vec<Case>,
+}
+
+#[derive(Deserialize)]
+struct Case {
+    name: String,
+    request: Request,
+    expect: serde_json::Map<String, Value>,
+}
+
+#[derive(Deserialize, Default, Clone)]
+#[serde(default, deny_unknown_fields)]
+struct Request {
+    fingerprint: String,
+    authority: String,
+    method: String,
+    path: String,
+    user_agent: String,
+    source_ip: String,
+    time: Option<String>,
+}
+
+fn case_files() -> Vec<PathBuf> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../rego/cases");
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "json"))
+        .collect();
+    files.sort();
+    files
+}
+
+fn unix_s(rfc3339: &str) -> i64 {
+    chrono::DateTime::parse_from_rfc3339(rfc3339)
+        .unwrap_or_else(|e| panic!("{rfc3339}: {e}"))
+        .timestamp()
+}
+
+/// Adds offset tables for every timezone the policies name (2024..2030).
+fn with_timezones(mut data: Value) -> Value {
+    let mut zones = serde_json::Map::new();
+    if let Some(policies) = data["policies"].as_object() {
+        for policy in policies.values() {
+            if let Some(tz) = policy["timezone"].as_str() {
+                let table = crate::time::offset_table(
+                    tz,
+                    unix_s("2024-01-01T00:00:00Z"),
+                    unix_s("2030-01-01T00:00:00Z"),
+                )
+                .unwrap();
+                zones.insert(tz.to_owned(), serde_json::json!(table));
+            }
+        }
+    }
+    data["timezones"] = Value::Object(zones);
+    data
+}
+
+fn facts(r: &Request) -> RequestFacts {
+    let r = r.clone();
+    RequestFacts {
+        fingerprint: r.fingerprint.to_ascii_lowercase(),
+        subject: String::new(),
+        domain: normalize_domain(&r.authority),
+        method: if r.method.is_empty() {
+            "GET".into()
+        } else {
+            r.method.to_ascii_uppercase()
+        },
+        path: if r.path.is_empty() {
+            "/".into()
+        } else {
+            r.path
+        },
+        user_agent: r.user_agent,
+        source_ip: if r.source_ip.is_empty() {
+            "10.0.0.1".into()
+        } else {
+            r.source_ip
+        },
+        scheme: "https".into(),
+        unix_ns: unix_s(r.time.as_deref().unwrap_or("2026-11-25T12:00:00Z")) as u64 * 1_000_000_000,
+    }
+}
+
+fn load(file: &Path) -> (CompiledPolicy, Vec<Case>) {
+    let cases: CaseFile = serde_json::from_slice(&std::fs::read(file).unwrap())
+        .unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+    let mut modules = CompiledPolicy::library_modules();
+    modules.extend(cases.modules);
+    let bundle = Bundle {
+        modules,
+        data: with_timezones(cases.data),
+    };
+    let policy =
+        CompiledPolicy::compile(&bundle).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+    (policy, cases.cases)
+}
+
+#[test]
+fn rego_cases() {
+    let (mut total, mut failures) = (0, Vec::new());
+    for file in case_files() {
+        let (mut policy, cases) = load(&file);
+        for case in cases {
+            total += 1;
+            let got = serde_json::to_value(policy.evaluate_fresh(&facts(&case.request)).unwrap())
+                .unwrap();
+            for (key, want) in &case.expect {
+                let got = got.get(key).cloned().unwrap_or(Value::Null);
+                if &got != want {
+                    failures.push(format!(
+                        "{} / {}: {key} = {got} (want {want})",
+                        file.file_name().unwrap().to_string_lossy(),
+                        case.name,
+                    ));
+                }
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {total} cases failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+    assert!(
+        total >= 80,
+        "the suite must keep at least 80 cases, has {total}"
+    );
+    println!("{total} rego cases passed");
+}
+
+/// The memo never changes a decision: cached == fresh on every case, and on randomised
+/// requests mixing the cases' fingerprints, domains, methods, paths, addresses and times.
+#[test]
+fn memoised_decisions_equal_fresh_ones() {
+    let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let mut checked = 0;
+    for file in case_files() {
+        let (mut policy, cases) = load(&file);
+        let pool: Vec<Request> = cases.iter().map(|c| c.request.clone()).collect();
+        let mut requests: Vec<Request> = pool.clone();
+        for _ in 0..300 {
+            let pick = |n: u64| &pool[(n % pool.len() as u64) as usize];
+            let mut r = pick(next()).clone();
+            r.authority = pick(next()).authority.clone();
+            r.method = pick(next()).method.clone();
+            r.path = pick(next()).path.clone();
+            r.source_ip = pick(next()).source_ip.clone();
+            r.user_agent = pick(next()).user_agent.clone();
+            r.time = pick(next()).time.clone();
+            requests.push(r);
+        }
+        // Twice: the second pass is served from the memo.
+        for _ in 0..2 {
+            for r in &requests {
+                let facts = facts(r);
+                let cached = policy.evaluate(&facts).unwrap();
+                let fresh = policy.evaluate_fresh(&facts).unwrap();
+                assert_eq!(cached, fresh, "{}: {facts:?}", file.display());
+                checked += 1;
+            }
+        }
+        assert!(policy.memo_len() > 0);
+    }
+    assert!(checked > 1000);
+}

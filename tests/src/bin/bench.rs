@@ -1,0 +1,369 @@
+//! `cargo xtask bench`: Envoy CPU per request and throughput, plain Envoy vs Envoy with
+//! the ChronoGuard filter, measured in one run, plus start-to-ready and module size.
+//!
+//! Method (as in the project's perf anchors): Envoy with `--concurrency 1` pinned to CPU 0;
+//! the load generator (this process, mTLS keep-alive connections), the upstream and the
+//! control plane on CPU 1. CPU per request = Δ(utime + stime) of the Envoy process over the
+//! measured window ÷ requests served. Results are printed as a Markdown table.
+
+use integration_tests::{Stack, StackOptions};
+use serde_json::json;
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// One measured run: variant, Envoy CPU µs per request, requests per second, start-to-ready.
+type Row = (&'static str, f64, f64, Duration);
+
+struct Args {
+    seconds: u64,
+    connections: usize,
+    agents: usize,
+    policies: usize,
+    rounds: usize,
+    changes: usize,
+}
+
+fn args() -> anyhow::Result<Args> {
+    let mut out = Args {
+        seconds: 8,
+        connections: 16,
+        agents: 1000,
+        policies: 100,
+        rounds: 2,
+        changes: 100,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let value: usize = it
+            .next()
+            .ok_or_else(|| anyhow::anyhow!("{flag} needs a value"))?
+            .parse()?;
+        match flag.as_str() {
+            "--seconds" => out.seconds = value as u64,
+            "--connections" => out.connections = value,
+            "--agents" => out.agents = value,
+            "--policies" => out.policies = value,
+            "--rounds" => out.rounds = value,
+            "--changes" => out.changes = value,
+            other => anyhow::bail!(
+                "unknown flag {other} (--seconds --connections --agents --policies --rounds --changes)"
+            ),
+        }
+    }
+    Ok(out)
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> anyhow::Result<()> {
+    let args = args()?;
+    pin(std::process::id(), "1");
+    let mut stack = Stack::start(StackOptions {
+        concurrency: 1,
+        ..StackOptions::default()
+    })
+    .await?;
+    let tenant = stack.create_tenant("bench").await?;
+    let (agent, policy0) = seed(&stack, &tenant, &args).await?;
+    let client = stack.agent_client(Some(&agent))?;
+    let ready = integration_tests::wait_for("bench policy", Duration::from_secs(30), || async {
+        let r = stack
+            .request(&client, "allowed-0.example", "/")
+            .await
+            .ok()?;
+        (r.status == 200).then_some(())
+    })
+    .await;
+    ready?;
+    let bundle_bytes: i64 = sqlx::query_scalar("SELECT count(*) FROM agents")
+        .fetch_one(&stack.db)
+        .await?;
+
+    let mut rows = Vec::new();
+    for round in 0..args.rounds {
+        for variant in ["plain", "chronoguard"] {
+            let start_to_ready = restart(&mut stack, variant == "plain").await?;
+            pin(stack.envoy.pid(), "0");
+            let client = stack.agent_client(Some(&agent))?;
+            // Warm up connections and caches.
+            load(&stack, &client, args.connections, Duration::from_secs(1)).await;
+            let cpu0 = cpu_ticks(stack.envoy.pid())?;
+            let (requests, errors, elapsed) = load(
+                &stack,
+                &client,
+                args.connections,
+                Duration::from_secs(args.seconds),
+            )
+            .await;
+            let cpu1 = cpu_ticks(stack.envoy.pid())?;
+            let cpu_us = (cpu1 - cpu0) as f64 * 1e6 / ticks_per_second() / requests.max(1) as f64;
+            let rps = requests as f64 / elapsed.as_secs_f64();
+            println!(
+                "round {round} {variant}: {requests} requests ({errors} errors), {rps:.0} req/s, {cpu_us:.1} µs Envoy CPU/request, start-to-ready {start_to_ready:?}"
+            );
+            rows.push((variant, cpu_us, rps, start_to_ready));
+        }
+    }
+    let median = |variant: &str, f: &dyn Fn(&Row) -> f64| {
+        let mut v: Vec<f64> = rows.iter().filter(|r| r.0 == variant).map(f).collect();
+        v.sort_by(|a, b| a.total_cmp(b));
+        v.get(v.len() / 2).copied().unwrap_or(0.0)
+    };
+    let (pc, fc) = (median("plain", &|r| r.1), median("chronoguard", &|r| r.1));
+    let (pr, fr) = (median("plain", &|r| r.2), median("chronoguard", &|r| r.2));
+    let (ps, fs) = (
+        median("plain", &|r| r.3.as_secs_f64()),
+        median("chronoguard", &|r| r.3.as_secs_f64()),
+    );
+    let wasm = std::fs::metadata(integration_tests::envoy::wasm())?.len();
+    println!(
+        "\n| variant | Envoy CPU µs/req | added | req/s (1 worker, {} conns) | vs plain | start-to-ready |",
+        args.connections
+    );
+    println!("|---|---|---|---|---|---|");
+    println!(
+        "| plain Envoy (mTLS) | {pc:.1} | — | {pr:.0} | 1.00× | {:.0} ms |",
+        ps * 1e3
+    );
+    println!(
+        "| + ChronoGuard filter | {fc:.1} | +{:.1} | {fr:.0} | {:.2}× | {:.0} ms |",
+        fc - pc,
+        fr / pr,
+        fs * 1e3
+    );
+    println!(
+        "\nagents in bundle: {bundle_bytes}; policies: {}; module after wasm-opt: {wasm} bytes; medians of {} rounds of {} s",
+        args.policies, args.rounds, args.seconds
+    );
+    propagation(&stack, &agent, policy0, &args).await
+}
+
+/// REST write → first request decided by the new policy, `args.changes` times.
+async fn propagation(
+    stack: &Stack,
+    agent: &integration_tests::certs::AgentCert,
+    policy0: uuid::Uuid,
+    args: &Args,
+) -> anyhow::Result<()> {
+    let client = stack.agent_client(Some(agent))?;
+    let mut samples = Vec::new();
+    for i in 0..args.changes {
+        let block = i % 2 == 0;
+        let mut allowed: Vec<String> = (1..5).map(|d| format!("allowed-{d}.example")).collect();
+        let mut blocked = vec!["blocked-0.example".to_owned()];
+        if block {
+            blocked.push("allowed-0.example".into());
+        } else {
+            allowed.push("allowed-0.example".into());
+        }
+        let want = if block { 403 } else { 200 };
+        let started = Instant::now();
+        stack
+            .admin(
+                reqwest::Method::PUT,
+                &format!("/api/v1/policies/{policy0}"),
+                Some(json!({"name": "p0", "priority": 0, "allowed_domains": allowed, "blocked_domains": blocked})),
+            )
+            .await?;
+        let written = started.elapsed();
+        loop {
+            let reply = stack.request(&client, "allowed-0.example", "/").await?;
+            if reply.status == want {
+                break;
+            }
+            anyhow::ensure!(
+                started.elapsed() < Duration::from_secs(10),
+                "change {i} not enforced after 10 s"
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        samples.push((started.elapsed(), written));
+    }
+    if samples.is_empty() {
+        return Ok(());
+    }
+    let pct = |mut v: Vec<Duration>, p: f64| {
+        v.sort();
+        let i = ((v.len() as f64 - 1.0) * p).round() as usize;
+        v.get(i).copied().unwrap_or_default().as_secs_f64() * 1e3
+    };
+    let total: Vec<Duration> = samples.iter().map(|s| s.0).collect();
+    let write: Vec<Duration> = samples.iter().map(|s| s.1).collect();
+    println!(
+        "\npropagation over {} changes ({} agents x {} policies): REST write -> first request decided by the new policy p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; the REST write itself (compile + validate + publish) p50 {:.1} ms, p99 {:.1} ms",
+        samples.len(),
+        args.agents,
+        args.policies,
+        pct(total.clone(), 0.5),
+        pct(total.clone(), 0.99),
+        pct(total, 1.0),
+        pct(write.clone(), 0.5),
+        pct(write, 0.99),
+    );
+    // The filter logs every on_configure with the configuration size and its duration.
+    let log = std::fs::read_to_string(&stack.envoy.log).unwrap_or_default();
+    let mut loads: Vec<(u64, u64)> = log
+        .lines()
+        .filter(|l| l.contains("loaded (Enforce"))
+        .filter_map(|l| {
+            let tail = l.split("(Enforce, ").nth(1)?;
+            let bytes = tail.split(" bytes").next()?.parse().ok()?;
+            let ms = tail
+                .split(", ")
+                .nth(1)?
+                .trim_end_matches(" ms)")
+                .parse()
+                .ok()?;
+            Some((bytes, ms))
+        })
+        .collect();
+    loads.sort_by_key(|l| l.1);
+    if let (Some(median), Some(max)) = (loads.get(loads.len() / 2), loads.last()) {
+        println!(
+            "on_configure per worker over {} loads: median {} ms, max {} ms; configuration size {} bytes",
+            loads.len(),
+            median.1,
+            max.1,
+            median.0
+        );
+    }
+    Ok(())
+}
+
+/// Inserts `agents` agents and `policies` policies directly (a bench, not an API test),
+/// then triggers one bundle rebuild through the REST API. Returns the agent the load uses.
+async fn seed(
+    stack: &Stack,
+    tenant: &str,
+    args: &Args,
+) -> anyhow::Result<(integration_tests::certs::AgentCert, uuid::Uuid)> {
+    let tenant: uuid::Uuid = tenant.parse()?;
+    let mut policy_ids = Vec::new();
+    for p in 0..args.policies {
+        let id = uuid::Uuid::now_v7();
+        let allowed: Vec<String> = (0..5)
+            .map(|d| format!("allowed-{}.example", (p + d) % args.policies))
+            .chain([format!("*.p{p}.example")])
+            .collect();
+        let blocked = vec![format!("blocked-{p}.example")];
+        // Every feature on: a rate limit (high enough not to trigger), a time window in a
+        // DST timezone covering the whole week, and a rule.
+        let rate_limit = json!({"per_minute": 10_000_000, "burst": 10_000_000});
+        let time = json!({"timezone": "America/New_York", "windows": [{"days": ["mon", "tue", "wed", "thu", "fri", "sat", "sun"], "start": "00:00", "end": "24:00"}]});
+        let rules = json!([{"id": "no-delete", "priority": 1, "action": "deny", "conditions": [{"field": "method", "operator": "equals", "value": "DELETE"}]}]);
+        sqlx::query("INSERT INTO policies (id, tenant_id, name, priority, status, mode, allowed_domains, blocked_domains, rate_limit, time_restrictions, rules) VALUES ($1, $2, $3, $4, 'active', 'enforce', $5, $6, $7, $8, $9)")
+            .bind(id).bind(tenant).bind(format!("p{p}")).bind(p as i32).bind(&allowed).bind(&blocked).bind(&rate_limit).bind(&time).bind(&rules)
+            .execute(&stack.db).await?;
+        policy_ids.push(id);
+    }
+    let mut chosen = None;
+    for a in 0..args.agents {
+        let cert = if a == 0 {
+            let cert = stack.pki.agent("bench-agent")?;
+            chosen = Some(cert.clone());
+            cert.fingerprint
+        } else {
+            format!("{:064x}", a)
+        };
+        let id = uuid::Uuid::now_v7();
+        sqlx::query("INSERT INTO agents (id, tenant_id, name, fingerprint, subject, not_before, not_after, certificate_pem, status) VALUES ($1, $2, $3, $4, 'CN=bench', now(), now() + interval '1 day', '', 'active')")
+            .bind(id).bind(tenant).bind(format!("agent-{a}")).bind(&cert)
+            .execute(&stack.db).await?;
+        for k in 0..3 {
+            sqlx::query("INSERT INTO agent_policies (agent_id, policy_id) VALUES ($1, $2) ON CONFLICT DO NOTHING")
+                .bind(id).bind(policy_ids[(a + k * 7) % policy_ids.len()])
+                .execute(&stack.db).await?;
+        }
+    }
+    // One write through the API publishes the bundle.
+    stack.admin(reqwest::Method::POST, "/api/v1/policies", Some(json!({
+        "tenant_id": tenant, "name": "bench-trigger", "allowed_domains": ["trigger.example"], "status": "draft"
+    }))).await?;
+    let chosen = chosen.ok_or_else(|| anyhow::anyhow!("no agents"))?;
+    Ok((chosen, policy_ids[0]))
+}
+
+/// Restarts Envoy, with or without the ChronoGuard filter.
+async fn restart(stack: &mut Stack, plain: bool) -> anyhow::Result<Duration> {
+    stack.set_plain_envoy(plain);
+    stack.restart_envoy().await
+}
+
+/// Closed-loop load over `connections` keep-alive connections for `duration`.
+async fn load(
+    stack: &Stack,
+    client: &reqwest::Client,
+    connections: usize,
+    duration: Duration,
+) -> (u64, u64, Duration) {
+    let done = Arc::new(AtomicBool::new(false));
+    let (ok, errors) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let url = stack.envoy.url("/v1/objects/abc");
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for c in 0..connections {
+        let (done, ok, errors, url) = (done.clone(), ok.clone(), errors.clone(), url.clone());
+        let client = client.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut i = c;
+            while !done.load(Ordering::Relaxed) {
+                i += 1;
+                let host = if i % 10 == 0 {
+                    "blocked-0.example"
+                } else {
+                    "allowed-0.example"
+                };
+                match client.get(&url).header("host", host).send().await {
+                    Ok(r) if r.status().as_u16() == 200 || r.status().as_u16() == 403 => {
+                        let _ = r.bytes().await;
+                        ok.fetch_add(1, Ordering::Relaxed);
+                    }
+                    _ => {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(duration).await;
+    done.store(true, Ordering::Relaxed);
+    for t in tasks {
+        let _ = t.await;
+    }
+    (
+        ok.load(Ordering::Relaxed),
+        errors.load(Ordering::Relaxed),
+        started.elapsed(),
+    )
+}
+
+fn pin(pid: u32, cpu: &str) {
+    let _ = Command::new("taskset")
+        .args(["-a", "-pc", cpu, &pid.to_string()])
+        .stdout(std::process::Stdio::null())
+        .status();
+}
+
+fn cpu_ticks(pid: u32) -> anyhow::Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let after = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest)
+        .unwrap_or_default();
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    // Fields 14 and 15 of /proc/PID/stat (utime, stime); `after` starts at field 3.
+    let utime: u64 = fields.get(11).unwrap_or(&"0").parse()?;
+    let stime: u64 = fields.get(12).unwrap_or(&"0").parse()?;
+    Ok(utime + stime)
+}
+
+fn ticks_per_second() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(100.0)
+}
