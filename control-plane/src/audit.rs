@@ -3,6 +3,7 @@
 //! ([`export`]), ingest validation ([`ingest`]) and the periodic checkpoint task
 //! ([`checkpointer`]). Persistence lives in `storage::audit`.
 
+pub mod admin;
 pub mod chain;
 pub mod checkpoint;
 pub mod checkpointer;

@@ -76,6 +76,14 @@ pub fn render(
         !out.contains("{{"),
         "unfilled placeholder in the envoy template"
     );
+    if config.without_filter {
+        let start = out.find("          - name: chronoguard\n");
+        let end = out.find("          - name: envoy.filters.http.router\n");
+        match (start, end) {
+            (Some(start), Some(end)) if start < end => out.replace_range(start..end, ""),
+            _ => anyhow::bail!("cannot find the chronoguard filter in the envoy template"),
+        }
+    }
     Ok(out)
 }
 

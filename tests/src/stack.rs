@@ -41,6 +41,7 @@ pub struct Stack {
     envoy_concurrency: u32,
     envoy_fetch_timeout: &'static str,
     plain_envoy: bool,
+    audit_to_upstream: bool,
     _postgres: Arc<Postgres>,
     _redis: Arc<Redis>,
 }
@@ -98,6 +99,7 @@ impl Stack {
             envoy_concurrency: options.concurrency,
             envoy_fetch_timeout: options.initial_fetch_timeout,
             plain_envoy: false,
+            audit_to_upstream: false,
             _postgres: postgres,
             _redis: redis,
         })
@@ -112,7 +114,11 @@ impl Stack {
         self.envoy = Envoy::start(EnvoyConfig {
             node_id: "gateway-1",
             cp_grpc_port: self.control_plane.grpc_port,
-            cp_http_port: self.control_plane.http_port,
+            cp_http_port: if self.audit_to_upstream {
+                self.upstream.port
+            } else {
+                self.control_plane.http_port
+            },
             upstream_port: self.upstream.port,
             ca: &self.pki.ca_path,
             server_cert: &self.pki.server_cert_path,
@@ -125,6 +131,14 @@ impl Stack {
         })
         .await?;
         Ok(started.elapsed())
+    }
+
+    /// Whether [`Stack::restart_envoy`] sends the filter's audit batches to the upstream
+    /// (which acknowledges everything) instead of the control plane: the benchmark uses it
+    /// so the control plane's and PostgreSQL's ingest work does not compete with the load
+    /// generator on a 2-core machine. Envoy's own audit work is unchanged.
+    pub fn set_audit_to_upstream(&mut self, on: bool) {
+        self.audit_to_upstream = on;
     }
 
     /// Whether [`Stack::restart_envoy`] starts Envoy without the ChronoGuard filter (the

@@ -139,16 +139,36 @@ async fn allow_deny_policy_flip_and_verified_audit_chain() {
     let sub_row = rows.iter().find(|r| r.entry_id == decision_ids[1]).unwrap();
     assert_eq!(sub_row.path, "/v1/x", "query strings are not audited");
     assert_eq!(sub_row.agent_id.as_deref(), Some(agent_id.as_str()));
-    let unknown_rows: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM audit_entries WHERE tenant_id = '00000000-0000-0000-0000-000000000000' AND reason = 'unknown_agent'",
+    // Each worker VM flushes its own buffer: wait for the one holding the unknown agent's.
+    integration_tests::wait_for("gateway chain entry", Duration::from_secs(20), || async {
+        let unknown_rows: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM audit_entries WHERE tenant_id = '00000000-0000-0000-0000-000000000000' AND reason = 'unknown_agent'",
+        )
+        .fetch_one(&stack.db)
+        .await
+        .ok()?;
+        (unknown_rows >= 1).then_some(())
+    })
+    .await
+    .expect("unattributed decisions land in the gateway chain");
+
+    // Admin changes are chained in the same tenant chain (who, what, before/after version).
+    let admin: Vec<(String, String, String, String)> = sqlx::query_as(
+        "SELECT method, path, reason, agent_subject FROM audit_entries
+         WHERE tenant_id = $1::uuid AND kind = 'admin' ORDER BY sequence_number",
     )
-    .fetch_one(&stack.db)
+    .bind(&tenant)
+    .fetch_all(&stack.db)
     .await
     .unwrap();
-    assert!(
-        unknown_rows >= 1,
-        "unattributed decisions land in the gateway chain"
-    );
+    let update = admin
+        .iter()
+        .find(|(action, ..)| action == "policy.updated")
+        .unwrap_or_else(|| panic!("no policy.updated admin entry in {admin:?}"));
+    assert_eq!(update.1, format!("policy/{policy}"));
+    assert_eq!(update.2, "version 1 -> 2");
+    assert!(!update.3.is_empty(), "the actor is recorded");
+    assert!(admin.iter().any(|(action, ..)| action == "agent.created"));
 
     let verify_path = format!("/api/v1/audit/verify?tenant_id={tenant}");
     let verdict = stack.admin(Method::GET, &verify_path, None).await.unwrap();

@@ -56,13 +56,30 @@ pub async fn ingest(
 ) -> Result<(StatusCode, axum::Json<IngestResult>), ApiError> {
     let batch = ingest::validate(batch).map_err(|e| ApiError::BadRequest(e.to_string()))?;
     let batch_id = batch.batch_id;
+    let per_tenant: Vec<(Uuid, i64)> = batch
+        .tenants
+        .iter()
+        .map(|(tenant, entries)| (*tenant, entries.len() as i64))
+        .collect();
     let outcome = store::append_batch(&state.store.pool, batch, &state.audit.hmac)
         .await
         .inspect_err(|e| {
             tracing::warn!(batch_id = %batch_id, error = %e, "audit batch not stored; the filter will retry");
         })?;
     let (status, stored, duplicate) = match outcome {
-        Appended::Stored(n) => (StatusCode::CREATED, n, false),
+        Appended::Stored(n) => {
+            for (tenant, count) in per_tenant {
+                super::events::publish(super::events::Event {
+                    kind: "audit.appended",
+                    tenant_id: tenant,
+                    id: None,
+                    version: Some(count),
+                    actor: "filter".into(),
+                    at: chrono::Utc::now(),
+                });
+            }
+            (StatusCode::CREATED, n, false)
+        }
         Appended::Duplicate => (StatusCode::OK, 0, true),
     };
     Ok((

@@ -1,5 +1,6 @@
 //! Admin events over WebSocket: `GET /ws/v1/events` streams the changes of the caller's
-//! tenant (agent and policy writes, and the bundle versions they published) as JSON text
+//! tenant (agent and policy writes, the bundle versions they published, audit entries
+//! appended to its chain) as JSON text
 //! frames; platform administrators see every tenant's.
 //!
 //! Authentication happens at connect (the `Authorization` header of the upgrade request),
@@ -25,7 +26,8 @@ const CAPACITY: usize = 1_024;
 #[derive(Debug, Clone, Serialize)]
 pub struct Event {
     /// `agent.created`, `agent.updated`, `agent.certificate_rotated`, `policy.created`,
-    /// `policy.updated`, `policy.deleted`, `bundle.published`.
+    /// `policy.updated`, `policy.deleted`, `bundle.published`, `audit.appended` (entries
+    /// stored in the tenant's chain; `version` is their count).
     pub kind: &'static str,
     pub tenant_id: Uuid,
     /// The agent or policy; absent for `bundle.published`.

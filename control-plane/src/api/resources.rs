@@ -779,7 +779,25 @@ async fn changed(
     version: i64,
 ) -> Result<(), ApiError> {
     let before = state.publisher.current().map(|s| s.version);
-    let snapshot = state.publisher.rebuild().await?;
+    let rebuilt = state.publisher.rebuild().await;
+    // The change goes into the tenant's audit chain, next to the request decisions. The
+    // write is already committed: a failure here is logged, not turned into an error.
+    let change = crate::audit::admin::AdminChange {
+        tenant,
+        action: kind,
+        resource_id: id,
+        actor: &who.subject,
+        version,
+        bundle_version: rebuilt.as_ref().ok().map(|s| s.version),
+    };
+    let now_ns = Utc::now().timestamp_nanos_opt().unwrap_or_default();
+    let entry = crate::audit::admin::batch(&change, now_ns);
+    if let Err(err) =
+        crate::storage::audit::append_batch(&state.store.pool, entry, &state.audit.hmac).await
+    {
+        tracing::error!(error = %err, action = kind, tenant_id = %tenant, "admin change not recorded in the audit chain");
+    }
+    let snapshot = rebuilt?;
     let event = |kind, id, version| Event {
         kind,
         tenant_id: tenant,

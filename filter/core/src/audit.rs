@@ -41,6 +41,33 @@ pub struct AuditBatch {
 // === impl AuditRecord ===
 
 impl AuditRecord {
+    /// Builds the record from the request's facts, moving them (the request path has no
+    /// further use for them) instead of copying.
+    pub fn from_facts(
+        decision_id: String,
+        facts: RequestFacts,
+        decision: &Decision,
+        config_version: &str,
+    ) -> Self {
+        Self {
+            decision_id,
+            timestamp_ns: facts.unix_ns,
+            tenant_id: decision.tenant_id.clone(),
+            agent_id: decision.agent_id.clone(),
+            agent_fingerprint: facts.fingerprint,
+            agent_subject: facts.subject,
+            domain: facts.domain,
+            method: facts.method,
+            path: facts.path,
+            user_agent: facts.user_agent,
+            source_ip: facts.source_ip,
+            decision: decision.outcome().to_owned(),
+            reason: decision.reason.clone(),
+            policy_id: decision.policy_id.clone(),
+            config_version: config_version.to_owned(),
+        }
+    }
+
     pub fn new(
         decision_id: String,
         facts: &RequestFacts,

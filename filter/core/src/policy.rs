@@ -15,6 +15,7 @@ use crate::time::OffsetTable;
 use crate::{DECISION_RULE, REGO_LIBRARY};
 use regorus::{Engine, Value};
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
 /// Memoised decisions kept per VM before the memo is cleared.
 pub const MEMO_CAPACITY: usize = 16_384;
@@ -39,7 +40,8 @@ pub enum PolicyError {
     Shape(String),
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+/// The request facts a memoised decision depends on (owned copy, kept beside it).
+#[derive(Debug, Clone, PartialEq, Eq)]
 struct MemoKey {
     fingerprint: String,
     domain: String,
@@ -50,13 +52,75 @@ struct MemoKey {
     minute: u64,
 }
 
+// === impl MemoKey ===
+
+impl MemoKey {
+    fn new(facts: &RequestFacts, reads: &Reads) -> Self {
+        let pick = |read: bool, value: &str| read.then(|| value.to_owned());
+        Self {
+            fingerprint: facts.fingerprint.clone(),
+            domain: facts.domain.clone(),
+            method: pick(reads.method, &facts.method),
+            path: pick(reads.path, &facts.path),
+            user_agent: pick(reads.user_agent, &facts.user_agent),
+            source_ip: pick(reads.source_ip, &facts.source_ip),
+            minute: facts.unix_ns / 60_000_000_000,
+        }
+    }
+
+    /// Compares without allocating.
+    fn matches(&self, facts: &RequestFacts, reads: &Reads) -> bool {
+        let same = |read: bool, stored: &Option<String>, value: &str| {
+            !read || stored.as_deref() == Some(value)
+        };
+        self.minute == facts.unix_ns / 60_000_000_000
+            && self.fingerprint == facts.fingerprint
+            && self.domain == facts.domain
+            && same(reads.method, &self.method, &facts.method)
+            && same(reads.path, &self.path, &facts.path)
+            && same(reads.user_agent, &self.user_agent, &facts.user_agent)
+            && same(reads.source_ip, &self.source_ip, &facts.source_ip)
+    }
+}
+
+/// FNV-1a over the memo's fields: cheap in wasm, and collisions only cost a comparison.
+fn memo_hash(facts: &RequestFacts, reads: &Reads) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut eat = |bytes: &[u8]| {
+        for byte in bytes {
+            hash ^= u64::from(*byte);
+            hash = hash.wrapping_mul(0x0100_0000_01b3);
+        }
+        // Field separator, so ("ab", "c") and ("a", "bc") differ.
+        hash ^= 0xff;
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    };
+    eat(facts.fingerprint.as_bytes());
+    eat(facts.domain.as_bytes());
+    if reads.method {
+        eat(facts.method.as_bytes());
+    }
+    if reads.path {
+        eat(facts.path.as_bytes());
+    }
+    if reads.user_agent {
+        eat(facts.user_agent.as_bytes());
+    }
+    if reads.source_ip {
+        eat(facts.source_ip.as_bytes());
+    }
+    eat(&(facts.unix_ns / 60_000_000_000).to_le_bytes());
+    hash
+}
+
 /// A bundle compiled once per configuration; evaluation never parses or compiles.
 #[derive(Debug, Clone)]
 pub struct CompiledPolicy {
     engine: Engine,
     tables: BTreeMap<String, OffsetTable>,
     reads: Reads,
-    memo: HashMap<MemoKey, Decision>,
+    memo: HashMap<u64, Vec<(MemoKey, Arc<Decision>)>>,
+    memo_len: usize,
 }
 
 // === impl CompiledPolicy ===
@@ -111,6 +175,7 @@ impl CompiledPolicy {
             tables: prepared.tables,
             reads: prepared.reads,
             memo: HashMap::new(),
+            memo_len: 0,
         };
         compiled.evaluate_fresh(&RequestFacts::default())?;
         Ok(compiled)
@@ -130,20 +195,34 @@ impl CompiledPolicy {
     /// Evaluates one request, from the memo when the same facts were decided in the same
     /// UTC minute.
     pub fn evaluate(&mut self, facts: &RequestFacts) -> Result<Decision, PolicyError> {
-        self.evaluate_memo(facts).map(|(decision, _)| decision)
+        self.evaluate_memo(facts)
+            .map(|(decision, _)| (*decision).clone())
     }
 
-    /// Like [`CompiledPolicy::evaluate`], also telling whether the memo answered.
-    pub fn evaluate_memo(&mut self, facts: &RequestFacts) -> Result<(Decision, bool), PolicyError> {
-        let key = self.memo_key(facts);
-        if let Some(decision) = self.memo.get(&key) {
+    /// Like [`CompiledPolicy::evaluate`], sharing the memoised decision instead of copying
+    /// it, and telling whether the memo answered. A hit allocates nothing.
+    pub fn evaluate_memo(
+        &mut self,
+        facts: &RequestFacts,
+    ) -> Result<(Arc<Decision>, bool), PolicyError> {
+        let hash = memo_hash(facts, &self.reads);
+        if let Some(bucket) = self.memo.get(&hash)
+            && let Some((_, decision)) = bucket
+                .iter()
+                .find(|(key, _)| key.matches(facts, &self.reads))
+        {
             return Ok((decision.clone(), true));
         }
-        let decision = self.evaluate_fresh(facts)?;
-        if self.memo.len() >= MEMO_CAPACITY {
+        let decision = Arc::new(self.evaluate_fresh(facts)?);
+        if self.memo_len >= MEMO_CAPACITY {
             self.memo.clear();
+            self.memo_len = 0;
         }
-        self.memo.insert(key, decision.clone());
+        self.memo
+            .entry(hash)
+            .or_default()
+            .push((MemoKey::new(facts, &self.reads), decision.clone()));
+        self.memo_len += 1;
         Ok((decision, false))
     }
 
@@ -159,7 +238,7 @@ impl CompiledPolicy {
 
     /// Memoised decisions currently held.
     pub fn memo_len(&self) -> usize {
-        self.memo.len()
+        self.memo_len
     }
 
     /// The earliest last transition over the bundle's offset tables: after it, local
@@ -172,19 +251,6 @@ impl CompiledPolicy {
             .map(|(_, t)| t.last_start())
             .min()
             .unwrap_or(i64::MAX)
-    }
-
-    fn memo_key(&self, facts: &RequestFacts) -> MemoKey {
-        let pick = |read: bool, value: &str| read.then(|| value.to_owned());
-        MemoKey {
-            fingerprint: facts.fingerprint.clone(),
-            domain: facts.domain.clone(),
-            method: pick(self.reads.method, &facts.method),
-            path: pick(self.reads.path, &facts.path),
-            user_agent: pick(self.reads.user_agent, &facts.user_agent),
-            source_ip: pick(self.reads.source_ip, &facts.source_ip),
-            minute: facts.unix_ns / 60_000_000_000,
-        }
     }
 }
 

@@ -13,6 +13,7 @@ use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::{Action, LogLevel};
 use std::cell::RefCell;
 use std::rc::Rc;
+use std::sync::Arc;
 
 pub struct Request {
     active: Option<Rc<RefCell<Active>>>,
@@ -48,16 +49,20 @@ impl Request {
             path,
             user_agent: header("user-agent"),
             source_ip: source_ip(&host::property(&["source", "address"]).unwrap_or_default()),
-            scheme: header(":scheme"),
+            // The gateway listener is TLS-only (mTLS identity); not read per request.
+            scheme: String::from("https"),
             unix_ns: host::now_ns(),
         }
     }
 
     /// The decision under the active configuration; never fails.
-    fn decide(&self, facts: &RequestFacts, metrics: &mut Metrics) -> (Decision, Rc<str>) {
+    fn decide(&self, facts: &RequestFacts, metrics: &mut Metrics) -> (Arc<Decision>, Rc<str>) {
         let Some(active) = &self.active else {
             metrics.add(metrics.not_configured, 1);
-            return (Decision::fixed(false, "not_configured"), Rc::from("none"));
+            return (
+                Arc::new(Decision::fixed(false, "not_configured")),
+                Rc::from("none"),
+            );
         };
         let mut active = active.borrow_mut();
         let version = active.version.clone();
@@ -75,16 +80,16 @@ impl Request {
                 Err(err) => {
                     metrics.add(metrics.evaluation_errors, 1);
                     host::log(LogLevel::Error, &format!("evaluation error: {err}"));
-                    Decision::fixed(false, "evaluation_error")
+                    Arc::new(Decision::fixed(false, "evaluation_error"))
                 }
             },
             (Mode::AllowAll, _) => {
                 metrics.add(metrics.not_configured, 1);
-                Decision::fixed(true, "not_configured")
+                Arc::new(Decision::fixed(true, "not_configured"))
             }
             _ => {
                 metrics.add(metrics.not_configured, 1);
-                Decision::fixed(false, "not_configured")
+                Arc::new(Decision::fixed(false, "not_configured"))
             }
         };
         (decision, version)
@@ -92,10 +97,10 @@ impl Request {
 
     /// Applies the deciding policy's rate limit to an allowed request.
     fn limit(
-        decision: Decision,
+        decision: Arc<Decision>,
         facts: &RequestFacts,
         metrics: &mut Metrics,
-    ) -> (Decision, Option<u64>) {
+    ) -> (Arc<Decision>, Option<u64>) {
         let (Some(limit), Some(agent), Some(policy)) = (
             decision.rate_limit.filter(|_| decision.allow),
             decision.agent_id.as_deref(),
@@ -105,7 +110,10 @@ impl Request {
         };
         match ratelimit::check(agent, policy, &limit, facts.unix_ns) {
             Check::Allowed => (decision, None),
-            Check::Limited(retry_after) => (decision.rate_limited(), Some(retry_after)),
+            Check::Limited(retry_after) => (
+                Arc::new(Arc::unwrap_or_clone(decision).rate_limited()),
+                Some(retry_after),
+            ),
             Check::StoreError => {
                 metrics.add(metrics.rate_limit_errors, 1);
                 host::log(
@@ -129,7 +137,7 @@ impl HttpContext for Request {
         let (decision, retry_after) = Self::limit(decision, &facts, &mut state.metrics);
         let id = state.ids.next_id();
         state.count_decision(&decision);
-        let mut record = AuditRecord::new(id.clone(), &facts, &decision, &version);
+        let mut record = AuditRecord::from_facts(id.clone(), facts, &decision, &version);
         if let Some(dry_run) = decision
             .dry_run
             .as_ref()

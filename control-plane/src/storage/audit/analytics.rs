@@ -54,7 +54,7 @@ pub async fn decisions(
                 count(*) FILTER (WHERE decision = 'allow') AS allowed,
                 count(*) FILTER (WHERE decision = 'deny') AS denied
          FROM audit_entries
-         WHERE tenant_id = $1 AND ts >= $2 AND ts < $3
+         WHERE tenant_id = $1 AND kind = 'decision' AND ts >= $2 AND ts < $3
          GROUP BY 1, 2 ORDER BY 1, 2"
     );
     Ok(sqlx::query_as::<_, Bucket>(sqlx::AssertSqlSafe(query))
@@ -80,7 +80,7 @@ pub async fn top_denied_domains(
 ) -> Result<Vec<DomainCount>, StoreError> {
     Ok(sqlx::query_as(
         "SELECT domain, count(*) AS denied FROM audit_entries
-         WHERE tenant_id = $1 AND ts >= $2 AND ts < $3 AND decision = 'deny'
+         WHERE tenant_id = $1 AND kind = 'decision' AND ts >= $2 AND ts < $3 AND decision = 'deny'
          GROUP BY domain ORDER BY denied DESC, domain LIMIT $4",
     )
     .bind(window.tenant_id)
@@ -109,7 +109,7 @@ pub async fn heatmap(pool: &PgPool, window: Window) -> Result<Vec<HeatCell>, Sto
                 count(*) FILTER (WHERE decision = 'allow') AS allowed,
                 count(*) FILTER (WHERE decision = 'deny') AS denied
          FROM audit_entries
-         WHERE tenant_id = $1 AND ts >= $2 AND ts < $3
+         WHERE tenant_id = $1 AND kind = 'decision' AND ts >= $2 AND ts < $3
          GROUP BY 1, 2 ORDER BY 1, 2",
     )
     .bind(window.tenant_id)
