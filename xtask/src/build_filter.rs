@@ -20,10 +20,14 @@ const WASM_OPT_FEATURES: &[&str] = &[
 
 /// Builds and optimises the filter; returns the path of the optimised module.
 pub fn build_filter() -> Result<PathBuf> {
-    println!("==> building filter-wasm (release, wasm32-wasip1)");
+    // The `wasm` profile (release, opt-level "s") and `wasm-opt -Oz`: the same request
+    // CPU as -O3 here, 18% smaller, and Envoy's V8 compiles the module faster at start
+    // (BENCHMARKS.md).
+    println!("==> building filter-wasm (profile wasm, wasm32-wasip1)");
     run(cargo().args([
         "build",
-        "--release",
+        "--profile",
+        "wasm",
         "--target",
         "wasm32-wasip1",
         "-p",
@@ -37,9 +41,9 @@ pub fn build_filter() -> Result<PathBuf> {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
 
-    println!("==> optimising with wasm-opt -O3");
+    println!("==> optimising with wasm-opt -Oz");
     run(Command::new("wasm-opt")
-        .args(["-O3", "--strip-debug", "--strip-producers"])
+        .args(["-Oz", "--strip-debug", "--strip-producers"])
         .args(WASM_OPT_FEATURES)
         .arg(&raw)
         .arg("-o")

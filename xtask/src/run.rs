@@ -26,7 +26,22 @@ pub fn demo() -> Result<()> {
 /// Runs the load benchmark, forwarding `args` to it.
 pub fn bench(args: &[String]) -> Result<()> {
     prepare()?;
+    // The control plane runs optimised too: propagation figures include its bundle
+    // compile and validation.
+    run(cargo().args([
+        "build",
+        "-q",
+        "--profile",
+        "bench-tools",
+        "-p",
+        "control-plane",
+        "--bins",
+    ]))?;
     let mut cmd = cargo_with_e2e_env();
+    cmd.env(
+        "CHRONOGUARD_CONTROL_PLANE",
+        crate::util::target_dir().join("bench-tools/chronoguard-control-plane"),
+    );
     cmd.args([
         "run",
         "--profile",

@@ -41,7 +41,7 @@ pub fn envoy_bin() -> PathBuf {
 pub fn wasm_raw() -> PathBuf {
     target_dir()
         .join("wasm32-wasip1")
-        .join("release")
+        .join("wasm")
         .join("filter_wasm.wasm")
 }
 
