@@ -1369,6 +1369,24 @@ async fn analytics_match_the_decisions_sent() {
         .collect();
     assert_eq!(got, heat);
 
+    // Auditors read their own tenant's analytics; another tenant's auditor gets 404.
+    let url = f.cp.url(&format!("/api/v1/analytics/heatmap?{window}"));
+    let secret = f.cp.jwt_secret();
+    let own = integration_tests::jwt::mint(&secret, "auditor", Some(&tenant.to_string()), 600);
+    let other = integration_tests::jwt::mint(
+        &secret,
+        "auditor",
+        Some(&uuid::Uuid::new_v4().to_string()),
+        600,
+    );
+    let http = integration_tests::client::plain_client().unwrap();
+    let status = |token: String| {
+        let request = http.get(&url).bearer_auth(token).send();
+        async move { request.await.unwrap().status() }
+    };
+    assert_eq!(status(own).await, StatusCode::OK);
+    assert_eq!(status(other).await, StatusCode::NOT_FOUND);
+
     for query in [
         format!("decisions?{window}&bucket=1w"),
         format!("decisions?{window}&bucket=1s"),

@@ -164,9 +164,10 @@ impl CompiledPolicy {
                 "a policy refers to custom module {missing:?} but the bundle has no module custom/{missing}.rego"
             )));
         }
-        let data =
-            serde_json::to_string(&prepared.data).map_err(|e| PolicyError::Data(e.to_string()))?;
-        let data = Value::from_json_str(&data).map_err(|e| PolicyError::Data(e.to_string()))?;
+        // Straight from the parsed document into regorus values: no JSON text round trip
+        // (on_configure time is part of every policy push).
+        let data = <Value as serde::Deserialize>::deserialize(prepared.data)
+            .map_err(|e| PolicyError::Data(e.to_string()))?;
         engine
             .add_data(data)
             .map_err(|e| PolicyError::Data(e.to_string()))?;

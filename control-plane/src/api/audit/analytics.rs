@@ -1,7 +1,8 @@
 //! Temporal analytics for auditors: bucketed decision counts, top denied domains and an
 //! hour-of-day × day-of-week heatmap, per tenant and time window (UTC).
 
-use super::super::{Admin, ApiError};
+use super::super::ApiError;
+use super::super::auth::AuditReader;
 use super::Params;
 use crate::app::AppState;
 use crate::storage::audit::analytics::{
@@ -75,7 +76,7 @@ fn bucket_secs(spec: &str) -> Option<i64> {
 
 /// `GET /api/v1/analytics/decisions?tenant_id=…&bucket=1h&group_by=outcome|agent|domain`
 pub async fn decisions(
-    _: Admin,
+    _: AuditReader,
     axum::extract::State(state): axum::extract::State<AppState>,
     Params(q): Params<DecisionsQuery>,
 ) -> Result<axum::Json<DecisionsReport>, ApiError> {
@@ -124,7 +125,7 @@ pub struct TopDenied {
 
 /// `GET /api/v1/analytics/top-denied-domains?tenant_id=…&limit=10`
 pub async fn top_denied_domains(
-    _: Admin,
+    _: AuditReader,
     axum::extract::State(state): axum::extract::State<AppState>,
     Params(q): Params<TopQuery>,
 ) -> Result<axum::Json<TopDenied>, ApiError> {
@@ -148,7 +149,7 @@ pub struct Heatmap {
 
 /// `GET /api/v1/analytics/heatmap?tenant_id=…`: hour of day × ISO day of week (UTC).
 pub async fn heatmap(
-    _: Admin,
+    _: AuditReader,
     axum::extract::State(state): axum::extract::State<AppState>,
     Params(q): Params<WindowQuery>,
 ) -> Result<axum::Json<Heatmap>, ApiError> {
