@@ -81,6 +81,7 @@ async fn main() -> anyhow::Result<()> {
         .await?;
 
     let mut rows = Vec::new();
+    let mut latencies: Vec<(&str, f64, f64)> = Vec::new();
     for round in 0..args.rounds {
         for variant in ["plain", "chronoguard"] {
             let start_to_ready = restart(&mut stack, variant == "plain").await?;
@@ -113,6 +114,9 @@ async fn main() -> anyhow::Result<()> {
                 "round {round} {variant}: {requests} requests ({errors} errors), {rps:.0} req/s, {cpu_us:.1} µs Envoy CPU/request, start-to-ready {start_to_ready:?}"
             );
             rows.push((variant, cpu_us, rps, start_to_ready));
+            let (p50, p99) = open_loop(&stack, &client, 1_000, Duration::from_secs(3)).await?;
+            println!("round {round} {variant}: at 1,000 req/s (open loop) p50 {p50:.3} ms, p99 {p99:.3} ms");
+            latencies.push((variant, p50, p99));
             if variant == "chronoguard" && round == 0 {
                 let stats = stack
                     .http
@@ -156,6 +160,18 @@ async fn main() -> anyhow::Result<()> {
         fc - pc,
         fr / pr,
         fs * 1e3
+    );
+    let latency = |variant: &str, pick: fn(&(&str, f64, f64)) -> f64| {
+        let mut v: Vec<f64> = latencies.iter().filter(|l| l.0 == variant).map(pick).collect();
+        v.sort_by(|a, b| a.total_cmp(b));
+        v.get(v.len() / 2).copied().unwrap_or(0.0)
+    };
+    let (plain50, plain99) = (latency("plain", |l| l.1), latency("plain", |l| l.2));
+    let (cg50, cg99) = (latency("chronoguard", |l| l.1), latency("chronoguard", |l| l.2));
+    println!(
+        "\nlatency at 1,000 req/s (open loop, 3 s): plain p50 {plain50:.3} / p99 {plain99:.3} ms; with the filter p50 {cg50:.3} / p99 {cg99:.3} ms; added p50 {:+.3} ms, p99 {:+.3} ms",
+        cg50 - plain50,
+        cg99 - plain99
     );
     println!(
         "\nagents in bundle: {bundle_bytes}; policies: {}; module after wasm-opt: {wasm} bytes; medians of {} rounds of {} s",
@@ -314,6 +330,48 @@ async fn restart(stack: &mut Stack, plain: bool) -> anyhow::Result<Duration> {
     stack.set_plain_envoy(plain);
     stack.set_audit_to_upstream(true);
     stack.restart_envoy().await
+}
+
+/// Open-loop load: one request every `1 / rate` seconds for `duration`, whatever the
+/// responses do; returns the p50 and p99 latency in milliseconds.
+async fn open_loop(
+    stack: &Stack,
+    client: &reqwest::Client,
+    rate: u64,
+    duration: Duration,
+) -> anyhow::Result<(f64, f64)> {
+    let url = stack.envoy.url("/v1/objects/abc");
+    let mut interval = tokio::time::interval(Duration::from_nanos(1_000_000_000 / rate.max(1)));
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    let mut i = 0u64;
+    while started.elapsed() < duration {
+        interval.tick().await;
+        i += 1;
+        let host = if i.is_multiple_of(10) { "blocked-0.example" } else { "allowed-0.example" };
+        let request = client.get(&url).header("host", host).send();
+        tasks.push(tokio::spawn(async move {
+            let sent = Instant::now();
+            let ok = match request.await {
+                Ok(r) => r.bytes().await.is_ok(),
+                Err(_) => false,
+            };
+            ok.then(|| sent.elapsed())
+        }));
+    }
+    let mut samples = Vec::with_capacity(tasks.len());
+    for task in tasks {
+        if let Ok(Some(latency)) = task.await {
+            samples.push(latency);
+        }
+    }
+    samples.sort();
+    let at = |p: f64| {
+        let i = ((samples.len() as f64 - 1.0) * p).round() as usize;
+        samples.get(i).copied().unwrap_or_default().as_secs_f64() * 1e3
+    };
+    Ok((at(0.5), at(0.99)))
 }
 
 /// Closed-loop load over `connections` keep-alive connections for `duration`.
