@@ -8,6 +8,7 @@
 
 pub mod api_stack;
 pub mod certs;
+pub mod chain;
 pub mod client;
 pub mod control_plane;
 pub mod envoy;

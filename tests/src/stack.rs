@@ -297,6 +297,26 @@ impl Stack {
         str_field(&policy, "id")
     }
 
+    /// The usual test setup: tenant `acme`, policy `web` (priority 100) with these
+    /// domain lists, an active agent `bot` on it (Envoy already enforcing), and its client.
+    pub async fn tenant_with_agent(
+        &self,
+        allowed: &[&str],
+        blocked: &[&str],
+    ) -> anyhow::Result<Setup> {
+        let tenant = self.create_tenant("acme").await?;
+        let policy = self.create_policy(&tenant, "web", allowed, blocked).await?;
+        let (agent_id, cert) = self.create_active_agent(&tenant, "bot", &[&policy]).await?;
+        let client = self.agent_client(Some(&cert))?;
+        Ok(Setup {
+            tenant,
+            policy,
+            agent_id,
+            cert,
+            client,
+        })
+    }
+
     /// A client presenting `agent`'s certificate (or none) to Envoy.
     pub fn agent_client(&self, agent: Option<&AgentCert>) -> anyhow::Result<reqwest::Client> {
         crate::client::agent_client(&self.pki.ca_pem, agent)
@@ -341,6 +361,15 @@ impl Drop for Stack {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
     }
+}
+
+/// What [`Stack::tenant_with_agent`] created.
+pub struct Setup {
+    pub tenant: String,
+    pub policy: String,
+    pub agent_id: String,
+    pub cert: AgentCert,
+    pub client: reqwest::Client,
 }
 
 /// What the gateway answered.

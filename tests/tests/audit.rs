@@ -9,7 +9,6 @@ use integration_tests::control_plane::{AuditKeys, ControlPlane, ControlPlaneConf
 use integration_tests::postgres::Postgres;
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
-use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -285,7 +284,6 @@ struct Row {
 }
 
 fn link(row: &Row, previous: &[u8; 32]) -> [u8; 32] {
-    let mut bytes = vec![1u8];
     let (tenant, seq, entry, ts) = (
         row.tenant_id.to_string(),
         row.sequence_number.to_string(),
@@ -293,39 +291,28 @@ fn link(row: &Row, previous: &[u8; 32]) -> [u8; 32] {
         row.timestamp_ns.to_string(),
     );
     let agent = row.agent_id.map(|a| a.to_string());
-    let fields: [Option<&str>; 17] = [
-        Some(&tenant),
-        Some(&seq),
-        Some(&entry),
-        Some(&ts),
-        Some(&row.kind),
-        agent.as_deref(),
-        Some(&row.agent_fingerprint),
-        Some(&row.agent_subject),
-        Some(&row.domain),
-        Some(&row.method),
-        Some(&row.path),
-        Some(&row.user_agent),
-        Some(&row.source_ip),
-        Some(&row.decision),
-        Some(&row.reason),
-        row.policy_id.as_deref(),
-        Some(&row.config_version),
-    ];
-    for field in fields {
-        match field {
-            None => bytes.push(0),
-            Some(text) => {
-                bytes.push(1);
-                bytes.extend_from_slice(&(text.len() as u32).to_be_bytes());
-                bytes.extend_from_slice(text.as_bytes());
-            }
-        }
-    }
-    let mut hasher = Sha256::new();
-    hasher.update(&bytes);
-    hasher.update(previous);
-    hasher.finalize().into()
+    integration_tests::chain::link(
+        [
+            Some(&tenant),
+            Some(&seq),
+            Some(&entry),
+            Some(&ts),
+            Some(&row.kind),
+            agent.as_deref(),
+            Some(&row.agent_fingerprint),
+            Some(&row.agent_subject),
+            Some(&row.domain),
+            Some(&row.method),
+            Some(&row.path),
+            Some(&row.user_agent),
+            Some(&row.source_ip),
+            Some(&row.decision),
+            Some(&row.reason),
+            row.policy_id.as_deref(),
+            Some(&row.config_version),
+        ],
+        previous,
+    )
 }
 
 async fn rows(db: &sqlx::PgPool, tenant: Uuid) -> Vec<Row> {

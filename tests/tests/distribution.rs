@@ -159,16 +159,11 @@ async fn rapid_changes_converge_and_a_nacked_bundle_changes_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn control_plane_restart_under_traffic_never_lapses() {
     let mut stack = Stack::start(StackOptions::default()).await.unwrap();
-    let tenant = stack.create_tenant("acme").await.unwrap();
-    let policy = stack
-        .create_policy(&tenant, "web", &["ok.example"], &["no.example"])
+    let setup = stack
+        .tenant_with_agent(&["ok.example"], &["no.example"])
         .await
         .unwrap();
-    let (_, cert) = stack
-        .create_active_agent(&tenant, "bot", &[&policy])
-        .await
-        .unwrap();
-    let agent = stack.agent_client(Some(&cert)).unwrap();
+    let agent = setup.client;
     let version_before = published(&stack).await;
 
     let stop = Arc::new(AtomicBool::new(false));

@@ -60,16 +60,11 @@ async fn envoy_without_control_plane_fails_closed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn enforcement_and_audit_survive_restarts() {
     let mut stack = Stack::start(StackOptions::default()).await.unwrap();
-    let tenant = stack.create_tenant("acme").await.unwrap();
-    let policy = stack
-        .create_policy(&tenant, "web", &["allowed.example"], &["blocked.example"])
+    let setup = stack
+        .tenant_with_agent(&["allowed.example"], &["blocked.example"])
         .await
         .unwrap();
-    let (_, cert) = stack
-        .create_active_agent(&tenant, "bot", &[&policy])
-        .await
-        .unwrap();
-    let agent = stack.agent_client(Some(&cert)).unwrap();
+    let (tenant, cert, agent) = (setup.tenant, setup.cert, setup.client);
     integration_tests::wait_for("policy enforced", Duration::from_secs(10), || async {
         let reply = stack.request(&agent, "allowed.example", "/").await.ok()?;
         (reply.status == 200).then_some(())

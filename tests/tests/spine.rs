@@ -4,7 +4,6 @@
 use integration_tests::{Stack, StackOptions};
 use reqwest::Method;
 use serde_json::json;
-use sha2::{Digest, Sha256};
 use std::time::{Duration, Instant};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -329,7 +328,6 @@ fn recompute_chain(rows: &[Row]) {
             "link at {}",
             row.sequence_number
         );
-        let mut bytes = vec![1u8];
         let seq = row.sequence_number.to_string();
         let ts = row.timestamp_ns.to_string();
         let fields: [Option<&str>; 17] = [
@@ -351,20 +349,7 @@ fn recompute_chain(rows: &[Row]) {
             row.policy_id.as_deref(),
             Some(&row.config_version),
         ];
-        for field in fields {
-            match field {
-                None => bytes.push(0),
-                Some(s) => {
-                    bytes.push(1);
-                    bytes.extend_from_slice(&(s.len() as u32).to_be_bytes());
-                    bytes.extend_from_slice(s.as_bytes());
-                }
-            }
-        }
-        let mut hasher = Sha256::new();
-        hasher.update(&bytes);
-        hasher.update(previous);
-        let current: [u8; 32] = hasher.finalize().into();
+        let current = integration_tests::chain::link(fields, &previous);
         assert_eq!(
             row.current_hash,
             hex::encode(current),

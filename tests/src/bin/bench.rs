@@ -115,7 +115,9 @@ async fn main() -> anyhow::Result<()> {
             );
             rows.push((variant, cpu_us, rps, start_to_ready));
             let (p50, p99) = open_loop(&stack, &client, 1_000, Duration::from_secs(3)).await?;
-            println!("round {round} {variant}: at 1,000 req/s (open loop) p50 {p50:.3} ms, p99 {p99:.3} ms");
+            println!(
+                "round {round} {variant}: at 1,000 req/s (open loop) p50 {p50:.3} ms, p99 {p99:.3} ms"
+            );
             latencies.push((variant, p50, p99));
             if variant == "chronoguard" && round == 0 {
                 let stats = stack
@@ -162,12 +164,19 @@ async fn main() -> anyhow::Result<()> {
         fs * 1e3
     );
     let latency = |variant: &str, pick: fn(&(&str, f64, f64)) -> f64| {
-        let mut v: Vec<f64> = latencies.iter().filter(|l| l.0 == variant).map(pick).collect();
+        let mut v: Vec<f64> = latencies
+            .iter()
+            .filter(|l| l.0 == variant)
+            .map(pick)
+            .collect();
         v.sort_by(|a, b| a.total_cmp(b));
         v.get(v.len() / 2).copied().unwrap_or(0.0)
     };
     let (plain50, plain99) = (latency("plain", |l| l.1), latency("plain", |l| l.2));
-    let (cg50, cg99) = (latency("chronoguard", |l| l.1), latency("chronoguard", |l| l.2));
+    let (cg50, cg99) = (
+        latency("chronoguard", |l| l.1),
+        latency("chronoguard", |l| l.2),
+    );
     println!(
         "\nlatency at 1,000 req/s (open loop, 3 s): plain p50 {plain50:.3} / p99 {plain99:.3} ms; with the filter p50 {cg50:.3} / p99 {cg99:.3} ms; added p50 {:+.3} ms, p99 {:+.3} ms",
         cg50 - plain50,
@@ -349,7 +358,11 @@ async fn open_loop(
     while started.elapsed() < duration {
         interval.tick().await;
         i += 1;
-        let host = if i.is_multiple_of(10) { "blocked-0.example" } else { "allowed-0.example" };
+        let host = if i.is_multiple_of(10) {
+            "blocked-0.example"
+        } else {
+            "allowed-0.example"
+        };
         let request = client.get(&url).header("host", host).send();
         tasks.push(tokio::spawn(async move {
             let sent = Instant::now();
