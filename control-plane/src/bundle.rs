@@ -40,6 +40,8 @@ pub struct Publisher {
     lock: Mutex<()>,
     /// Background rebuilds that failed (the alert metric).
     pub failures: std::sync::atomic::AtomicU64,
+    /// Bundles published since start.
+    pub publishes: std::sync::atomic::AtomicU64,
 }
 
 // === impl Publisher ===
@@ -54,6 +56,7 @@ impl Publisher {
             tx,
             lock: Mutex::new(()),
             failures: std::sync::atomic::AtomicU64::new(0),
+            publishes: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -114,6 +117,8 @@ impl Publisher {
             "policy bundle published"
         );
         self.tx.send_replace(Some(snapshot.clone()));
+        self.publishes
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(snapshot)
     }
 }
@@ -165,6 +170,8 @@ impl Publisher {
             "unvalidated bundle published through the testing hook"
         );
         self.tx.send_replace(Some(snapshot.clone()));
+        self.publishes
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(snapshot)
     }
 }

@@ -10,9 +10,14 @@ async fn main() -> anyhow::Result<()> {
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--config" => config_path = args.next(),
+            "--print-openapi" => {
+                // The document served at /api/v1/openapi.json, without starting anything.
+                println!("{}", control_plane::api::openapi::json());
+                return Ok(());
+            }
             "--help" | "-h" => {
                 println!(
-                    "usage: chronoguard-control-plane [--config FILE]\n\nSettings come from FILE (default control-plane/config/base.yaml if present), then APP__SECTION__KEY environment variables."
+                    "usage: chronoguard-control-plane [--config FILE] [--print-openapi]\n\nSettings come from FILE (default control-plane/config/base.yaml if present), then APP__SECTION__KEY environment variables."
                 );
                 return Ok(());
             }

@@ -168,6 +168,37 @@ async fn allow_deny_policy_flip_and_verified_audit_chain() {
     assert_eq!(update.2, "version 1 -> 2");
     assert!(!update.3.is_empty(), "the actor is recorded");
     assert!(admin.iter().any(|(action, ..)| action == "agent.created"));
+    assert!(admin.iter().any(|(action, ..)| action == "tenant.created"));
+
+    // Every API response carries a request id; /metrics counts pushes and NACKs.
+    let live = stack
+        .http
+        .get(stack.control_plane.url("/health/live"))
+        .send()
+        .await
+        .unwrap();
+    assert!(live.headers().contains_key("x-request-id"));
+    let metrics = stack
+        .http
+        .get(stack.control_plane.url("/metrics"))
+        .bearer_auth(&stack.control_plane.admin_token)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let publishes: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("chronoguard_bundle_publishes_total "))
+        .expect("publish counter")
+        .parse()
+        .unwrap();
+    assert!(publishes >= 2, "{metrics}");
+    assert!(
+        metrics.contains("chronoguard_ecds_nacks_total 0"),
+        "{metrics}"
+    );
 
     let verify_path = format!("/api/v1/audit/verify?tenant_id={tenant}");
     let verdict = stack.admin(Method::GET, &verify_path, None).await.unwrap();

@@ -52,6 +52,19 @@ pub fn ci() -> Result<()> {
     step("build-control-plane", || {
         run(cargo().args(["build", "-p", "control-plane", "--bins"]))
     })?;
+    step("openapi", || {
+        // The document the control plane serves, validated by an independent OpenAPI 3.1
+        // validator.
+        let doc = crate::util::target_dir().join("openapi.json");
+        let json = crate::util::capture(
+            std::process::Command::new(
+                crate::util::target_dir().join("debug/chronoguard-control-plane"),
+            )
+            .arg("--print-openapi"),
+        )?;
+        std::fs::write(&doc, json)?;
+        run(std::process::Command::new(setup::openapi_validator()).arg(&doc))
+    })?;
     step("e2e-tests", || {
         run(cargo_with_e2e_env().args([
             "test",

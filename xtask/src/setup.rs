@@ -27,6 +27,7 @@ pub fn setup() -> Result<()> {
     ensure_wasm_target()?;
     ensure_debian_packages()?;
     let envoy_version = ensure_envoy()?;
+    ensure_openapi_validator()?;
     print_summary(&envoy_version);
     Ok(())
 }
@@ -165,6 +166,32 @@ fn ensure_envoy() -> Result<String> {
     }
     println!("    envoy version: {version}");
     Ok(version)
+}
+
+/// The OpenAPI validator `cargo xtask ci` runs on the control plane's document, in the
+/// same project-local venv as Envoy.
+fn ensure_openapi_validator() -> Result<()> {
+    println!("==> checking openapi-spec-validator");
+    let validator = openapi_validator();
+    if validator.is_file() {
+        println!("    found {}", validator.display());
+        return Ok(());
+    }
+    run(Command::new(envoy_venv().join("bin").join("pip"))
+        .args(["install", "-q", "--disable-pip-version-check"])
+        .arg("openapi-spec-validator==0.*"))?;
+    if !validator.is_file() {
+        bail!(
+            "pip installed openapi-spec-validator but {} is missing",
+            validator.display()
+        );
+    }
+    Ok(())
+}
+
+/// The `openapi-spec-validator` command installed by setup.
+pub fn openapi_validator() -> PathBuf {
+    envoy_venv().join("bin").join("openapi-spec-validator")
 }
 
 /// `<venv>/lib/python3*/site-packages/envoy/_bin/envoy`, if present.

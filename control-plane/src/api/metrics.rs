@@ -128,10 +128,38 @@ pub async fn render(State(state): State<AppState>) -> impl IntoResponse {
          chronoguard_bundle_version {bundle}\n\
          # HELP chronoguard_envoys_connected Envoys on an ECDS stream.\n\
          # TYPE chronoguard_envoys_connected gauge\n\
-         chronoguard_envoys_connected {}\n",
+         chronoguard_envoys_connected {}\n\
+         # HELP chronoguard_bundle_publishes_total Policy bundles published (pushed to Envoys).\n\
+         # TYPE chronoguard_bundle_publishes_total counter\n\
+         chronoguard_bundle_publishes_total {}\n\
+         # HELP chronoguard_bundle_rebuild_failures_total Background rebuilds that failed (the last good bundle stays published): alert on any increase.\n\
+         # TYPE chronoguard_bundle_rebuild_failures_total counter\n\
+         chronoguard_bundle_rebuild_failures_total {}\n\
+         # HELP chronoguard_ecds_nacks_total Policy bundles Envoys rejected (NACK).\n\
+         # TYPE chronoguard_ecds_nacks_total counter\n\
+         chronoguard_ecds_nacks_total {}\n",
         pool.size(),
         pool.num_idle(),
-        state.registry.list().len(),
+        state
+            .registry
+            .list()
+            .iter()
+            .filter(|e| e.connected_streams > 0)
+            .count(),
+        state
+            .publisher
+            .publishes
+            .load(std::sync::atomic::Ordering::Relaxed),
+        state
+            .publisher
+            .failures
+            .load(std::sync::atomic::Ordering::Relaxed),
+        state
+            .registry
+            .list()
+            .iter()
+            .map(|e| e.nacks_total)
+            .sum::<u64>(),
     );
     (
         [(

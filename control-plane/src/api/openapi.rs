@@ -97,11 +97,15 @@ pub struct ProblemField {
 )]
 pub struct ApiDoc;
 
+/// The OpenAPI document as JSON (built once).
+pub fn json() -> &'static str {
+    static JSON: OnceLock<String> = OnceLock::new();
+    JSON.get_or_init(|| ApiDoc::openapi().to_json().unwrap_or_default())
+}
+
 /// `GET /api/v1/openapi.json` (no authentication: it holds no data).
 pub async fn document() -> impl IntoResponse {
-    static JSON: OnceLock<String> = OnceLock::new();
-    let body = JSON.get_or_init(|| ApiDoc::openapi().to_json().unwrap_or_default());
-    ([(header::CONTENT_TYPE, "application/json")], body.as_str())
+    ([(header::CONTENT_TYPE, "application/json")], json())
 }
 
 struct Security;

@@ -59,6 +59,18 @@ pub async fn create_tenant(
         .await
         .map_err(conflict)?;
     tracing::info!(subject = %who.subject, tenant_id = %tenant.id, "tenant created");
+    record_admin_change(
+        &state,
+        crate::audit::admin::AdminChange {
+            tenant: tenant.id,
+            action: "tenant.created",
+            resource_id: Some(tenant.id),
+            actor: &who.subject,
+            version: 1,
+            bundle_version: state.publisher.current().map(|s| s.version),
+        },
+    )
+    .await;
     Ok((StatusCode::CREATED, axum::Json(tenant)))
 }
 
@@ -768,6 +780,18 @@ fn evaluate(
 
 // === helpers ===
 
+/// Appends an admin change to the tenant's audit chain. The write is already committed:
+/// a failure here is logged, not turned into an error.
+async fn record_admin_change(state: &AppState, change: crate::audit::admin::AdminChange<'_>) {
+    let now_ns = Utc::now().timestamp_nanos_opt().unwrap_or_default();
+    let entry = crate::audit::admin::batch(&change, now_ns);
+    if let Err(err) =
+        crate::storage::audit::append_batch(&state.store.pool, entry, &state.audit.hmac).await
+    {
+        tracing::error!(error = %err, action = change.action, tenant_id = %change.tenant, "admin change not recorded in the audit chain");
+    }
+}
+
 /// After a committed write: rebuilds and publishes the bundle, then tells the tenant's
 /// event subscribers about the change (and about the new bundle version, if any).
 async fn changed(
@@ -780,23 +804,19 @@ async fn changed(
 ) -> Result<(), ApiError> {
     let before = state.publisher.current().map(|s| s.version);
     let rebuilt = state.publisher.rebuild().await;
-    // The change goes into the tenant's audit chain, next to the request decisions. The
-    // write is already committed: a failure here is logged, not turned into an error.
-    let change = crate::audit::admin::AdminChange {
-        tenant,
-        action: kind,
-        resource_id: id,
-        actor: &who.subject,
-        version,
-        bundle_version: rebuilt.as_ref().ok().map(|s| s.version),
-    };
-    let now_ns = Utc::now().timestamp_nanos_opt().unwrap_or_default();
-    let entry = crate::audit::admin::batch(&change, now_ns);
-    if let Err(err) =
-        crate::storage::audit::append_batch(&state.store.pool, entry, &state.audit.hmac).await
-    {
-        tracing::error!(error = %err, action = kind, tenant_id = %tenant, "admin change not recorded in the audit chain");
-    }
+    // The change goes into the tenant's audit chain, next to the request decisions.
+    record_admin_change(
+        state,
+        crate::audit::admin::AdminChange {
+            tenant,
+            action: kind,
+            resource_id: id,
+            actor: &who.subject,
+            version,
+            bundle_version: rebuilt.as_ref().ok().map(|s| s.version),
+        },
+    )
+    .await;
     let snapshot = rebuilt?;
     let event = |kind, id, version| Event {
         kind,
