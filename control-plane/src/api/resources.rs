@@ -342,6 +342,7 @@ pub struct PolicyBody {
     /// On create: required for a platform administrator, the caller's tenant otherwise.
     /// On update: must be the policy's tenant if given.
     tenant_id: Option<Uuid>,
+    #[schema(example = "research-crawlers")]
     name: String,
     /// 0 to 1000000; the highest deciding priority wins, a deny wins a tie.
     #[serde(default = "default_priority")]
@@ -352,19 +353,26 @@ pub struct PolicyBody {
     mode: PolicyMode,
     /// `example.com` or `*.example.com` (strict subdomains).
     #[serde(default)]
+    #[schema(example = json!(["docs.example.com", "*.api.example.org"]))]
     allowed_domains: Vec<String>,
     #[serde(default)]
+    #[schema(example = json!(["ads.example.com"]))]
     blocked_domains: Vec<String>,
     /// `[{"id", "priority", "action": "allow"|"deny", "conditions": [{"field", "operator",
     /// "value"}]}]` (rego/README.md).
     #[serde(default)]
+    #[schema(example = json!([{"id": "no-delete", "priority": 10, "action": "deny",
+        "conditions": [{"field": "method", "operator": "in", "value": ["DELETE"]}]}]))]
     rules: Vec<Value>,
     /// `{"timezone": "<IANA name>", "windows": [{"days": ["mon"], "start": "09:00",
     /// "end": "17:00"}]}`; absent: always.
     #[serde(default)]
+    #[schema(example = json!({"timezone": "America/New_York",
+        "windows": [{"days": ["mon", "tue", "wed", "thu", "fri"], "start": "09:00", "end": "17:00"}]}))]
     time_restrictions: Option<Value>,
     /// `{"per_minute", "per_hour", "per_day", "burst"}`.
     #[serde(default)]
+    #[schema(example = json!({"per_minute": 60, "per_hour": 1000, "burst": 10}))]
     rate_limit: Option<Value>,
     /// A Rego module whose `deny` set adds deny reasons.
     #[serde(default)]
