@@ -67,31 +67,6 @@ impl AuditRecord {
             config_version: config_version.to_owned(),
         }
     }
-
-    pub fn new(
-        decision_id: String,
-        facts: &RequestFacts,
-        decision: &Decision,
-        config_version: &str,
-    ) -> Self {
-        Self {
-            decision_id,
-            timestamp_ns: facts.unix_ns,
-            tenant_id: decision.tenant_id.clone(),
-            agent_id: decision.agent_id.clone(),
-            agent_fingerprint: facts.fingerprint.clone(),
-            agent_subject: facts.subject.clone(),
-            domain: facts.domain.clone(),
-            method: facts.method.clone(),
-            path: facts.path.clone(),
-            user_agent: facts.user_agent.clone(),
-            source_ip: facts.source_ip.clone(),
-            decision: decision.outcome().to_owned(),
-            reason: decision.reason.clone(),
-            policy_id: decision.policy_id.clone(),
-            config_version: config_version.to_owned(),
-        }
-    }
 }
 
 /// A bounded queue of records plus the batch in flight.
@@ -185,7 +160,7 @@ mod tests {
             unix_ns: n,
             ..RequestFacts::default()
         };
-        AuditRecord::new(format!("d{n}"), &facts, &Decision::fixed(true, "x"), "v1")
+        AuditRecord::from_facts(format!("d{n}"), facts, &Decision::fixed(true, "x"), "v1")
     }
 
     #[test]
