@@ -5,6 +5,7 @@ pub mod auth;
 pub mod cache;
 pub mod error;
 pub mod events;
+pub mod gateways;
 pub mod metrics;
 pub mod openapi;
 pub mod ops;
@@ -33,6 +34,13 @@ pub fn router(state: AppState) -> Router {
             post(resources::create_tenant).get(resources::list_tenants),
         )
         .route("/api/v1/tenants/{id}", get(resources::get_tenant))
+        .route("/api/v1/gateways", get(gateways::list_gateways))
+        .route(
+            "/api/v1/gateways/{name}",
+            get(gateways::get_gateway)
+                .put(gateways::put_gateway)
+                .delete(gateways::delete_gateway),
+        )
         .route(
             "/api/v1/agents",
             post(resources::create_agent).get(resources::list_agents),

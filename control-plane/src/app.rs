@@ -56,6 +56,14 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
             Duration::from_secs(settings.audit.checkpoint_interval_secs),
         ));
     }
+    // Storage maintenance: once now (start-up), then periodically.
+    tokio::spawn(crate::audit::retention::run(
+        state.store.pool.clone(),
+        state.audit.clone(),
+        crate::audit::retention::Policy::from_settings(&settings.audit),
+        (settings.audit.maintenance_interval_secs > 0)
+            .then(|| Duration::from_secs(settings.audit.maintenance_interval_secs)),
+    ));
 
     let http = tokio::net::TcpListener::bind(settings.http.addr)
         .await

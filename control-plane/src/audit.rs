@@ -1,7 +1,8 @@
 //! The tamper-evident audit log: the pure hash chain ([`chain`]), entry HMACs
 //! ([`signing`]), Ed25519 checkpoints ([`checkpoint`]), the export record format
-//! ([`export`]), ingest validation ([`ingest`]) and the periodic checkpoint task
-//! ([`checkpointer`]). Persistence lives in `storage::audit`.
+//! ([`export`]), ingest validation ([`ingest`]), the periodic checkpoint task
+//! ([`checkpointer`]) and storage maintenance with retention ([`retention`]). Persistence
+//! lives in `storage::audit`.
 
 pub mod admin;
 pub mod chain;
@@ -9,6 +10,7 @@ pub mod checkpoint;
 pub mod checkpointer;
 pub mod export;
 pub mod ingest;
+pub mod retention;
 pub mod signing;
 
 use checkpoint::{CheckpointSigner, TrustedKeys};

@@ -1,19 +1,27 @@
 //! The policy bundle compiler and publisher.
 //!
-//! From the database's agents and active policies it builds the data document the Rego
-//! library evaluates (agents indexed by certificate fingerprint, policies by id), validates
-//! the bundle with the filter's own core, gives it a persisted monotonic version and
-//! publishes it to the ECDS streams. Identical inputs give byte-identical bundles.
+//! From the database's agents and active policies it builds, for every gateway fleet, the
+//! data document the Rego library evaluates over the tenants that fleet serves (agents
+//! indexed by certificate fingerprint, policies by id, domains by exact name and wildcard
+//! suffix), validates each bundle with the filter's own core, gives it a persisted version
+//! that is monotonic per fleet and publishes the set to the ECDS streams. Identical inputs
+//! give byte-identical bundles.
 
 use crate::config::{Gateway, Secret};
 use crate::storage::{self, StoreError};
 use filter_core::config::{AuditSink, Bundle, Mode, PluginConfig, RegoModule};
+use filter_core::data::EntryCache;
 use filter_core::policy::{CompiledPolicy, PolicyError};
 use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
 use sqlx::PgPool;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use tokio::sync::{Mutex, watch};
+use uuid::Uuid;
+
+/// The `version_info` of the configuration a node of an unknown fleet gets.
+pub const DENY_ALL_VERSION: &str = "deny-all";
 
 /// A published bundle, ready to be sent to Envoy.
 #[derive(Debug)]
@@ -22,6 +30,62 @@ pub struct Snapshot {
     pub content_hash: String,
     /// The filter's plugin configuration JSON (contains the ingest credential: never log).
     pub plugin_config: String,
+    /// The fail-closed configuration for nodes whose fleet is not registered.
+    pub deny_all: bool,
+}
+
+// === impl Snapshot ===
+
+impl Snapshot {
+    /// What ECDS sends as `version_info` (and Envoy acknowledges).
+    pub fn version_info(&self) -> String {
+        if self.deny_all {
+            DENY_ALL_VERSION.to_owned()
+        } else {
+            self.version.to_string()
+        }
+    }
+}
+
+/// Everything published at one moment: one bundle per registered fleet.
+#[derive(Debug, Default)]
+pub struct Published {
+    pub fleets: BTreeMap<String, Arc<Snapshot>>,
+    /// The tenants each fleet serves.
+    pub tenants: BTreeMap<String, Vec<Uuid>>,
+}
+
+// === impl Published ===
+
+impl Published {
+    pub fn fleet(&self, name: &str) -> Option<&Arc<Snapshot>> {
+        self.fleets.get(name)
+    }
+
+    /// The highest version published to any fleet (versions share one sequence).
+    pub fn latest_version(&self) -> Option<i64> {
+        self.fleets.values().map(|s| s.version).max()
+    }
+
+    /// The highest version among the fleets serving `tenant`: the bundle that carries the
+    /// tenant's latest change. `None` while no fleet serves it.
+    pub fn version_for_tenant(&self, tenant: Uuid) -> Option<i64> {
+        self.tenants
+            .iter()
+            .filter(|(_, tenants)| tenants.contains(&tenant))
+            .filter_map(|(fleet, _)| self.fleets.get(fleet).map(|s| s.version))
+            .max()
+    }
+
+    fn same_as(&self, other: &Published) -> bool {
+        self.tenants == other.tenants
+            && self.fleets.len() == other.fleets.len()
+            && self
+                .fleets
+                .iter()
+                .zip(&other.fleets)
+                .all(|((a, x), (b, y))| a == b && Arc::ptr_eq(x, y))
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -36,8 +100,11 @@ pub struct Publisher {
     pool: PgPool,
     gateway: Gateway,
     ingest_token: Secret,
-    tx: watch::Sender<Option<Arc<Snapshot>>>,
-    lock: Mutex<()>,
+    tx: watch::Sender<Option<Arc<Published>>>,
+    deny_all: Arc<Snapshot>,
+    /// Serialises rebuilds; holds each fleet's prepared bundle entries, so validating a
+    /// change re-prepares only the agents and policies that changed.
+    lock: Mutex<HashMap<String, EntryCache>>,
     /// Background rebuilds that failed (the alert metric).
     pub failures: std::sync::atomic::AtomicU64,
     /// Bundles published since start.
@@ -49,45 +116,148 @@ pub struct Publisher {
 impl Publisher {
     pub fn new(pool: PgPool, gateway: Gateway, ingest_token: Secret) -> Self {
         let (tx, _) = watch::channel(None);
+        // No bundle and no audit credential: a node that does not say which fleet it
+        // belongs to learns nothing about any tenant.
+        let deny_all = PluginConfig {
+            version: DENY_ALL_VERSION.to_owned(),
+            mode: Mode::DenyAll,
+            bundle: None,
+            audit: None,
+        };
+        let plugin_config = serde_json::to_string(&deny_all).unwrap_or_else(|_| {
+            format!("{{\"version\":\"{DENY_ALL_VERSION}\",\"mode\":\"denyAll\"}}")
+        });
         Self {
             pool,
             gateway,
             ingest_token,
             tx,
-            lock: Mutex::new(()),
+            deny_all: Arc::new(Snapshot {
+                version: 0,
+                content_hash: hex::encode(Sha256::digest(plugin_config.as_bytes())),
+                plugin_config,
+                deny_all: true,
+            }),
+            lock: Mutex::new(HashMap::new()),
             failures: std::sync::atomic::AtomicU64::new(0),
             publishes: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
-    pub fn subscribe(&self) -> watch::Receiver<Option<Arc<Snapshot>>> {
+    pub fn subscribe(&self) -> watch::Receiver<Option<Arc<Published>>> {
         self.tx.subscribe()
     }
 
-    pub fn current(&self) -> Option<Arc<Snapshot>> {
+    /// What is published now; `None` before the first successful build.
+    pub fn current(&self) -> Option<Arc<Published>> {
         self.tx.borrow().clone()
+    }
+
+    /// The highest version published to any fleet.
+    pub fn latest_version(&self) -> Option<i64> {
+        self.current().and_then(|p| p.latest_version())
+    }
+
+    /// The configuration for a node whose fleet is not registered (fail closed).
+    pub fn deny_all(&self) -> Arc<Snapshot> {
+        self.deny_all.clone()
+    }
+
+    /// What a node of `fleet` gets now: its fleet's bundle, or the deny-all configuration
+    /// when the fleet is not registered. `None` before the first build.
+    pub fn for_fleet(&self, fleet: &str) -> Option<Arc<Snapshot>> {
+        let published = self.current()?;
+        Some(
+            published
+                .fleet(fleet)
+                .cloned()
+                .unwrap_or_else(|| self.deny_all()),
+        )
     }
 
     pub fn gateway(&self) -> &Gateway {
         &self.gateway
     }
 
-    /// Rebuilds from the database and publishes when the content changed. Serialised, so
-    /// concurrent writes cannot publish out of order.
-    pub async fn rebuild(&self) -> Result<Arc<Snapshot>, BundleError> {
-        let _guard = self.lock.lock().await;
-        let bundle = compile(&self.pool).await?;
-        let started = std::time::Instant::now();
-        CompiledPolicy::compile(&bundle)?;
-        let bundle_json =
-            serde_json::to_vec(&bundle).map_err(|e| PolicyError::Data(e.to_string()))?;
-        let content_hash = hex::encode(Sha256::digest(&bundle_json));
-        if let Some(current) = self.current()
-            && current.content_hash == content_hash
+    /// Rebuilds every fleet's bundle from the database and publishes the fleets whose
+    /// content changed. All or nothing: when one fleet's bundle does not validate, nothing
+    /// is published. Serialised, so concurrent writes cannot publish out of order.
+    pub async fn rebuild(&self) -> Result<Arc<Published>, BundleError> {
+        let mut caches = self.lock.lock().await;
+        let fleets = storage::gateways::list(&self.pool).await?;
+        let agents = storage::bundle::agents(&self.pool).await?;
+        let policies = storage::bundle::active_policies(&self.pool).await?;
+        let now_s = chrono::Utc::now().timestamp();
+        let current = self.current();
+        let mut next = Published::default();
+        for fleet in fleets {
+            let serves: BTreeSet<Uuid> = fleet.tenant_ids.iter().copied().collect();
+            let bundle = compile_rows(
+                agents
+                    .iter()
+                    .filter(|a| serves.contains(&a.tenant_id))
+                    .cloned()
+                    .collect(),
+                policies
+                    .iter()
+                    .filter(|p| serves.contains(&p.tenant_id))
+                    .cloned()
+                    .collect(),
+                now_s,
+            )?;
+            let bundle_json =
+                serde_json::to_vec(&bundle).map_err(|e| PolicyError::Data(e.to_string()))?;
+            let content_hash = hex::encode(Sha256::digest(&bundle_json));
+            let unchanged = current
+                .as_ref()
+                .and_then(|c| c.fleet(&fleet.name))
+                .filter(|s| s.content_hash == content_hash)
+                .cloned();
+            let snapshot = match unchanged {
+                Some(snapshot) => snapshot,
+                None => {
+                    let started = std::time::Instant::now();
+                    let cache = caches.entry(fleet.name.clone()).or_default();
+                    CompiledPolicy::compile_with(&bundle, cache).inspect_err(|e| {
+                        tracing::error!(fleet = %fleet.name, error = %e, "fleet bundle does not validate");
+                    })?;
+                    let version =
+                        storage::bundle::version_for(&self.pool, &fleet.name, &content_hash)
+                            .await?;
+                    let snapshot = Arc::new(self.snapshot(version, content_hash, bundle)?);
+                    tracing::info!(
+                        fleet = %fleet.name,
+                        version,
+                        tenants = serves.len(),
+                        bytes = snapshot.plugin_config.len(),
+                        validate_ms = started.elapsed().as_millis() as u64,
+                        "policy bundle published"
+                    );
+                    self.publishes
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    snapshot
+                }
+            };
+            next.fleets.insert(fleet.name.clone(), snapshot);
+            next.tenants.insert(fleet.name, fleet.tenant_ids);
+        }
+        caches.retain(|name, _| next.fleets.contains_key(name));
+        if let Some(current) = current
+            && current.same_as(&next)
         {
             return Ok(current);
         }
-        let version = storage::bundle::version_for(&self.pool, &content_hash).await?;
+        let next = Arc::new(next);
+        self.tx.send_replace(Some(next.clone()));
+        Ok(next)
+    }
+
+    fn snapshot(
+        &self,
+        version: i64,
+        content_hash: String,
+        bundle: Bundle,
+    ) -> Result<Snapshot, BundleError> {
         let config = PluginConfig {
             version: version.to_string(),
             mode: Mode::Enforce,
@@ -105,21 +275,12 @@ impl Publisher {
         };
         let plugin_config =
             serde_json::to_string(&config).map_err(|e| PolicyError::Data(e.to_string()))?;
-        let snapshot = Arc::new(Snapshot {
+        Ok(Snapshot {
             version,
             content_hash,
             plugin_config,
-        });
-        tracing::info!(
-            version,
-            bytes = snapshot.plugin_config.len(),
-            validate_ms = started.elapsed().as_millis() as u64,
-            "policy bundle published"
-        );
-        self.tx.send_replace(Some(snapshot.clone()));
-        self.publishes
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        Ok(snapshot)
+            deny_all: false,
+        })
     }
 }
 
@@ -151,33 +312,46 @@ const BUCKET_S: i64 = 30 * 86_400;
 // === impl Publisher (test hook) ===
 
 impl Publisher {
-    /// Publishes `plugin_config` without validating it, under a new version. Only the
-    /// testing hook calls this (to exercise Envoy's NACK path).
+    /// Publishes `plugin_config` without validating it, under a new version, to every
+    /// registered fleet. Only the testing hook calls this (to exercise Envoy's NACK path).
     pub async fn publish_unvalidated(
         &self,
         plugin_config: String,
-    ) -> Result<Arc<Snapshot>, BundleError> {
+    ) -> Result<Arc<Published>, BundleError> {
         let _guard = self.lock.lock().await;
         let content_hash = hex::encode(Sha256::digest(plugin_config.as_bytes()));
-        let version = storage::bundle::version_for(&self.pool, &content_hash).await?;
-        let snapshot = Arc::new(Snapshot {
-            version,
-            content_hash,
-            plugin_config,
-        });
-        tracing::warn!(
-            version,
-            "unvalidated bundle published through the testing hook"
-        );
-        self.tx.send_replace(Some(snapshot.clone()));
+        let current = self.current().unwrap_or_default();
+        let mut next = Published {
+            fleets: BTreeMap::new(),
+            tenants: current.tenants.clone(),
+        };
+        for fleet in current.fleets.keys() {
+            let version = storage::bundle::version_for(&self.pool, fleet, &content_hash).await?;
+            tracing::warn!(
+                fleet = %fleet,
+                version,
+                "unvalidated bundle published through the testing hook"
+            );
+            next.fleets.insert(
+                fleet.clone(),
+                Arc::new(Snapshot {
+                    version,
+                    content_hash: content_hash.clone(),
+                    plugin_config: plugin_config.clone(),
+                    deny_all: false,
+                }),
+            );
+        }
+        let next = Arc::new(next);
+        self.tx.send_replace(Some(next.clone()));
         self.publishes
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        Ok(snapshot)
+        Ok(next)
     }
 }
 
 /// Builds the bundle (library modules, custom modules, indexed data with timezone offset
-/// tables) from the database.
+/// tables) of every tenant from the database (the dry-run evaluation's view).
 pub async fn compile(pool: &PgPool) -> Result<Bundle, BundleError> {
     let agents = storage::bundle::agents(pool).await?;
     let policies = storage::bundle::active_policies(pool).await?;
@@ -229,6 +403,8 @@ pub fn compile_rows(
             }
             _ => Value::Null,
         };
+        let (allowed_exact, allowed_suffix) = filter_core::data::index_domains(&p.allowed_domains);
+        let (blocked_exact, blocked_suffix) = filter_core::data::index_domains(&p.blocked_domains);
         policy_index.insert(
             p.id.to_string(),
             json!({
@@ -243,8 +419,10 @@ pub fn compile_rows(
                 "rules": p.rules,
                 "rate_limit": p.rate_limit.unwrap_or(Value::Null),
                 "custom": custom,
-                "allowed_domains": p.allowed_domains,
-                "blocked_domains": p.blocked_domains,
+                "allowed_exact": allowed_exact,
+                "allowed_suffix": allowed_suffix,
+                "blocked_exact": blocked_exact,
+                "blocked_suffix": blocked_suffix,
             }),
         );
     }
@@ -361,8 +539,8 @@ mod tests {
             priority: 1,
             status: "active".into(),
             mode: "enforce".into(),
-            allowed_domains: vec!["a.example".into()],
-            blocked_domains: vec![],
+            allowed_domains: vec!["a.example".into(), "*.b.example".into()],
+            blocked_domains: vec!["x.b.example".into()],
             rules: json!([]),
             time_restrictions: Some(
                 json!({"timezone": "Europe/Paris", "windows": [{"days": ["mon"], "start": "09:00", "end": "17:00"}]}),
@@ -377,6 +555,11 @@ mod tests {
         assert_eq!(a, b);
         let bundle = compile_rows(vec![], vec![policy()], now).unwrap();
         CompiledPolicy::compile(&bundle).unwrap();
+        let compiled = &bundle.data["policies"][uuid::Uuid::from_u128(7).to_string()];
+        assert_eq!(compiled["allowed_exact"], json!({"a.example": true}));
+        assert_eq!(compiled["allowed_suffix"], json!({"b.example": true}));
+        assert_eq!(compiled["blocked_exact"], json!({"x.b.example": true}));
+        assert_eq!(compiled["blocked_suffix"], json!({}));
         assert!(
             bundle.data["timezones"]["Europe/Paris"]
                 .as_array()

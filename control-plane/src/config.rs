@@ -150,6 +150,15 @@ pub struct Audit {
     pub checkpoint_trusted_keys: String,
     /// How often every chain head that moved is checkpointed; 0 disables the task.
     pub checkpoint_interval_secs: u64,
+    /// Entries are dropped by weekly partition/chunk once the range ended this many days
+    /// ago, after each chain is anchored on a signed checkpoint; 0 keeps everything.
+    pub retention_days: u32,
+    /// How often storage maintenance (partitions ahead, retention) runs after the run at
+    /// start-up; 0 runs it at start-up only.
+    pub maintenance_interval_secs: u64,
+    /// Weekly partitions kept ready after the current week (native partitioning only;
+    /// TimescaleDB creates chunks on demand).
+    pub partitions_ahead: u32,
 }
 
 impl Default for Audit {
@@ -161,6 +170,9 @@ impl Default for Audit {
             checkpoint_key_id: String::new(),
             checkpoint_trusted_keys: String::new(),
             checkpoint_interval_secs: 300,
+            retention_days: 365,
+            maintenance_interval_secs: 3600,
+            partitions_ahead: 4,
         }
     }
 }
@@ -258,6 +270,18 @@ impl Settings {
         }
         if self.database.url.is_empty() {
             return Err(SettingsError::Missing("database.url"));
+        }
+        if self.audit.partitions_ahead > 520 {
+            return Err(SettingsError::Invalid {
+                setting: "audit.partitions_ahead",
+                problem: "at most 520 weeks".into(),
+            });
+        }
+        if self.audit.retention_days > 36_500 {
+            return Err(SettingsError::Invalid {
+                setting: "audit.retention_days",
+                problem: "at most 36500 days (0 keeps everything)".into(),
+            });
         }
         crate::api::auth::JwtVerifier::from_settings(&self.auth.jwt).map_err(|problem| {
             SettingsError::Invalid {

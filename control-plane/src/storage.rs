@@ -2,6 +2,7 @@
 
 pub mod audit;
 pub mod bundle;
+pub mod gateways;
 pub mod resources;
 
 use crate::config::Settings;

@@ -4,8 +4,11 @@
 # Data (the policy bundle's data document) is indexed by the control plane's compiler:
 #   data.agents[<sha256 fingerprint>] -> {id, tenant_id, name, status, metadata, policies}
 #   data.policies[<policy id>]        -> {id, tenant_id, priority, status, mode, timezone,
-#                                         windows, rules, allowed_domains, blocked_domains,
-#                                         rate_limit, custom}
+#                                         windows, rules, rate_limit, custom,
+#                                         allowed_exact, allowed_suffix,
+#                                         blocked_exact, blocked_suffix}
+#   (the domain sets are objects keyed by name: exact names, and the suffixes of
+#   "*.suffix" wildcards without "*.", so a decision looks domains up, never scans lists)
 # Input is built by the filter core (filter/core/src/input.rs): the domain arrives
 # normalised (lower case, no port, no trailing dot), the method upper-cased, and
 # input.time.local[<timezone>] holds the local day and minute for every timezone the
@@ -30,17 +33,21 @@ enforced_policies contains p if {
 
 # === Domains ===
 
-# A pattern matches the domain exactly, or as "*.suffix" for strict subdomains.
-domain_matches(domain, pattern) if pattern == domain
-
-domain_matches(domain, pattern) if {
-	startswith(pattern, "*.")
-	endswith(domain, substring(pattern, 1, -1))
+# The request domain's strict parent suffixes: a.b.example.com -> b.example.com,
+# example.com, com. A "*.suffix" wildcard matches exactly when its suffix is one of them.
+# Computed once per evaluation; its size is the domain's depth, not any list's length.
+domain_suffixes contains concat(".", array.slice(labels, i, count(labels))) if {
+	labels := split(input.request.domain, ".")
+	some i, _ in labels
+	i > 0
 }
 
-listed(domain, patterns) if {
-	some pattern in patterns
-	domain_matches(domain, pattern)
+# The domain is in a policy's index: by exact name, or by a wildcard's suffix.
+listed(exact, _) if exact[input.request.domain]
+
+listed(_, suffix) if {
+	some parent in domain_suffixes
+	suffix[parent]
 }
 
 # === Time windows ===
@@ -169,13 +176,13 @@ rule_verdict(p, rule) := verdict_of(p, false, "rule_denied", rule.id) if {
 
 # Undefined when the policy does not decide this request.
 verdict(p) := verdict_of(p, false, "domain_blocked", null) if {
-	listed(input.request.domain, p.blocked_domains)
+	listed(p.blocked_exact, p.blocked_suffix)
 } else := verdict_of(p, false, reason, null) if {
 	reason := custom_deny(p)
 } else := rule_verdict(p, rule) if {
 	rule := first_rule(p)
 } else := allow_verdict(p, "domain_allowed", null) if {
-	listed(input.request.domain, p.allowed_domains)
+	listed(p.allowed_exact, p.allowed_suffix)
 }
 
 # === Combining policies ===

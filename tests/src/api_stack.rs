@@ -69,6 +69,9 @@ impl ApiStack {
         })
         .await
         .context("starting the control plane")?;
+        crate::stack::register_fleet(&control_plane, crate::stack::FLEET)
+            .await
+            .context("registering the gateway fleet")?;
         let db = sqlx::PgPool::connect(&database_url).await?;
         Ok(Self {
             dir,
@@ -174,7 +177,39 @@ impl ApiStack {
                 201,
             )
             .await?;
-        crate::stack::str_field(&answer.body, "id")
+        let tenant = crate::stack::str_field(&answer.body, "id")?;
+        self.serve_tenant(&tenant).await?;
+        Ok(tenant)
+    }
+
+    /// Adds `tenant` to the gateway fleet [`crate::stack::FLEET`] (registered at start),
+    /// so its changes publish bundles as in a deployment.
+    pub async fn serve_tenant(&self, tenant: &str) -> anyhow::Result<()> {
+        let path = format!("/api/v1/gateways/{}", crate::stack::FLEET);
+        let admin = self.bootstrap();
+        let current = self.send(&admin, Method::GET, &path, None).await?;
+        let mut tenants: Vec<String> = if current.status.is_success() {
+            serde_json::from_value(current.body["tenant_ids"].clone())?
+        } else {
+            Vec::new()
+        };
+        tenants.push(tenant.to_owned());
+        let answer = self
+            .call(Call {
+                token: &admin,
+                method: Method::PUT,
+                path: &path,
+                body: Some(json!({ "tenant_ids": tenants })),
+                if_match: current.etag.as_deref(),
+            })
+            .await?;
+        anyhow::ensure!(
+            answer.status.is_success(),
+            "PUT {path} → {}: {}",
+            answer.status,
+            answer.body
+        );
+        Ok(())
     }
 }
 

@@ -37,6 +37,11 @@ pub struct AuditKeys {
     pub checkpoint_key_id: String,
     /// Periodic checkpoints; 0 (the default here) leaves them to explicit requests.
     pub checkpoint_interval_secs: u64,
+    /// Audit retention (`audit.retention_days`); 0 (the default here) keeps everything, so
+    /// suites with fixed old timestamps are not pruned when a control plane restarts.
+    pub retention_days: u32,
+    /// `audit.maintenance_interval_secs`; 0 (the default here): at start-up only.
+    pub maintenance_interval_secs: u64,
 }
 
 impl AuditKeys {
@@ -54,6 +59,8 @@ impl AuditKeys {
             checkpoint_seed: random_hex32(),
             checkpoint_key_id: id("cp"),
             checkpoint_interval_secs: 0,
+            retention_days: 0,
+            maintenance_interval_secs: 0,
         }
     }
 }
@@ -140,6 +147,11 @@ impl ControlPlane {
         .map_err(|e| anyhow::anyhow!("{e}; see {}", self.config.log.display()))
     }
 
+    /// The process id (for CPU and memory figures).
+    pub fn pid(&self) -> u32 {
+        self.process.pid()
+    }
+
     /// Stops the process (SIGTERM).
     pub fn stop(&mut self) {
         self.process.stop(std::time::Duration::from_secs(5));
@@ -203,6 +215,14 @@ fn spawn(
         .env(
             "APP__AUDIT__CHECKPOINT_INTERVAL_SECS",
             audit_keys.checkpoint_interval_secs.to_string(),
+        )
+        .env(
+            "APP__AUDIT__RETENTION_DAYS",
+            audit_keys.retention_days.to_string(),
+        )
+        .env(
+            "APP__AUDIT__MAINTENANCE_INTERVAL_SECS",
+            audit_keys.maintenance_interval_secs.to_string(),
         );
     Process::spawn("control-plane", cmd, &config.log)
 }

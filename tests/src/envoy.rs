@@ -15,6 +15,8 @@ pub struct Envoy {
 /// Values for the bootstrap template's placeholders.
 pub struct EnvoyConfig<'a> {
     pub node_id: &'a str,
+    /// The gateway fleet (`node.cluster`): which tenants' bundle the control plane sends.
+    pub fleet: &'a str,
     pub cp_grpc_port: u16,
     pub cp_http_port: u16,
     pub upstream_port: u16,
@@ -54,6 +56,7 @@ pub fn render(
     let path = |p: &Path| p.to_string_lossy().into_owned();
     let values = [
         ("NODE_ID", config.node_id.to_owned()),
+        ("FLEET", config.fleet.to_owned()),
         ("ADMIN_PORT", admin_port.to_string()),
         ("LISTEN_PORT", listen_port.to_string()),
         ("CP_GRPC_PORT", config.cp_grpc_port.to_string()),

@@ -13,6 +13,7 @@ pub mod client;
 pub mod control_plane;
 pub mod envoy;
 pub mod jwt;
+pub mod pglite;
 pub mod postgres;
 pub mod process;
 pub mod redis;

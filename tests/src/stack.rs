@@ -11,12 +11,18 @@ use serde_json::{Value, json};
 use std::path::PathBuf;
 use std::sync::Arc;
 
+/// The gateway fleet of the stack's Envoy; [`Stack::create_tenant`] adds every tenant
+/// it creates to it.
+pub const FLEET: &str = "egress";
+
 pub struct StackOptions {
     /// Envoy worker threads.
     pub concurrency: u32,
     /// How long Envoy's listener waits for the first ECDS response.
     pub initial_fetch_timeout: &'static str,
     pub audit_flush_interval_ms: u64,
+    /// The filter module; default [`crate::envoy::wasm`].
+    pub wasm: Option<PathBuf>,
 }
 
 impl Default for StackOptions {
@@ -25,6 +31,7 @@ impl Default for StackOptions {
             concurrency: 2,
             initial_fetch_timeout: "10s",
             audit_flush_interval_ms: 100,
+            wasm: None,
         }
     }
 }
@@ -38,6 +45,7 @@ pub struct Stack {
     pub control_plane: ControlPlane,
     pub envoy: Envoy,
     pub http: reqwest::Client,
+    wasm: PathBuf,
     envoy_concurrency: u32,
     envoy_fetch_timeout: &'static str,
     plain_envoy: bool,
@@ -55,7 +63,7 @@ impl Stack {
             tokio::try_join!(Postgres::shared(), Redis::shared(), Upstream::start())?;
         let database_url = postgres.fresh_database().await?;
         let pki = Pki::new(dir.join("pki"))?;
-        let wasm = crate::envoy::wasm();
+        let wasm = options.wasm.clone().unwrap_or_else(crate::envoy::wasm);
         anyhow::ensure!(
             wasm.exists(),
             "{} not found: run `cargo xtask build-filter`",
@@ -70,8 +78,12 @@ impl Stack {
         })
         .await
         .context("starting the control plane")?;
+        register_fleet(&control_plane, FLEET)
+            .await
+            .context("registering the gateway fleet")?;
         let envoy = Envoy::start(EnvoyConfig {
             node_id: "gateway-1",
+            fleet: FLEET,
             cp_grpc_port: control_plane.grpc_port,
             cp_http_port: control_plane.http_port,
             upstream_port: upstream.port,
@@ -96,6 +108,7 @@ impl Stack {
             control_plane,
             envoy,
             http: crate::client::plain_client()?,
+            wasm,
             envoy_concurrency: options.concurrency,
             envoy_fetch_timeout: options.initial_fetch_timeout,
             plain_envoy: false,
@@ -109,10 +122,11 @@ impl Stack {
     /// its listener is warm, with the time from spawn to ready.
     pub async fn restart_envoy(&mut self) -> anyhow::Result<std::time::Duration> {
         self.envoy.stop();
-        let wasm = crate::envoy::wasm();
+        let wasm = self.wasm.clone();
         let started = std::time::Instant::now();
         self.envoy = Envoy::start(EnvoyConfig {
             node_id: "gateway-1",
+            fleet: FLEET,
             cp_grpc_port: self.control_plane.grpc_port,
             cp_http_port: if self.audit_to_upstream {
                 self.upstream.port
@@ -212,7 +226,15 @@ impl Stack {
         crate::jwt::mint(&self.control_plane.jwt_secret(), role, tenant, 600)
     }
 
+    /// Creates a tenant served by the stack's fleet ([`FLEET`]).
     pub async fn create_tenant(&self, name: &str) -> anyhow::Result<String> {
+        let tenant = self.create_unserved_tenant(name).await?;
+        self.serve_tenant(FLEET, &tenant).await?;
+        Ok(tenant)
+    }
+
+    /// Creates a tenant no gateway fleet serves (yet).
+    pub async fn create_unserved_tenant(&self, name: &str) -> anyhow::Result<String> {
         let tenant = self
             .admin(
                 reqwest::Method::POST,
@@ -223,27 +245,75 @@ impl Stack {
         str_field(&tenant, "id")
     }
 
-    /// Waits until every connected Envoy acknowledged the bundle version the control plane
-    /// publishes now (a 2xx write means "published", not yet "applied by Envoy").
+    /// Sets the tenants gateway fleet `fleet` serves (creating the fleet if needed).
+    pub async fn set_fleet(&self, fleet: &str, tenants: &[&str]) -> anyhow::Result<Value> {
+        self.admin(
+            reqwest::Method::PUT,
+            &format!("/api/v1/gateways/{fleet}"),
+            Some(json!({ "tenant_ids": tenants })),
+        )
+        .await
+    }
+
+    /// Adds `tenant` to the tenants `fleet` serves.
+    pub async fn serve_tenant(&self, fleet: &str, tenant: &str) -> anyhow::Result<()> {
+        let (status, current) = self
+            .admin_raw(
+                reqwest::Method::GET,
+                &format!("/api/v1/gateways/{fleet}"),
+                None,
+            )
+            .await?;
+        let mut tenants: Vec<String> = if status.is_success() {
+            serde_json::from_value(current["tenant_ids"].clone())?
+        } else {
+            Vec::new()
+        };
+        tenants.push(tenant.to_owned());
+        let tenants: Vec<&str> = tenants.iter().map(String::as_str).collect();
+        self.set_fleet(fleet, &tenants).await?;
+        Ok(())
+    }
+
+    /// Starts another Envoy, node `node_id` of gateway fleet `fleet`, wired like the
+    /// stack's own.
+    pub async fn start_envoy(&self, node_id: &str, fleet: &str) -> anyhow::Result<Envoy> {
+        let wasm = self.wasm.clone();
+        Envoy::start(EnvoyConfig {
+            node_id,
+            fleet,
+            cp_grpc_port: self.control_plane.grpc_port,
+            cp_http_port: self.control_plane.http_port,
+            upstream_port: self.upstream.port,
+            ca: &self.pki.ca_path,
+            server_cert: &self.pki.server_cert_path,
+            server_key: &self.pki.server_key_path,
+            wasm: &wasm,
+            initial_fetch_timeout: self.envoy_fetch_timeout,
+            concurrency: self.envoy_concurrency,
+            dir: &self.dir,
+            without_filter: false,
+        })
+        .await
+    }
+
+    /// Waits until every Envoy acknowledged the version the control plane publishes now
+    /// for its fleet (a 2xx write means "published", not yet "applied by Envoy").
     pub async fn wait_envoy_synced(&self) -> anyhow::Result<()> {
         crate::wait_for(
             "envoy on the published bundle",
             std::time::Duration::from_secs(15),
             || async {
-                let ready = self
-                    .admin(reqwest::Method::GET, "/health/ready", None)
-                    .await
-                    .ok()?;
-                let published = ready["bundle_version"].as_i64()?.to_string();
                 let envoys = self
                     .admin(reqwest::Method::GET, "/api/v1/envoys", None)
                     .await
                     .ok()?;
                 let envoys = envoys.as_array()?;
                 (!envoys.is_empty()
-                    && envoys
-                        .iter()
-                        .all(|e| e["acked_version"] == published.as_str()))
+                    && envoys.iter().all(|e| {
+                        e["expected_version"].is_string()
+                            && e["acked_version"] == e["expected_version"]
+                    }))
                 .then_some(())
             },
         )
@@ -335,6 +405,17 @@ impl Stack {
             .send()
             .await?;
         let status = response.status().as_u16();
+        // One decision id per response: the filter's local replies carry their own, the
+        // route copies the request's onto proxied responses (`envoy-config/`).
+        anyhow::ensure!(
+            response
+                .headers()
+                .get_all("x-chronoguard-decision-id")
+                .iter()
+                .count()
+                <= 1,
+            "more than one x-chronoguard-decision-id header"
+        );
         let decision_id = response
             .headers()
             .get("x-chronoguard-decision-id")
@@ -378,6 +459,23 @@ pub struct Reply {
     pub status: u16,
     pub decision_id: Option<String>,
     pub body: Value,
+}
+
+/// Registers gateway fleet `name` (serving no tenant yet) before any Envoy connects.
+pub(crate) async fn register_fleet(control_plane: &ControlPlane, name: &str) -> anyhow::Result<()> {
+    let response = crate::client::plain_client()?
+        .put(control_plane.url(&format!("/api/v1/gateways/{name}")))
+        .bearer_auth(&control_plane.admin_token)
+        .json(&json!({"tenant_ids": []}))
+        .send()
+        .await?;
+    let status = response.status();
+    anyhow::ensure!(
+        status.is_success(),
+        "PUT /api/v1/gateways/{name} → {status}: {}",
+        response.text().await?
+    );
+    Ok(())
 }
 
 pub fn str_field(value: &Value, key: &str) -> anyhow::Result<String> {

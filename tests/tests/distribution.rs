@@ -213,3 +213,305 @@ async fn control_plane_restart_under_traffic_never_lapses() {
     assert!(good > 100);
     assert_eq!(bad, 0, "enforcement never lapsed");
 }
+
+/// `GET https://<domain>/` through `envoy` with `client`: status and deny reason.
+async fn through(
+    envoy: &integration_tests::envoy::Envoy,
+    client: &reqwest::Client,
+    domain: &str,
+) -> (u16, String) {
+    let response = client
+        .get(envoy.url("/"))
+        .header("host", domain)
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    let body: serde_json::Value = response.json().await.unwrap_or_default();
+    (
+        status,
+        body["reason"].as_str().unwrap_or_default().to_owned(),
+    )
+}
+
+/// Envoy's own view of the configuration it runs (the ECDS filter config included).
+async fn config_dump(envoy: &integration_tests::envoy::Envoy) -> String {
+    integration_tests::client::plain_client()
+        .unwrap()
+        .get(envoy.admin("/config_dump"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+async fn node(stack: &Stack, node_id: &str) -> serde_json::Value {
+    let envoys = stack
+        .admin(Method::GET, "/api/v1/envoys", None)
+        .await
+        .unwrap();
+    envoys
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["node_id"] == node_id)
+        .cloned()
+        .unwrap_or_else(|| panic!("no node {node_id} in {envoys}"))
+}
+
+/// Two fleets serving one tenant each: every Envoy receives (and decides for) only the
+/// tenants of its own fleet, moving a tenant between fleets takes effect, and a node of an
+/// unregistered fleet gets the deny-all configuration and an error in the fleet view.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_fleet_receives_only_the_tenants_it_serves() {
+    let stack = Stack::start(StackOptions::default()).await.unwrap();
+    let fleet_a = integration_tests::stack::FLEET;
+    let a = stack.create_tenant("tenant-a").await.unwrap();
+    let b = stack.create_unserved_tenant("tenant-b").await.unwrap();
+    let created = stack.set_fleet("fleet-b", &[&b]).await.unwrap();
+    assert_eq!(created["tenant_ids"], json!([b]));
+    let envoy_b = stack.start_envoy("gateway-b", "fleet-b").await.unwrap();
+    let policy_a = stack
+        .create_policy(&a, "web-a", &["a.example"], &[])
+        .await
+        .unwrap();
+    let policy_b = stack
+        .create_policy(&b, "web-b", &["b.example", "*.b.example"], &[])
+        .await
+        .unwrap();
+    let (_, cert_a) = stack
+        .create_active_agent(&a, "bot-a", &[&policy_a])
+        .await
+        .unwrap();
+    let (_, cert_b) = stack
+        .create_active_agent(&b, "bot-b", &[&policy_b])
+        .await
+        .unwrap();
+    let client_a = stack.agent_client(Some(&cert_a)).unwrap();
+    let client_b = stack.agent_client(Some(&cert_b)).unwrap();
+    let envoy_a = &stack.envoy;
+
+    // Decisions: each gateway knows only its fleet's agents.
+    assert_eq!(
+        through(envoy_a, &client_a, "a.example").await,
+        (200, String::new())
+    );
+    assert_eq!(
+        through(envoy_a, &client_b, "b.example").await,
+        (403, "unknown_agent".into())
+    );
+    assert_eq!(
+        through(&envoy_b, &client_b, "x.b.example").await,
+        (200, String::new())
+    );
+    assert_eq!(
+        through(&envoy_b, &client_a, "a.example").await,
+        (403, "unknown_agent".into())
+    );
+
+    // Delivered configuration: the other tenant's data never reached the gateway.
+    let (dump_a, dump_b) = (config_dump(envoy_a).await, config_dump(&envoy_b).await);
+    assert!(dump_a.contains(&cert_a.fingerprint) && dump_a.contains(&policy_a));
+    assert!(
+        !dump_a.contains(&cert_b.fingerprint)
+            && !dump_a.contains(&policy_b)
+            && !dump_a.contains(&b)
+    );
+    assert!(dump_b.contains(&cert_b.fingerprint) && dump_b.contains(&policy_b));
+    assert!(
+        !dump_b.contains(&cert_a.fingerprint)
+            && !dump_b.contains(&policy_a)
+            && !dump_b.contains(&a)
+    );
+
+    // The control plane's view: fleets, versions, no errors.
+    let (node_a, node_b) = (
+        node(&stack, "gateway-1").await,
+        node(&stack, "gateway-b").await,
+    );
+    assert_eq!(
+        (node_a["fleet"].as_str(), node_b["fleet"].as_str()),
+        (Some(fleet_a), Some("fleet-b"))
+    );
+    for n in [&node_a, &node_b] {
+        assert!(n["error"].is_null(), "{n}");
+        assert_eq!(n["acked_version"], n["expected_version"], "{n}");
+    }
+    assert_ne!(node_a["acked_version"], node_b["acked_version"]);
+    let fleet_b = stack
+        .admin(Method::GET, "/api/v1/gateways/fleet-b", None)
+        .await
+        .unwrap();
+    assert_eq!(fleet_b["connected_envoys"], 1, "{fleet_b}");
+    let version_b = fleet_b["bundle_version"].as_i64().unwrap();
+    assert_eq!(node_b["acked_version"], version_b.to_string().as_str());
+
+    // Admin API errors: problem JSON, nothing written.
+    let put = |path: &str, body: serde_json::Value, if_match: Option<&str>| {
+        let mut request = stack
+            .http
+            .put(stack.control_plane.url(path))
+            .bearer_auth(&stack.control_plane.admin_token)
+            .json(&body);
+        if let Some(tag) = if_match {
+            request = request.header("if-match", tag);
+        }
+        async move {
+            let response = request.send().await.unwrap();
+            let status = response.status().as_u16();
+            let kind = response
+                .headers()
+                .get("content-type")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_owned();
+            assert!(
+                status < 300 || kind.starts_with("application/problem+json"),
+                "{status} {kind}"
+            );
+            status
+        }
+    };
+    let unknown_tenant = uuid::Uuid::new_v4().to_string();
+    assert_eq!(
+        put("/api/v1/gateways/fleet-b", json!({"tenant_ids": []}), None).await,
+        428
+    );
+    assert_eq!(
+        put(
+            "/api/v1/gateways/fleet-b",
+            json!({"tenant_ids": []}),
+            Some("\"99\"")
+        )
+        .await,
+        412
+    );
+    assert_eq!(
+        put(
+            "/api/v1/gateways/fleet-b",
+            json!({"tenant_ids": [unknown_tenant]}),
+            Some("\"1\"")
+        )
+        .await,
+        422
+    );
+    assert_eq!(
+        put(
+            "/api/v1/gateways/bad%20name",
+            json!({"tenant_ids": []}),
+            None
+        )
+        .await,
+        400
+    );
+    assert_eq!(
+        put("/api/v1/gateways/x", json!({"tenants": []}), None).await,
+        400
+    );
+    assert_eq!(
+        put(
+            "/api/v1/gateways/ghost",
+            json!({"tenant_ids": []}),
+            Some("\"1\"")
+        )
+        .await,
+        412
+    );
+    let unchanged = stack
+        .admin(Method::GET, "/api/v1/gateways/fleet-b", None)
+        .await
+        .unwrap();
+    assert_eq!(
+        (unchanged["version"].as_i64(), &unchanged["tenant_ids"]),
+        (Some(1), &json!([b]))
+    );
+    let missing = stack
+        .admin_raw(Method::GET, "/api/v1/gateways/ghost", None)
+        .await
+        .unwrap();
+    assert_eq!(missing.0, 404);
+    let (conflict, _) = stack
+        .admin_raw(Method::DELETE, "/api/v1/gateways/fleet-b", None)
+        .await
+        .unwrap();
+    assert_eq!(
+        conflict, 409,
+        "a fleet with connected Envoys is not deleted by accident"
+    );
+
+    // Move tenant B to fleet A.
+    stack.set_fleet(fleet_a, &[&a, &b]).await.unwrap();
+    stack.set_fleet("fleet-b", &[]).await.unwrap();
+    stack.wait_envoy_synced().await.unwrap();
+    assert_eq!(
+        through(envoy_a, &client_b, "b.example").await,
+        (200, String::new())
+    );
+    assert_eq!(
+        through(envoy_a, &client_a, "a.example").await,
+        (200, String::new())
+    );
+    assert_eq!(
+        through(&envoy_b, &client_b, "b.example").await,
+        (403, "unknown_agent".into())
+    );
+    let dump_b = config_dump(&envoy_b).await;
+    assert!(!dump_b.contains(&cert_b.fingerprint) && !dump_b.contains(&policy_b));
+    assert!(config_dump(envoy_a).await.contains(&cert_b.fingerprint));
+    let moved = node(&stack, "gateway-b").await;
+    let moved_version: i64 = moved["acked_version"].as_str().unwrap().parse().unwrap();
+    assert!(
+        moved_version > version_b,
+        "fleet versions only go up: {moved}"
+    );
+
+    // A gateway of an unregistered fleet: deny-all, no tenant data, a clear error.
+    let stray = stack
+        .start_envoy("gateway-stray", "no-such-fleet")
+        .await
+        .unwrap();
+    assert_eq!(
+        through(&stray, &client_a, "a.example").await,
+        (403, "not_configured".into())
+    );
+    let dump = config_dump(&stray).await;
+    assert!(!dump.contains(&cert_a.fingerprint) && !dump.contains(&cert_b.fingerprint));
+    stack.wait_envoy_synced().await.unwrap();
+    let stray_node = node(&stack, "gateway-stray").await;
+    assert_eq!(stray_node["fleet"], "no-such-fleet");
+    assert_eq!(stray_node["acked_version"], "deny-all");
+    assert!(
+        stray_node["error"]
+            .as_str()
+            .unwrap()
+            .contains("not registered"),
+        "{stray_node}"
+    );
+    // Registering its fleet takes effect without restarting it.
+    stack.set_fleet("no-such-fleet", &[&a]).await.unwrap();
+    stack.wait_envoy_synced().await.unwrap();
+    assert_eq!(
+        through(&stray, &client_a, "a.example").await,
+        (200, String::new())
+    );
+    assert_eq!(
+        through(&stray, &client_b, "b.example").await,
+        (403, "unknown_agent".into())
+    );
+    assert!(node(&stack, "gateway-stray").await["error"].is_null());
+
+    // Deleting a fleet (forced, its Envoy is connected) fails its gateways closed.
+    let (deleted, _) = stack
+        .admin_raw(Method::DELETE, "/api/v1/gateways/fleet-b?force=true", None)
+        .await
+        .unwrap();
+    assert_eq!(deleted, 204);
+    stack.wait_envoy_synced().await.unwrap();
+    assert_eq!(
+        through(&envoy_b, &client_b, "b.example").await,
+        (403, "not_configured".into())
+    );
+    drop((envoy_b, stray));
+}

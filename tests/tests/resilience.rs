@@ -22,6 +22,7 @@ async fn envoy_without_control_plane_fails_closed() {
     );
     let envoy = Envoy::start(EnvoyConfig {
         node_id: "isolated",
+        fleet: integration_tests::stack::FLEET,
         cp_grpc_port: grpc,
         cp_http_port: http,
         upstream_port: upstream.port,

@@ -18,12 +18,15 @@ usage: cargo xtask <command> [args]
 commands:
   setup          install/verify the toolchain: wasm32-wasip1 target, postgres 15, redis,
                  binaryen (wasm-opt), wrk, and envoy 1.40 in target/tools (idempotent)
-  build-filter   build filter-wasm for wasm32-wasip1 and optimise it into
+  build-filter [--stage S]
+                 build filter-wasm for wasm32-wasip1 and optimise it into
                  target/filter/chronoguard.wasm
   ci             setup, fmt check, clippy (host + wasm), unit tests, build-filter and
                  the end-to-end tests, with per-step timings
   demo           setup + build-filter, then run the interactive chronoguard-demo
-  bench [args]   setup + build-filter, then run chronoguard-bench (args are forwarded)
+  bench [args]   setup + build-filter (+ stage builds, --stages all|none|a,b), then run chronoguard-bench (other args are forwarded)
+                 --only audit: chronoguard-audit-bench alone (args forwarded); --only filter:
+                 the filter bench alone; default: the audit bench, then the filter bench
   tidy           check that every .rs file starts with a `//!` doc comment
   help           show this text
 ";
@@ -38,9 +41,15 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Some("setup") => no_args("setup", &rest).and_then(|()| setup::setup()),
-        Some("build-filter") => {
-            no_args("build-filter", &rest).and_then(|()| build_filter::build_filter().map(|_| ()))
-        }
+        Some("build-filter") => match rest.as_slice() {
+            [] => build_filter::build_filter().map(|_| ()),
+            [flag, stage] if flag == "--stage" => {
+                build_filter::build_filter_stage(stage).map(|_| ())
+            }
+            _ => Err(anyhow::anyhow!(
+                "usage: cargo xtask build-filter [--stage STAGE]"
+            )),
+        },
         Some("ci") => no_args("ci", &rest).and_then(|()| ci::ci()),
         Some("demo") => no_args("demo", &rest).and_then(|()| run::demo()),
         Some("bench") => run::bench(&rest),

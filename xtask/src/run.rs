@@ -23,8 +23,40 @@ pub fn demo() -> Result<()> {
     hand_over(cmd)
 }
 
-/// Runs the load benchmark, forwarding `args` to it.
+/// The request-path stages priced one by one against plain Envoy (`--stages`; see
+/// `filter/wasm/src/http.rs`).
+const STAGES: &[&str] = &["noop", "facts", "decide", "limit", "audit"];
+
+/// Runs the load benchmark, forwarding `args` to it (except `--stages all|none|a,b`).
 pub fn bench(args: &[String]) -> Result<()> {
+    let mut args = args.to_vec();
+    // `--only audit`: the audit benchmark alone, the other args go to it; `--only filter`:
+    // the filter benchmark alone; neither: the audit one (default args), then the filter one.
+    match take_value(&mut args, "--only").as_deref() {
+        Some("audit") => return audit_bench(&args),
+        None => audit_bench(&[])?,
+        Some("filter") => {}
+        Some(other) => anyhow::bail!("--only takes `filter` or `audit`, not `{other}`"),
+    }
+    let stages: Vec<String> = match args.iter().position(|a| a == "--stages") {
+        Some(i) if i + 1 < args.len() => {
+            let list = args.remove(i + 1);
+            args.remove(i);
+            match list.as_str() {
+                "all" => STAGES.iter().map(|s| (*s).to_owned()).collect(),
+                "none" => Vec::new(),
+                list => list.split(',').map(str::to_owned).collect(),
+            }
+        }
+        _ => STAGES.iter().map(|s| (*s).to_owned()).collect(),
+    };
+    setup::setup()?;
+    // Stage builds first: the real module, built last, is the one left in place.
+    let mut built = Vec::new();
+    for stage in &stages {
+        let path = build_filter::build_filter_stage(stage)?;
+        built.push(format!("{stage}={}", path.display()));
+    }
     prepare()?;
     // The control plane runs optimised too: propagation figures include its bundle
     // compile and validation.
@@ -38,6 +70,7 @@ pub fn bench(args: &[String]) -> Result<()> {
         "--bins",
     ]))?;
     let mut cmd = cargo_with_e2e_env();
+    cmd.env("CHRONOGUARD_BENCH_STAGES", built.join(","));
     cmd.env(
         "CHRONOGUARD_CONTROL_PLANE",
         crate::util::target_dir().join("bench-tools/chronoguard-control-plane"),
@@ -53,8 +86,49 @@ pub fn bench(args: &[String]) -> Result<()> {
         "chronoguard-bench",
         "--",
     ])
-    .args(args);
+    .args(&args);
     hand_over(cmd)
+}
+
+/// Audit ingest, export and offline verification throughput against baselines measured
+/// in the same run (`tests/src/bin/audit_bench.rs`); needs no filter build.
+fn audit_bench(args: &[String]) -> Result<()> {
+    setup::setup()?;
+    run(cargo().args([
+        "build",
+        "-q",
+        "--profile",
+        "bench-tools",
+        "-p",
+        "control-plane",
+        "--bins",
+    ]))?;
+    let mut cmd = cargo();
+    cmd.env(
+        "CHRONOGUARD_CONTROL_PLANE",
+        crate::util::target_dir().join("bench-tools/chronoguard-control-plane"),
+    );
+    cmd.args([
+        "run",
+        "--profile",
+        "bench-tools",
+        "-q",
+        "-p",
+        "integration-tests",
+        "--bin",
+        "chronoguard-audit-bench",
+        "--",
+    ])
+    .args(args);
+    run(&mut cmd)
+}
+
+/// Removes `flag VALUE` from `args`, returning the value.
+fn take_value(args: &mut Vec<String>, flag: &str) -> Option<String> {
+    let i = args.iter().position(|a| a == flag)?;
+    let value = args.get(i + 1).cloned();
+    args.drain(i..(i + 2).min(args.len()));
+    value
 }
 
 fn prepare() -> Result<()> {

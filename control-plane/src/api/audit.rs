@@ -6,10 +6,10 @@ pub mod analytics;
 use super::auth::AuditReader;
 use super::{Admin, ApiError, Ingest, Json};
 use crate::app::AppState;
-use crate::audit::chain::{Outcome, Verifier};
+use crate::audit::chain::Outcome;
 use crate::audit::checkpoint::{Checkpoint, PublicKey};
 use crate::audit::export::{CSV_HEADER, ExportRecord};
-use crate::audit::{checkpointer, ingest};
+use crate::audit::{checkpointer, ingest, retention};
 use crate::storage::audit::{self as store, Appended, EntryFilter};
 use axum::body::{Body, Bytes};
 use axum::extract::{FromRequestParts, State};
@@ -110,55 +110,46 @@ pub struct VerifyResult {
     tenant_id: Uuid,
     from_sequence: i64,
     head_sequence: Option<i64>,
+    /// The signed checkpoint verification started from: the retention anchor (older
+    /// entries were dropped) or `from_sequence - 1`; null when it started at sequence 1.
+    anchored_at_checkpoint: Option<i64>,
     #[serde(flatten)]
     outcome: Outcome,
 }
 
-/// `GET /api/v1/audit/verify?tenant_id=…`: recomputes the tenant's chain from the start,
-/// checks every entry's HMAC with the configured keys and pins it to the stored
-/// checkpoints (whose signatures must verify with the trusted public keys). With
-/// `from_sequence`, starts after the checkpoint just before it.
+/// `GET /api/v1/audit/verify?tenant_id=…`: recomputes the tenant's chain, checks every
+/// entry's HMAC with the configured keys and pins it to the stored checkpoints (whose
+/// signatures must verify with the trusted public keys). After retention dropped older
+/// entries it starts from the signed checkpoint at the chain's retention anchor; with
+/// `from_sequence`, from the checkpoint just before it.
 pub async fn verify(
     _: AuditReader,
     State(state): State<AppState>,
     Params(query): Params<VerifyQuery>,
 ) -> Result<axum::Json<VerifyResult>, ApiError> {
-    let pool = &state.store.pool;
-    // Head and checkpoints first: whatever they cover was committed before the entries
-    // are read, so concurrent ingest cannot produce a false alarm.
-    let head = store::head(pool, query.tenant_id).await?;
-    let checkpoints = store::checkpoints(pool, query.tenant_id).await?;
-    let from = query.from_sequence.unwrap_or(1);
-    let start = if from <= 1 {
-        Verifier::new()
-    } else {
-        checkpoints
-            .iter()
-            .find(|cp| cp.sequence_number == from - 1)
-            .and_then(|cp| Verifier::after_checkpoint(cp, &state.audit.trusted))
-            .ok_or_else(|| {
-                ApiError::field(
-                    "from_sequence",
-                    "there is no valid signed checkpoint at from_sequence - 1 to start from",
-                )
-            })?
-    };
-    let mut verifier = start
-        .with_keys(state.audit.hmac.clone())
-        .with_checkpoints(&checkpoints, &state.audit.trusted);
-    store::for_each_entry(pool, query.tenant_id, from.max(1), |entry| {
-        verifier.push(&entry)
-    })
-    .await?;
-    let outcome = verifier.finish(head);
+    let verification = retention::verify_tenant(
+        &state.store.pool,
+        &state.audit,
+        query.tenant_id,
+        query.from_sequence,
+    )
+    .await?
+    .ok_or_else(|| {
+        ApiError::field(
+            "from_sequence",
+            "there is no valid signed checkpoint at from_sequence - 1 to start from",
+        )
+    })?;
+    let outcome = verification.outcome;
     if !outcome.ok {
         tracing::warn!(tenant_id = %query.tenant_id, problem = ?outcome.problem,
             first_bad_sequence = ?outcome.first_bad_sequence, "audit chain verification failed");
     }
     Ok(axum::Json(VerifyResult {
         tenant_id: query.tenant_id,
-        from_sequence: from.max(1),
-        head_sequence: head,
+        from_sequence: verification.from_sequence,
+        head_sequence: verification.head_sequence,
+        anchored_at_checkpoint: verification.anchored_at_checkpoint,
         outcome,
     }))
 }

@@ -1,6 +1,6 @@
 //! Prometheus metrics of the REST API at `/metrics` (text exposition format 0.0.4):
 //! requests and their latency by route template, method and status, the database pool,
-//! the published bundle version and the connected Envoys.
+//! the published bundle version, the connected Envoys and audit storage maintenance.
 //!
 //! Labels are route templates (`/api/v1/agents/{id}`), never raw paths, so the series
 //! stay bounded and carry no ids. The endpoint holds no tenant data and needs no token;
@@ -114,7 +114,7 @@ pub async fn render(State(state): State<AppState>) -> impl IntoResponse {
         );
     }
     let pool = &state.store.pool;
-    let bundle = state.publisher.current().map(|s| s.version).unwrap_or(0);
+    let bundle = state.publisher.latest_version().unwrap_or(0);
     let _ = write!(
         out,
         "# HELP chronoguard_db_pool_connections Open database connections.\n\
@@ -142,7 +142,7 @@ pub async fn render(State(state): State<AppState>) -> impl IntoResponse {
         pool.num_idle(),
         state
             .registry
-            .list()
+            .list(None)
             .iter()
             .filter(|e| e.connected_streams > 0)
             .count(),
@@ -156,10 +156,43 @@ pub async fn render(State(state): State<AppState>) -> impl IntoResponse {
             .load(std::sync::atomic::Ordering::Relaxed),
         state
             .registry
-            .list()
+            .list(None)
             .iter()
             .map(|e| e.nacks_total)
             .sum::<u64>(),
+    );
+    let audit = &crate::audit::retention::COUNTERS;
+    let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+    let _ = write!(
+        out,
+        "# HELP chronoguard_audit_maintenance_runs_total Audit storage maintenance runs completed (start-up and periodic).\n\
+         # TYPE chronoguard_audit_maintenance_runs_total counter\n\
+         chronoguard_audit_maintenance_runs_total {}\n\
+         # HELP chronoguard_audit_maintenance_failures_total Audit storage maintenance runs that failed (retried at the next run).\n\
+         # TYPE chronoguard_audit_maintenance_failures_total counter\n\
+         chronoguard_audit_maintenance_failures_total {}\n\
+         # HELP chronoguard_audit_partitions_created_total Weekly audit partitions created (plain PostgreSQL).\n\
+         # TYPE chronoguard_audit_partitions_created_total counter\n\
+         chronoguard_audit_partitions_created_total {}\n\
+         # HELP chronoguard_audit_rows_moved_total Audit rows moved out of the default partition into their week.\n\
+         # TYPE chronoguard_audit_rows_moved_total counter\n\
+         chronoguard_audit_rows_moved_total {}\n\
+         # HELP chronoguard_audit_ranges_dropped_total Audit partitions or chunks dropped past retention.\n\
+         # TYPE chronoguard_audit_ranges_dropped_total counter\n\
+         chronoguard_audit_ranges_dropped_total {}\n\
+         # HELP chronoguard_audit_retention_anchors_signed_total Checkpoints signed to anchor chains before a drop.\n\
+         # TYPE chronoguard_audit_retention_anchors_signed_total counter\n\
+         chronoguard_audit_retention_anchors_signed_total {}\n\
+         # HELP chronoguard_audit_retention_refused_total Ranges kept past retention because a chain in them does not verify or cannot be anchored: alert on any increase.\n\
+         # TYPE chronoguard_audit_retention_refused_total counter\n\
+         chronoguard_audit_retention_refused_total {}\n",
+        load(&audit.runs),
+        load(&audit.failures),
+        load(&audit.partitions_created),
+        load(&audit.rows_moved),
+        load(&audit.ranges_dropped),
+        load(&audit.anchors_signed),
+        load(&audit.ranges_refused),
     );
     (
         [(

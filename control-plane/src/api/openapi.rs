@@ -5,7 +5,7 @@
 //! are described here. Every operation gets the shared problem+json error responses. A
 //! test checks that every route the router registers (read from `api.rs`) is documented.
 
-use super::resources;
+use super::{gateways, resources};
 use axum::http::header;
 use axum::response::IntoResponse;
 use serde::Serialize;
@@ -54,6 +54,10 @@ pub struct ProblemField {
         resources::create_tenant,
         resources::list_tenants,
         resources::get_tenant,
+        gateways::list_gateways,
+        gateways::get_gateway,
+        gateways::put_gateway,
+        gateways::delete_gateway,
         resources::create_agent,
         resources::list_agents,
         resources::get_agent,
@@ -88,6 +92,7 @@ pub struct ProblemField {
     security(("bearer" = [])),
     tags(
         (name = "tenants", description = "platform administrators"),
+        (name = "gateways", description = "gateway fleets and the tenants each serves (platform administrators); optimistic locking with ETag/If-Match"),
         (name = "agents", description = "agents and their certificates; optimistic locking with ETag/If-Match"),
         (name = "policies", description = "domain policies; optimistic locking with ETag/If-Match"),
         (name = "evaluation", description = "dry-run decisions with the filter's own engine"),
@@ -214,7 +219,7 @@ fn health_live() {}
 fn health_ready() {}
 
 #[utoipa::path(get, path = "/api/v1/envoys", tag = "operations",
-    responses((status = 200, description = "the Envoy gateways connected over ECDS", body = Value)))]
+    responses((status = 200, description = "the Envoy gateways seen over ECDS: node id, fleet (node.cluster), versions sent, acknowledged and expected, last NACK, and an error when the node's fleet is not registered", body = Value)))]
 #[allow(dead_code)]
 fn envoys() {}
 
@@ -227,8 +232,11 @@ fn envoys() {}
 fn audit_batches() {}
 
 #[utoipa::path(get, path = "/api/v1/audit/verify", tag = "audit",
-    params(("tenant_id" = uuid::Uuid, Query, description = "the chain to verify")),
-    responses((status = 200, description = "the chain verdict", body = Value)))]
+    description = "Recomputes the chain, checks HMACs and checkpoints. After retention dropped older entries it starts from the signed checkpoint at the chain's retention anchor (`anchored_at_checkpoint`).",
+    params(("tenant_id" = uuid::Uuid, Query, description = "the chain to verify"),
+           ("from_sequence" = Option<i64>, Query, description = "start here, from the signed checkpoint at from_sequence - 1 (422 when there is none)")),
+    responses((status = 200, description = "the chain verdict", body = Value),
+              (status = 422, description = "no valid signed checkpoint at from_sequence - 1", body = Value)))]
 #[allow(dead_code)]
 fn audit_verify() {}
 

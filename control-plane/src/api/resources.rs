@@ -67,7 +67,10 @@ pub async fn create_tenant(
             resource_id: Some(tenant.id),
             actor: &who.subject,
             version: 1,
-            bundle_version: state.publisher.current().map(|s| s.version),
+            bundle_version: state
+                .publisher
+                .current()
+                .and_then(|p| p.version_for_tenant(tenant.id)),
         },
     )
     .await;
@@ -790,7 +793,10 @@ fn evaluate(
 
 /// Appends an admin change to the tenant's audit chain. The write is already committed:
 /// a failure here is logged, not turned into an error.
-async fn record_admin_change(state: &AppState, change: crate::audit::admin::AdminChange<'_>) {
+pub(super) async fn record_admin_change(
+    state: &AppState,
+    change: crate::audit::admin::AdminChange<'_>,
+) {
     let now_ns = Utc::now().timestamp_nanos_opt().unwrap_or_default();
     let entry = crate::audit::admin::batch(&change, now_ns);
     if let Err(err) =
@@ -800,8 +806,9 @@ async fn record_admin_change(state: &AppState, change: crate::audit::admin::Admi
     }
 }
 
-/// After a committed write: rebuilds and publishes the bundle, then tells the tenant's
-/// event subscribers about the change (and about the new bundle version, if any).
+/// After a committed write: rebuilds and publishes the bundles, then tells the tenant's
+/// event subscribers about the change (and about the new version of the bundle carrying
+/// the tenant, if any: the highest among the fleets serving it).
 async fn changed(
     state: &AppState,
     who: &Principal,
@@ -810,7 +817,10 @@ async fn changed(
     id: Option<Uuid>,
     version: i64,
 ) -> Result<(), ApiError> {
-    let before = state.publisher.current().map(|s| s.version);
+    let before = state
+        .publisher
+        .current()
+        .and_then(|p| p.version_for_tenant(tenant));
     let rebuilt = state.publisher.rebuild().await;
     // The change goes into the tenant's audit chain, next to the request decisions.
     record_admin_change(
@@ -821,11 +831,14 @@ async fn changed(
             resource_id: id,
             actor: &who.subject,
             version,
-            bundle_version: rebuilt.as_ref().ok().map(|s| s.version),
+            bundle_version: rebuilt
+                .as_ref()
+                .ok()
+                .and_then(|p| p.version_for_tenant(tenant)),
         },
     )
     .await;
-    let snapshot = rebuilt?;
+    let after = rebuilt?.version_for_tenant(tenant);
     let event = |kind, id, version| Event {
         kind,
         tenant_id: tenant,
@@ -835,8 +848,10 @@ async fn changed(
         at: Utc::now(),
     };
     events::publish(event(kind, id, version));
-    if before != Some(snapshot.version) {
-        events::publish(event("bundle.published", None, snapshot.version));
+    if let Some(version) = after
+        && before != after
+    {
+        events::publish(event("bundle.published", None, version));
     }
     Ok(())
 }
@@ -851,7 +866,7 @@ pub struct Tagged<T> {
 // === impl Tagged ===
 
 impl<T> Tagged<T> {
-    fn ok(version: i64, body: T) -> Self {
+    pub(super) fn ok(version: i64, body: T) -> Self {
         Self {
             status: StatusCode::OK,
             version,
@@ -859,7 +874,7 @@ impl<T> Tagged<T> {
         }
     }
 
-    fn created(version: i64, body: T) -> Self {
+    pub(super) fn created(version: i64, body: T) -> Self {
         Self {
             status: StatusCode::CREATED,
             version,
@@ -887,7 +902,7 @@ fn visible(who: &Principal, tenant: Uuid) -> Result<(), ApiError> {
 }
 
 /// The version named by `If-Match` (a strong ETag such as `"3"`): 428 without one.
-fn if_match(headers: &HeaderMap) -> Result<i64, ApiError> {
+pub(super) fn if_match(headers: &HeaderMap) -> Result<i64, ApiError> {
     let value = headers.get(header::IF_MATCH).ok_or_else(|| {
         ApiError::PreconditionRequired(
             "this update needs an If-Match header with the resource's ETag".into(),
@@ -908,7 +923,7 @@ fn if_match(headers: &HeaderMap) -> Result<i64, ApiError> {
         })
 }
 
-fn stale(what: &str, expected: i64, current: i64) -> ApiError {
+pub(super) fn stale(what: &str, expected: i64, current: i64) -> ApiError {
     ApiError::PreconditionFailed(format!(
         "the {what} changed: If-Match names version {expected}, the current version is {current}"
     ))

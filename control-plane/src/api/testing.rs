@@ -23,9 +23,9 @@ pub async fn publish_unvalidated(
     if !state.settings.testing.hooks {
         return Err(ApiError::NotFound);
     }
-    let snapshot = state
+    let published = state
         .publisher
         .publish_unvalidated(body.plugin_config)
         .await?;
-    Ok(axum::Json(json!({"version": snapshot.version})))
+    Ok(axum::Json(json!({"version": published.latest_version()})))
 }

@@ -48,49 +48,225 @@ pub struct StoredEntry {
     pub signature: Option<EntrySignature>,
 }
 
+/// The chained fields of one entry, borrowed: what hashing needs, so ingest and the
+/// offline verifier hash straight from what they parsed, without owning copies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EntryFields<'a> {
+    pub tenant_id: Uuid,
+    pub sequence_number: i64,
+    pub entry_id: Uuid,
+    pub timestamp_ns: i64,
+    pub kind: &'a str,
+    pub agent_id: Option<Uuid>,
+    pub agent_fingerprint: &'a str,
+    pub agent_subject: &'a str,
+    pub domain: &'a str,
+    pub method: &'a str,
+    pub path: &'a str,
+    pub user_agent: &'a str,
+    pub source_ip: &'a str,
+    pub decision: &'a str,
+    pub reason: &'a str,
+    pub policy_id: Option<&'a str>,
+    pub config_version: &'a str,
+}
+
 // === impl ChainEntry ===
 
 impl ChainEntry {
-    /// The canonical encoding: the version byte, then each field as a presence byte
-    /// (0 = null, 1 = present) followed, when present, by its UTF-8 length as u32
-    /// big-endian and the bytes. Ids are lower-case hyphenated UUIDs, integers decimal.
+    /// The borrowed view of the chained fields.
+    pub fn fields(&self) -> EntryFields<'_> {
+        EntryFields {
+            tenant_id: self.tenant_id,
+            sequence_number: self.sequence_number,
+            entry_id: self.entry_id,
+            timestamp_ns: self.timestamp_ns,
+            kind: &self.kind,
+            agent_id: self.agent_id,
+            agent_fingerprint: &self.agent_fingerprint,
+            agent_subject: &self.agent_subject,
+            domain: &self.domain,
+            method: &self.method,
+            path: &self.path,
+            user_agent: &self.user_agent,
+            source_ip: &self.source_ip,
+            decision: &self.decision,
+            reason: &self.reason,
+            policy_id: self.policy_id.as_deref(),
+            config_version: &self.config_version,
+        }
+    }
+
+    /// The canonical encoding (see [`EntryFields::write_canonical`]).
     pub fn canonical_bytes(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(256);
-        out.push(CANONICAL_VERSION);
-        let tenant = self.tenant_id.hyphenated().to_string();
-        let sequence = self.sequence_number.to_string();
-        let entry_id = self.entry_id.hyphenated().to_string();
-        let timestamp = self.timestamp_ns.to_string();
-        let agent = self.agent_id.map(|id| id.hyphenated().to_string());
-        let fields: [Option<&str>; 17] = [
-            Some(&tenant),
-            Some(&sequence),
-            Some(&entry_id),
-            Some(&timestamp),
-            Some(&self.kind),
-            agent.as_deref(),
-            Some(&self.agent_fingerprint),
-            Some(&self.agent_subject),
-            Some(&self.domain),
-            Some(&self.method),
-            Some(&self.path),
-            Some(&self.user_agent),
-            Some(&self.source_ip),
-            Some(&self.decision),
-            Some(&self.reason),
-            self.policy_id.as_deref(),
-            Some(&self.config_version),
-        ];
-        encode_fields(&mut out, &fields);
+        self.fields().write_canonical(&mut out);
         out
     }
 
     /// This entry's hash when linked after `previous`.
     pub fn link(&self, previous: &[u8; 32]) -> [u8; 32] {
-        let mut hasher = Sha256::new();
-        hasher.update(self.canonical_bytes());
-        hasher.update(previous);
-        hasher.finalize().into()
+        self.fields().link(previous, &mut Vec::with_capacity(256))
+    }
+}
+
+// === impl EntryFields ===
+
+impl EntryFields<'_> {
+    /// Appends the canonical encoding to `out`: the version byte, then each field as a
+    /// presence byte (0 = null, 1 = present) followed, when present, by its UTF-8 length as
+    /// u32 big-endian and the bytes. Ids are lower-case hyphenated UUIDs, integers decimal.
+    /// Nothing is allocated besides `out` growing.
+    pub fn write_canonical(&self, out: &mut Vec<u8>) {
+        out.push(CANONICAL_VERSION);
+        let mut uuid = Uuid::encode_buffer();
+        let mut digits = [0u8; 20];
+        put(
+            out,
+            Some(self.tenant_id.hyphenated().encode_lower(&mut uuid)),
+        );
+        put(out, Some(decimal(self.sequence_number, &mut digits)));
+        put(
+            out,
+            Some(self.entry_id.hyphenated().encode_lower(&mut uuid)),
+        );
+        put(out, Some(decimal(self.timestamp_ns, &mut digits)));
+        put(out, Some(self.kind));
+        match self.agent_id {
+            Some(agent) => put(out, Some(agent.hyphenated().encode_lower(&mut uuid))),
+            None => put(out, None),
+        }
+        for field in [
+            self.agent_fingerprint,
+            self.agent_subject,
+            self.domain,
+            self.method,
+            self.path,
+            self.user_agent,
+            self.source_ip,
+            self.decision,
+            self.reason,
+        ] {
+            put(out, Some(field));
+        }
+        put(out, self.policy_id);
+        put(out, Some(self.config_version));
+    }
+
+    /// This entry's hash when linked after `previous`; `scratch` is a reusable buffer.
+    pub fn link(&self, previous: &[u8; 32], scratch: &mut Vec<u8>) -> [u8; 32] {
+        scratch.clear();
+        self.write_canonical(scratch);
+        scratch.extend_from_slice(previous);
+        Sha256::digest(&scratch[..]).into()
+    }
+}
+
+/// `value` in decimal (as `i64::to_string` writes it) in `buf`.
+fn decimal(value: i64, buf: &mut [u8; 20]) -> &str {
+    let mut n = value.unsigned_abs();
+    let mut at = buf.len();
+    loop {
+        at -= 1;
+        buf[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    if value < 0 {
+        // u64::MAX has 20 digits but |i64::MIN| only 19, so there is room for the sign.
+        at -= 1;
+        buf[at] = b'-';
+    }
+    std::str::from_utf8(&buf[at..]).unwrap_or_default()
+}
+
+/// One field of the encoding of `docs/audit-chain.md`.
+fn put(out: &mut Vec<u8>, field: Option<&str>) {
+    match field {
+        None => out.push(0),
+        Some(text) => {
+            out.push(1);
+            let len = u32::try_from(text.len()).unwrap_or(u32::MAX);
+            out.extend_from_slice(&len.to_be_bytes());
+            out.extend_from_slice(text.as_bytes());
+        }
+    }
+}
+
+/// What one entry shows on its own, independent of the entries before it: its links
+/// decoded, whether its content hashes to its stored hash (given its stored previous
+/// hash), and its signature. Computed by [`EntryChecker::check`], possibly on many threads;
+/// [`Verifier::push_checked`] then checks the links in order, which is cheap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EntryCheck {
+    pub sequence_number: i64,
+    /// `(previous_hash, current_hash)`, `None` when either is not 64 hex digits.
+    links: Option<([u8; 32], [u8; 32])>,
+    content_ok: bool,
+    signature: SignatureState,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SignatureState {
+    Unsigned,
+    /// Signed, and the checker holds no keys.
+    NotChecked,
+    Checked(SignatureCheck),
+}
+
+/// Checks entries on their own (see [`EntryCheck`]); cheap to clone, `Send + Sync`.
+#[derive(Debug, Clone, Default)]
+pub struct EntryChecker {
+    keys: Option<HmacKeyring>,
+}
+
+impl EntryChecker {
+    /// `signature` is `(key_id, mac_hex)`; half a signature is passed as `None`.
+    /// `scratch` is a reusable buffer.
+    pub fn check(
+        &self,
+        fields: &EntryFields<'_>,
+        previous_hash: &str,
+        current_hash: &str,
+        signature: Option<(&str, &str)>,
+        scratch: &mut Vec<u8>,
+    ) -> EntryCheck {
+        let links = decode(previous_hash).zip(decode(current_hash));
+        let (content_ok, signature) = match links {
+            None => (false, SignatureState::Unsigned),
+            Some((prev, cur)) => {
+                let signature = match (signature, &self.keys) {
+                    (None, _) => SignatureState::Unsigned,
+                    (Some(_), None) => SignatureState::NotChecked,
+                    (Some((key_id, mac)), Some(keys)) => {
+                        SignatureState::Checked(keys.check_hex(&cur, key_id, mac))
+                    }
+                };
+                (fields.link(&prev, scratch) == cur, signature)
+            }
+        };
+        EntryCheck {
+            sequence_number: fields.sequence_number,
+            links,
+            content_ok,
+            signature,
+        }
+    }
+
+    /// [`EntryChecker::check`] of a stored entry.
+    pub fn check_stored(&self, stored: &StoredEntry, scratch: &mut Vec<u8>) -> EntryCheck {
+        self.check(
+            &stored.entry.fields(),
+            &stored.previous_hash,
+            &stored.current_hash,
+            stored
+                .signature
+                .as_ref()
+                .map(|s| (s.key_id.as_str(), s.mac.as_str())),
+            scratch,
+        )
     }
 }
 
@@ -133,7 +309,8 @@ pub struct Verifier {
     previous: [u8; 32],
     checked: u64,
     failure: Option<(i64, Problem)>,
-    keys: Option<HmacKeyring>,
+    checker: EntryChecker,
+    scratch: Vec<u8>,
     seen_signed: bool,
     signatures_checked: u64,
     unsigned_entries: u64,
@@ -163,7 +340,8 @@ impl Verifier {
             previous,
             checked: 0,
             failure: None,
-            keys: None,
+            checker: EntryChecker::default(),
+            scratch: Vec::with_capacity(512),
             seen_signed: false,
             signatures_checked: 0,
             unsigned_entries: 0,
@@ -184,7 +362,7 @@ impl Verifier {
     /// signed. Without keys only the presence rule applies: once an entry of the chain is
     /// signed, every later one must be.
     pub fn with_keys(mut self, keys: HmacKeyring) -> Self {
-        self.keys = (!keys.is_empty()).then_some(keys);
+        self.checker.keys = (!keys.is_empty()).then_some(keys);
         self
     }
 
@@ -227,22 +405,38 @@ impl Verifier {
         }
     }
 
+    /// The checker for this verifier's keys, to run [`EntryChecker::check`] on other
+    /// threads before [`Verifier::push_checked`].
+    pub fn checker(&self) -> EntryChecker {
+        self.checker.clone()
+    }
+
     /// Checks the next entry; after the first failure further entries are ignored.
     pub fn push(&mut self, stored: &StoredEntry) {
         if self.failure.is_some() {
             return;
         }
-        let seq = stored.entry.sequence_number;
+        let check = self.checker.check_stored(stored, &mut self.scratch);
+        self.push_checked(&check);
+    }
+
+    /// Takes the next entry, checked on its own by [`Verifier::checker`], and checks its
+    /// place in the chain: sequence, link to the previous entry, signature rules, pins.
+    pub fn push_checked(&mut self, check: &EntryCheck) {
+        if self.failure.is_some() {
+            return;
+        }
+        let seq = check.sequence_number;
         let problem = if seq != self.expected_sequence {
             Some(Problem::SequenceGap)
         } else {
-            match (decode(&stored.previous_hash), decode(&stored.current_hash)) {
-                (Some(prev), Some(cur)) => {
+            match check.links {
+                Some((prev, cur)) => {
                     if prev != self.previous {
                         Some(Problem::PreviousHashMismatch)
-                    } else if stored.entry.link(&prev) != cur {
+                    } else if !check.content_ok {
                         Some(Problem::HashMismatch)
-                    } else if let Some(problem) = self.check_signature(stored, &cur) {
+                    } else if let Some(problem) = self.check_signature(check.signature) {
                         Some(problem)
                     } else if self.pins.get(&seq).is_some_and(|pin| *pin != cur) {
                         Some(Problem::CheckpointMismatch)
@@ -254,7 +448,7 @@ impl Verifier {
                         None
                     }
                 }
-                _ => Some(Problem::MalformedHash),
+                None => Some(Problem::MalformedHash),
             }
         };
         match problem {
@@ -266,18 +460,30 @@ impl Verifier {
         }
     }
 
-    fn check_signature(&mut self, stored: &StoredEntry, current: &[u8; 32]) -> Option<Problem> {
-        let Some(signature) = &stored.signature else {
-            self.unsigned_entries += 1;
-            return (self.seen_signed || self.keys.is_some()).then_some(Problem::MissingSignature);
-        };
-        self.seen_signed = true;
-        let keys = self.keys.as_ref()?;
-        self.signatures_checked += 1;
-        match keys.check(current, signature) {
-            SignatureCheck::Valid => None,
-            SignatureCheck::Invalid => Some(Problem::BadSignature),
-            SignatureCheck::UnknownKey => Some(Problem::UnknownSignatureKey),
+    fn check_signature(&mut self, signature: SignatureState) -> Option<Problem> {
+        let keys = self.checker.keys.is_some();
+        match signature {
+            SignatureState::Unsigned => {
+                self.unsigned_entries += 1;
+                (self.seen_signed || keys).then_some(Problem::MissingSignature)
+            }
+            SignatureState::NotChecked => {
+                self.seen_signed = true;
+                // Checked by a checker without keys although this verifier holds some.
+                keys.then_some(Problem::BadSignature)
+            }
+            SignatureState::Checked(result) => {
+                self.seen_signed = true;
+                if !keys {
+                    return None;
+                }
+                self.signatures_checked += 1;
+                match result {
+                    SignatureCheck::Valid => None,
+                    SignatureCheck::Invalid => Some(Problem::BadSignature),
+                    SignatureCheck::UnknownKey => Some(Problem::UnknownSignatureKey),
+                }
+            }
         }
     }
 
@@ -332,22 +538,38 @@ pub struct Outcome {
 /// its UTF-8 length as u32 big-endian, then the bytes.
 pub fn encode_fields(out: &mut Vec<u8>, fields: &[Option<&str>]) {
     for field in fields {
-        match field {
-            None => out.push(0),
-            Some(text) => {
-                out.push(1);
-                let len = u32::try_from(text.len()).unwrap_or(u32::MAX);
-                out.extend_from_slice(&len.to_be_bytes());
-                out.extend_from_slice(text.as_bytes());
-            }
-        }
+        put(out, *field);
     }
 }
 
+/// 64 hex digits (either case, as `hex::decode` accepts) to 32 bytes, through a table:
+/// verification decodes two hashes per entry.
 fn decode(hash: &str) -> Option<[u8; 32]> {
+    const INVALID: u8 = 0xff;
+    const TABLE: [u8; 256] = {
+        let mut table = [INVALID; 256];
+        let mut i = 0;
+        while i < 10 {
+            table[b'0' as usize + i] = i as u8;
+            i += 1;
+        }
+        let mut i = 0;
+        while i < 6 {
+            table[b'a' as usize + i] = 10 + i as u8;
+            table[b'A' as usize + i] = 10 + i as u8;
+            i += 1;
+        }
+        table
+    };
+    let digits: &[u8; 64] = hash.as_bytes().try_into().ok()?;
     let mut out = [0; 32];
-    hex::decode_to_slice(hash, &mut out).ok()?;
-    Some(out)
+    let mut bad = 0u8;
+    for (byte, pair) in out.iter_mut().zip(digits.chunks_exact(2)) {
+        let (hi, lo) = (TABLE[usize::from(pair[0])], TABLE[usize::from(pair[1])]);
+        bad |= (hi | lo) & 0xf0;
+        *byte = (hi << 4) | (lo & 0x0f);
+    }
+    (bad == 0).then_some(out)
 }
 
 /// Links `entries` (already numbered from `head_sequence + 1`) after `head_hash`, each
@@ -358,10 +580,11 @@ pub fn append(
     keys: &HmacKeyring,
 ) -> (Vec<StoredEntry>, [u8; 32]) {
     let mut previous = head_hash;
+    let mut scratch = Vec::with_capacity(512);
     let stored = entries
         .into_iter()
         .map(|entry| {
-            let current = entry.link(&previous);
+            let current = entry.fields().link(&previous, &mut scratch);
             let stored = StoredEntry {
                 entry,
                 previous_hash: hex::encode(previous),
@@ -572,6 +795,67 @@ mod tests {
             hex::encode(entry(1).link(&GENESIS)),
             "8e5438b516d36e5496779928650853efa78b48b073b9fe12b5c4f5664ade6bf9"
         );
+    }
+
+    #[test]
+    fn hash_decoding_matches_hex() {
+        let hash = "8e5438b516d36e5496779928650853efa78b48b073b9fe12b5c4f5664ade6bf9";
+        for text in [hash.to_owned(), hash.to_uppercase()] {
+            let mut want = [0u8; 32];
+            hex::decode_to_slice(&text, &mut want).unwrap();
+            assert_eq!(decode(&text), Some(want));
+        }
+        for bad in [&hash[1..], "zz", &format!("{}g", &hash[1..])] {
+            assert_eq!(decode(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn decimal_matches_to_string() {
+        for v in [
+            0,
+            1,
+            9,
+            10,
+            1_700_000_000_000_000_001,
+            -1,
+            -10,
+            i64::MAX,
+            i64::MIN,
+        ] {
+            assert_eq!(decimal(v, &mut [0; 20]), v.to_string());
+        }
+    }
+
+    /// Checking entries apart (as the offline verifier does on several threads) and then
+    /// in order finds the same first problem as pushing them one by one.
+    #[test]
+    fn checks_apart_then_in_order_agree_with_push() {
+        let mut tampered = signed_chain(6);
+        tampered[3].entry.path = "/x".into();
+        let mut unsigned_late = signed_chain(6);
+        unsigned_late[4].signature = None;
+        for entries in [signed_chain(6), tampered, unsigned_late] {
+            for keyed in [true, false] {
+                let start = || {
+                    if keyed {
+                        Verifier::new().with_keys(keys())
+                    } else {
+                        Verifier::new()
+                    }
+                };
+                let mut one_by_one = start();
+                entries.iter().for_each(|e| one_by_one.push(e));
+                let mut apart = start();
+                let checker = apart.checker();
+                let checks: Vec<EntryCheck> = entries
+                    .iter()
+                    .map(|e| checker.check_stored(e, &mut Vec::new()))
+                    .collect();
+                checks.iter().for_each(|c| apart.push_checked(c));
+                assert_eq!(one_by_one.finish(Some(6)), apart.finish(Some(6)));
+            }
+        }
     }
 
     #[test]

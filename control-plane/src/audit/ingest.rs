@@ -72,6 +72,25 @@ fn entry(r: AuditRecord) -> Result<ChainEntry, String> {
     if r.reason.is_empty() {
         return Err("reason must not be empty".into());
     }
+    // PostgreSQL text cannot hold NUL: such a batch would fail on insert every time it is
+    // retried, so it is refused here, as the client's error.
+    let texts = [
+        &r.decision_id,
+        &r.agent_fingerprint,
+        &r.agent_subject,
+        &r.domain,
+        &r.method,
+        &r.path,
+        &r.user_agent,
+        &r.source_ip,
+        &r.reason,
+        &r.config_version,
+    ];
+    if texts.iter().any(|t| t.contains('\0'))
+        || r.policy_id.as_ref().is_some_and(|p| p.contains('\0'))
+    {
+        return Err("text fields must not contain NUL characters".into());
+    }
     let timestamp_ns = i64::try_from(r.timestamp_ns)
         .ok()
         .filter(|t| *t > 0)
@@ -95,4 +114,47 @@ fn entry(r: AuditRecord) -> Result<ChainEntry, String> {
         policy_id: r.policy_id,
         config_version: r.config_version,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record() -> AuditRecord {
+        AuditRecord {
+            decision_id: Uuid::from_u128(1).to_string(),
+            timestamp_ns: 1,
+            tenant_id: None,
+            agent_id: None,
+            agent_fingerprint: String::new(),
+            agent_subject: String::new(),
+            domain: "example.com".into(),
+            method: "GET".into(),
+            path: "/".into(),
+            user_agent: String::new(),
+            source_ip: "127.0.0.1".into(),
+            decision: "allow".into(),
+            reason: "domain_allowed".into(),
+            policy_id: None,
+            config_version: "1".into(),
+        }
+    }
+
+    #[test]
+    fn nul_characters_are_refused_up_front() {
+        let batch = |r: AuditRecord| AuditBatch {
+            batch_id: Uuid::from_u128(9).to_string(),
+            entries: vec![record(), r],
+        };
+        assert!(validate(batch(record())).is_ok());
+        let mut bad = record();
+        bad.path = "/a\0b".into();
+        assert!(matches!(
+            validate(batch(bad)),
+            Err(BatchError::Entry { index: 1, .. })
+        ));
+        let mut bad = record();
+        bad.policy_id = Some("\0".into());
+        assert!(validate(batch(bad)).is_err());
+    }
 }

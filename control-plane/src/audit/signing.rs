@@ -54,7 +54,9 @@ pub enum KeyringError {
 /// The configured HMAC keys; secrets never appear in `Debug` output.
 #[derive(Clone)]
 pub struct HmacKeyring {
-    keys: BTreeMap<String, Vec<u8>>,
+    /// Per key id, the HMAC state already keyed with its secret: cloned per MAC, so the
+    /// key pads are not recomputed for every entry.
+    keys: BTreeMap<String, Hmac<Sha256>>,
     active: Option<String>,
 }
 
@@ -87,7 +89,13 @@ impl HmacKeyring {
                     len: secret.len(),
                 });
             }
-            if keys.insert(id.clone(), secret).is_some() {
+            let keyed = <Hmac<Sha256> as Mac>::new_from_slice(&secret).map_err(|_| {
+                KeyringError::Short {
+                    key_id: id.clone(),
+                    len: secret.len(),
+                }
+            })?;
+            if keys.insert(id.clone(), keyed).is_some() {
                 return Err(KeyringError::Duplicate(id));
             }
         }
@@ -123,35 +131,55 @@ impl HmacKeyring {
 
     /// Signs an entry's current hash with the active key (`None` without keys).
     pub fn sign(&self, current_hash: &[u8; 32]) -> Option<EntrySignature> {
-        let key_id = self.active.as_ref()?;
-        let secret = self.keys.get(key_id)?;
+        let (key_id, mac) = self.sign_raw(current_hash)?;
         Some(EntrySignature {
-            key_id: key_id.clone(),
-            mac: hex::encode(mac(secret, current_hash)?.finalize().into_bytes()),
+            key_id: key_id.to_owned(),
+            mac: hex::encode(mac),
         })
+    }
+
+    /// Like [`HmacKeyring::sign`], without allocating: the active key id and the raw MAC.
+    pub fn sign_raw(&self, current_hash: &[u8; 32]) -> Option<(&str, [u8; 32])> {
+        let key_id = self.active.as_deref()?;
+        let keyed = self.keys.get(key_id)?;
+        Some((
+            key_id,
+            mac(keyed, current_hash).finalize().into_bytes().into(),
+        ))
     }
 
     /// Checks a signature in constant time.
     pub fn check(&self, current_hash: &[u8; 32], signature: &EntrySignature) -> SignatureCheck {
-        let Some(secret) = self.keys.get(&signature.key_id) else {
+        self.check_hex(current_hash, &signature.key_id, &signature.mac)
+    }
+
+    /// Checks a signature given as key id and hex MAC, in constant time, without allocating.
+    pub fn check_hex(
+        &self,
+        current_hash: &[u8; 32],
+        key_id: &str,
+        mac_hex: &str,
+    ) -> SignatureCheck {
+        let Some(keyed) = self.keys.get(key_id) else {
             return SignatureCheck::UnknownKey;
         };
-        let Ok(presented) = hex::decode(&signature.mac) else {
+        let mut presented = [0u8; 32];
+        if hex::decode_to_slice(mac_hex, &mut presented).is_err() {
             return SignatureCheck::Invalid;
-        };
-        match mac(secret, current_hash).map(|m| m.verify_slice(&presented)) {
-            Some(Ok(())) => SignatureCheck::Valid,
-            _ => SignatureCheck::Invalid,
+        }
+        match mac(keyed, current_hash).verify_slice(&presented) {
+            Ok(()) => SignatureCheck::Valid,
+            Err(_) => SignatureCheck::Invalid,
         }
     }
 }
 
-/// HMAC takes keys of any length, so this is `None` only in theory.
-fn mac(secret: &[u8], current_hash: &[u8; 32]) -> Option<Hmac<Sha256>> {
-    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(secret).ok()?;
+/// The entry MAC: a clone of the keyed state fed the context and the hash.
+fn mac(keyed: &Hmac<Sha256>, current_hash: &[u8; 32]) -> Hmac<Sha256> {
+    let mut mac = keyed.clone();
     mac.update(ENTRY_SIGNATURE_CONTEXT);
     mac.update(current_hash);
-    Some(mac)
+    mac
 }
 
 /// Only the key id part of a malformed entry may reach an error message.

@@ -2,16 +2,17 @@
 //! sequence order, list with filters, stream exports; store and read signed checkpoints.
 
 pub mod analytics;
+pub mod retention;
 
 use super::StoreError;
-use crate::audit::chain::{self, ChainEntry, StoredEntry};
+use crate::audit::chain::{self, ChainEntry, EntryFields, StoredEntry};
 use crate::audit::checkpoint::Checkpoint;
 use crate::audit::export::ExportRecord;
 use crate::audit::ingest::ValidBatch;
 use crate::audit::signing::{EntrySignature, HmacKeyring};
 use chrono::{DateTime, Utc};
 use futures::TryStreamExt;
-use sqlx::{PgPool, Postgres, Transaction};
+use sqlx::PgPool;
 use uuid::Uuid;
 
 /// The outcome of an append.
@@ -25,130 +26,177 @@ pub enum Appended {
 
 /// Stores a validated batch atomically: all its entries, or none.
 ///
-/// Per tenant the chain head row is locked (`FOR UPDATE`, in tenant-id order so two
-/// batches never deadlock), so concurrent requests and replicas append one after another
-/// without forks or gaps.
+/// One transaction, two statements whatever the number of tenants: claim the batch id
+/// and lock every tenant's chain head (created when new) in tenant-id order, so
+/// concurrent requests and replicas append one after another without forks, gaps or
+/// deadlocks; then, after chaining and signing the entries here, insert them, move the
+/// heads and touch the agents' `last_seen_at`.
 /// Entries are signed with the active key of `keys` (unsigned when it has none).
 pub async fn append_batch(
     pool: &PgPool,
     batch: ValidBatch,
     keys: &HmacKeyring,
 ) -> Result<Appended, StoreError> {
+    let tenant_ids: Vec<Uuid> = batch.tenants.iter().map(|(tenant, _)| *tenant).collect();
     let mut tx = pool.begin().await?;
-    let fresh = sqlx::query(
-        "INSERT INTO audit_batches (batch_id, entry_count) VALUES ($1, $2)
-         ON CONFLICT (batch_id) DO NOTHING",
+    // Both inserts always run; on a duplicate batch id `fresh` is empty and so is the
+    // result. `DO UPDATE` (a no-op) locks an existing head like `SELECT … FOR UPDATE` and
+    // returns its latest committed values.
+    let heads: Vec<(Uuid, i64, String)> = sqlx::query_as(
+        "WITH fresh AS (
+            INSERT INTO audit_batches (batch_id, entry_count) VALUES ($1, $2)
+            ON CONFLICT (batch_id) DO NOTHING RETURNING batch_id)
+         INSERT INTO audit_chain_heads (tenant_id, sequence_number, current_hash)
+         SELECT t, 0, $4 FROM fresh, unnest($3::uuid[]) AS t ORDER BY t
+         ON CONFLICT (tenant_id) DO UPDATE SET sequence_number = audit_chain_heads.sequence_number
+         RETURNING tenant_id, sequence_number, current_hash",
     )
     .bind(batch.batch_id)
     .bind(i32::try_from(batch.entry_count).unwrap_or(i32::MAX))
-    .execute(&mut *tx)
-    .await?
-    .rows_affected();
-    if fresh == 0 {
+    .bind(&tenant_ids)
+    .bind(hex::encode(chain::GENESIS))
+    .fetch_all(&mut *tx)
+    .await?;
+    if heads.is_empty() {
         tx.rollback().await?;
         return Ok(Appended::Duplicate);
     }
-    for (tenant, entries) in batch.tenants {
-        append_tenant(&mut tx, tenant, entries, keys).await?;
+    if heads.len() != tenant_ids.len() {
+        return Err(protocol(format!(
+            "locked {} chain heads for a batch of {} tenants",
+            heads.len(),
+            tenant_ids.len()
+        )));
     }
-    if !batch.agent_ids.is_empty() {
-        sqlx::query("UPDATE agents SET last_seen_at = now() WHERE id = ANY($1)")
-            .bind(&batch.agent_ids)
-            .execute(&mut *tx)
-            .await?;
+    // Chain and sign in batch order (tenant by tenant). The hex forms of the links and
+    // MACs go into one buffer, borrowed by the insert's columns below.
+    let n = batch.entry_count;
+    let mut sequences = Vec::with_capacity(n);
+    let mut hexes = String::with_capacity(n * 3 * 64);
+    let mut key_id = None;
+    let mut new_heads = (Vec::new(), Vec::new(), Vec::new());
+    let mut scratch = Vec::with_capacity(512);
+    for (tenant, entries) in &batch.tenants {
+        let (head_seq, head_hash) = heads
+            .iter()
+            .find(|(t, _, _)| t == tenant)
+            .map(|(_, seq, hash)| (*seq, hash.as_str()))
+            .ok_or_else(|| protocol(format!("no chain head locked for tenant {tenant}")))?;
+        // A corrupt head must stop ingest for this tenant, not silently restart the chain.
+        let mut previous = chain::parse_hash(head_hash).ok_or_else(|| {
+            protocol(format!("audit chain head of tenant {tenant} is not a hash"))
+        })?;
+        let mut sequence = head_seq;
+        for entry in entries {
+            sequence += 1;
+            let fields = EntryFields {
+                sequence_number: sequence,
+                ..entry.fields()
+            };
+            let current = fields.link(&previous, &mut scratch);
+            let signature = keys.sign_raw(&current);
+            push_hex(&mut hexes, &previous);
+            push_hex(&mut hexes, &current);
+            push_hex(
+                &mut hexes,
+                signature.as_ref().map_or(&[0; 32], |(_, mac)| mac),
+            );
+            key_id = signature.map(|(id, _)| id);
+            sequences.push(sequence);
+            previous = current;
+        }
+        new_heads.0.push(*tenant);
+        new_heads.1.push(sequence);
+        new_heads.2.push(hex::encode(previous));
     }
+    insert_entries(&mut tx, &batch, &sequences, &hexes, key_id, &new_heads).await?;
     tx.commit().await?;
     Ok(Appended::Stored(batch.entry_count))
 }
 
-async fn append_tenant(
-    tx: &mut Transaction<'static, Postgres>,
-    tenant: Uuid,
-    mut entries: Vec<ChainEntry>,
-    keys: &HmacKeyring,
-) -> Result<(), StoreError> {
-    sqlx::query(
-        "INSERT INTO audit_chain_heads (tenant_id, sequence_number, current_hash)
-         VALUES ($1, 0, $2) ON CONFLICT (tenant_id) DO NOTHING",
-    )
-    .bind(tenant)
-    .bind(hex::encode(chain::GENESIS))
-    .execute(&mut **tx)
-    .await?;
-    let (head_seq, head_hash): (i64, String) = sqlx::query_as(
-        "SELECT sequence_number, current_hash FROM audit_chain_heads
-         WHERE tenant_id = $1 FOR UPDATE",
-    )
-    .bind(tenant)
-    .fetch_one(&mut **tx)
-    .await?;
-    // A corrupt head must stop ingest for this tenant, not silently restart the chain.
-    let head_hash = chain::parse_hash(&head_hash).ok_or_else(|| {
-        StoreError::Database(sqlx::Error::Protocol(format!(
-            "audit chain head of tenant {tenant} is not a hash"
-        )))
-    })?;
-    for (offset, entry) in entries.iter_mut().enumerate() {
-        entry.sequence_number = head_seq + 1 + offset as i64;
-    }
-    let (stored, last) = chain::append(head_hash, entries, keys);
-    let new_head = head_seq + stored.len() as i64;
-    insert_entries(tx, &stored).await?;
-    sqlx::query(
-        "UPDATE audit_chain_heads SET sequence_number = $2, current_hash = $3 WHERE tenant_id = $1",
-    )
-    .bind(tenant)
-    .bind(new_head)
-    .bind(hex::encode(last))
-    .execute(&mut **tx)
-    .await?;
-    Ok(())
+fn protocol(message: String) -> StoreError {
+    StoreError::Database(sqlx::Error::Protocol(message))
 }
 
-/// One multi-row insert through `UNNEST` of column arrays.
-async fn insert_entries(
-    tx: &mut Transaction<'static, Postgres>,
-    stored: &[StoredEntry],
-) -> Result<(), StoreError> {
-    macro_rules! column {
-        ($f:expr) => {
-            stored.iter().map($f).collect::<Vec<_>>()
-        };
+fn push_hex(out: &mut String, bytes: &[u8; 32]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for b in bytes {
+        out.push(char::from(DIGITS[usize::from(b >> 4)]));
+        out.push(char::from(DIGITS[usize::from(b & 0xf)]));
     }
+}
+
+/// One statement: a multi-row insert through `UNNEST` of column arrays, the entries in
+/// batch order (as chained), which also moves the chain heads and touches the agents'
+/// `last_seen_at`. The text columns borrow from the batch and from `hexes` (previous hash,
+/// current hash and MAC of each entry, 64 hex digits each): nothing is copied per entry.
+async fn insert_entries(
+    tx: &mut sqlx::Transaction<'static, sqlx::Postgres>,
+    batch: &ValidBatch,
+    sequences: &[i64],
+    hexes: &str,
+    key_id: Option<&str>,
+    (tenants, head_sequences, head_hashes): &(Vec<Uuid>, Vec<i64>, Vec<String>),
+) -> Result<(), StoreError> {
+    let all = || batch.tenants.iter().flat_map(|(_, entries)| entries.iter());
+    let text = |f: fn(&ChainEntry) -> &str| all().map(f).collect::<Vec<&str>>();
+    let hex = |k: usize| {
+        (0..sequences.len())
+            .map(|i| {
+                hexes
+                    .get((3 * i + k) * 64..(3 * i + k + 1) * 64)
+                    .unwrap_or("")
+            })
+            .collect::<Vec<&str>>()
+    };
     sqlx::query(
-        "INSERT INTO audit_entries (tenant_id, sequence_number, entry_id, timestamp_ns, ts, kind,
+        "WITH heads AS (
+            UPDATE audit_chain_heads h SET sequence_number = x.s, current_hash = x.h
+            FROM unnest($22::uuid[], $23::bigint[], $24::text[]) AS x(t, s, h)
+            WHERE h.tenant_id = x.t),
+         seen AS (UPDATE agents SET last_seen_at = now() WHERE id = ANY($25))
+         INSERT INTO audit_entries (tenant_id, sequence_number, entry_id, timestamp_ns, ts, kind,
             agent_id, agent_fingerprint, agent_subject, domain, method, path, user_agent,
             source_ip, decision, reason, policy_id, config_version, previous_hash, current_hash,
             signature_key_id, signature)
          SELECT t, s, e, n, to_timestamp(n / 1e9), k, a, fp, sub, d, m, p, ua, ip, dec, r, pol, cv, ph, ch,
-            sk, sg
+            $21, sg
          FROM UNNEST($1::uuid[], $2::bigint[], $3::uuid[], $4::bigint[], $5::text[], $6::uuid[],
             $7::text[], $8::text[], $9::text[], $10::text[], $11::text[], $12::text[], $13::text[],
             $14::text[], $15::text[], $16::text[], $17::text[], $18::text[], $19::text[],
-            $20::text[], $21::text[])
-            AS x(t, s, e, n, k, a, fp, sub, d, m, p, ua, ip, dec, r, pol, cv, ph, ch, sk, sg)",
+            $20::text[])
+            AS x(t, s, e, n, k, a, fp, sub, d, m, p, ua, ip, dec, r, pol, cv, ph, ch, sg)",
     )
-    .bind(column!(|s| s.entry.tenant_id))
-    .bind(column!(|s| s.entry.sequence_number))
-    .bind(column!(|s| s.entry.entry_id))
-    .bind(column!(|s| s.entry.timestamp_ns))
-    .bind(column!(|s| s.entry.kind.clone()))
-    .bind(column!(|s| s.entry.agent_id))
-    .bind(column!(|s| s.entry.agent_fingerprint.clone()))
-    .bind(column!(|s| s.entry.agent_subject.clone()))
-    .bind(column!(|s| s.entry.domain.clone()))
-    .bind(column!(|s| s.entry.method.clone()))
-    .bind(column!(|s| s.entry.path.clone()))
-    .bind(column!(|s| s.entry.user_agent.clone()))
-    .bind(column!(|s| s.entry.source_ip.clone()))
-    .bind(column!(|s| s.entry.decision.clone()))
-    .bind(column!(|s| s.entry.reason.clone()))
-    .bind(column!(|s| s.entry.policy_id.clone()))
-    .bind(column!(|s| s.entry.config_version.clone()))
-    .bind(column!(|s| s.previous_hash.clone()))
-    .bind(column!(|s| s.current_hash.clone()))
-    .bind(column!(|s| s.signature.as_ref().map(|g| g.key_id.clone())))
-    .bind(column!(|s| s.signature.as_ref().map(|g| g.mac.clone())))
+    .bind(all().map(|e| e.tenant_id).collect::<Vec<_>>())
+    .bind(sequences)
+    .bind(all().map(|e| e.entry_id).collect::<Vec<_>>())
+    .bind(all().map(|e| e.timestamp_ns).collect::<Vec<_>>())
+    .bind(text(|e| &e.kind))
+    .bind(all().map(|e| e.agent_id).collect::<Vec<_>>())
+    .bind(text(|e| &e.agent_fingerprint))
+    .bind(text(|e| &e.agent_subject))
+    .bind(text(|e| &e.domain))
+    .bind(text(|e| &e.method))
+    .bind(text(|e| &e.path))
+    .bind(text(|e| &e.user_agent))
+    .bind(text(|e| &e.source_ip))
+    .bind(text(|e| &e.decision))
+    .bind(text(|e| &e.reason))
+    .bind(all().map(|e| e.policy_id.as_deref()).collect::<Vec<_>>())
+    .bind(text(|e| &e.config_version))
+    .bind(hex(0))
+    .bind(hex(1))
+    .bind(
+        hex(2)
+            .into_iter()
+            .map(|mac| key_id.map(|_| mac))
+            .collect::<Vec<Option<&str>>>(),
+    )
+    .bind(key_id)
+    .bind(tenants)
+    .bind(head_sequences)
+    .bind(head_hashes)
+    .bind(&batch.agent_ids)
     .execute(&mut **tx)
     .await?;
     Ok(())

@@ -4,7 +4,7 @@ use super::StoreError;
 use sqlx::PgPool;
 use uuid::Uuid;
 
-#[derive(Debug, sqlx::FromRow)]
+#[derive(Debug, Clone, sqlx::FromRow)]
 pub struct AgentRow {
     pub id: Uuid,
     pub tenant_id: Uuid,
@@ -15,7 +15,7 @@ pub struct AgentRow {
     pub policies: Vec<Uuid>,
 }
 
-#[derive(Debug, sqlx::FromRow)]
+#[derive(Debug, Clone, sqlx::FromRow)]
 pub struct PolicyRow {
     pub id: Uuid,
     pub tenant_id: Uuid,
@@ -55,26 +55,35 @@ pub async fn active_policies(pool: &PgPool) -> Result<Vec<PolicyRow>, StoreError
     .await?)
 }
 
-/// The version for a bundle with this content hash: the latest version when its hash is
-/// the same, otherwise a new, higher one.
-pub async fn version_for(pool: &PgPool, content_hash: &str) -> Result<i64, StoreError> {
+/// The version for fleet `gateway`'s bundle with this content hash: the fleet's latest
+/// version when its hash is the same, otherwise a new one. Versions come from one global
+/// sequence, so a new version is higher than every version of every fleet before it.
+pub async fn version_for(
+    pool: &PgPool,
+    gateway: &str,
+    content_hash: &str,
+) -> Result<i64, StoreError> {
     let mut tx = pool.begin().await?;
     // Serialise version allocation across replicas.
     sqlx::query("LOCK TABLE bundle_versions IN SHARE ROW EXCLUSIVE MODE")
         .execute(&mut *tx)
         .await?;
     let latest: Option<(i64, String)> = sqlx::query_as(
-        "SELECT version, content_hash FROM bundle_versions ORDER BY version DESC LIMIT 1",
+        "SELECT version, content_hash FROM bundle_versions WHERE gateway = $1
+         ORDER BY version DESC LIMIT 1",
     )
+    .bind(gateway)
     .fetch_optional(&mut *tx)
     .await?;
     let version = match latest {
         Some((version, hash)) if hash == content_hash => version,
         _ => {
             sqlx::query_scalar(
-                "INSERT INTO bundle_versions (content_hash) VALUES ($1) RETURNING version",
+                "INSERT INTO bundle_versions (content_hash, gateway) VALUES ($1, $2)
+                 RETURNING version",
             )
             .bind(content_hash)
+            .bind(gateway)
             .fetch_one(&mut *tx)
             .await?
         }

@@ -1,7 +1,11 @@
 //! ExtensionConfigDiscoveryService, state of the world: pushes on change, tracks ACK/NACK.
+//!
+//! A node names its fleet in `node.cluster` and gets that fleet's bundle only; a node of a
+//! fleet that is not registered gets the deny-all configuration (and an `error` in
+//! `GET /api/v1/envoys`).
 
 use super::proto::{self, TYPED_EXTENSION_CONFIG};
-use crate::bundle::Publisher;
+use crate::bundle::{Published, Publisher, Snapshot};
 use chrono::{DateTime, Utc};
 use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
@@ -21,7 +25,14 @@ use tonic::{Request, Response, Status, Streaming};
 #[derive(Debug, Clone, Serialize, Default)]
 pub struct EnvoyStatus {
     pub node_id: String,
+    /// The fleet the node named in `node.cluster`.
+    pub fleet: String,
     pub connected_streams: u32,
+    /// The version the control plane publishes for the node's fleet now (`deny-all` for
+    /// an unknown fleet): the node is in sync when `acked_version` equals it.
+    pub expected_version: Option<String>,
+    /// Why the node does not get a policy bundle (its fleet is not registered).
+    pub error: Option<String>,
     pub sent_version: Option<String>,
     pub acked_version: Option<String>,
     pub last_nack: Option<Nack>,
@@ -48,10 +59,40 @@ pub struct EnvoyRegistry {
 // === impl EnvoyRegistry ===
 
 impl EnvoyRegistry {
-    pub fn list(&self) -> Vec<EnvoyStatus> {
-        self.nodes
+    /// Every node seen, with what it should run according to `published`.
+    pub fn list(&self, published: Option<&Published>) -> Vec<EnvoyStatus> {
+        let mut nodes: Vec<EnvoyStatus> = self
+            .nodes
             .lock()
             .map(|nodes| nodes.values().cloned().collect())
+            .unwrap_or_default();
+        if let Some(published) = published {
+            for node in &mut nodes {
+                match published.fleet(&node.fleet) {
+                    Some(snapshot) => {
+                        node.expected_version = Some(snapshot.version_info());
+                        node.error = None;
+                    }
+                    None => {
+                        node.expected_version = Some(crate::bundle::DENY_ALL_VERSION.to_owned());
+                        node.error = Some(unknown_fleet(&node.fleet));
+                    }
+                }
+            }
+        }
+        nodes
+    }
+
+    /// Nodes of `fleet` with an open ECDS stream.
+    pub fn connected_in(&self, fleet: &str) -> usize {
+        self.nodes
+            .lock()
+            .map(|nodes| {
+                nodes
+                    .values()
+                    .filter(|n| n.fleet == fleet && n.connected_streams > 0)
+                    .count()
+            })
             .unwrap_or_default()
     }
 
@@ -64,6 +105,16 @@ impl EnvoyRegistry {
             status.last_seen_at = Some(Utc::now());
             f(status);
         }
+    }
+}
+
+fn unknown_fleet(fleet: &str) -> String {
+    if fleet.is_empty() {
+        "the node names no fleet (set node.cluster in its bootstrap); it gets the deny-all configuration".to_owned()
+    } else {
+        format!(
+            "fleet {fleet:?} is not registered (PUT /api/v1/gateways/{fleet}); the node gets the deny-all configuration"
+        )
     }
 }
 
@@ -103,17 +154,23 @@ impl ExtensionConfigDiscoveryService for EcdsServer {
         let registry = self.registry.clone();
         let nonces = self.nonce.clone();
         tokio::spawn(async move {
-            let mut snapshots = publisher.subscribe();
+            let mut published = publisher.subscribe();
             let mut node = String::new();
+            let mut fleet = String::new();
             let mut subscribed = false;
+            let mut last_sent: Option<Arc<Snapshot>> = None;
             loop {
                 let send_now = tokio::select! {
                     message = inbound.message() => match message {
                         Ok(Some(req)) => {
                             if let Some(n) = &req.node && node.is_empty() {
                                 node = n.id.clone();
-                                registry.update(&node, |s| s.connected_streams += 1);
-                                tracing::info!(node = %node, version = %req.version_info, "envoy connected to ecds");
+                                fleet = n.cluster.clone();
+                                registry.update(&node, |s| {
+                                    s.connected_streams += 1;
+                                    s.fleet = fleet.clone();
+                                });
+                                tracing::info!(node = %node, fleet = %fleet, version = %req.version_info, "envoy connected to ecds");
                             }
                             if !req.type_url.is_empty() && req.type_url != TYPED_EXTENSION_CONFIG {
                                 tracing::warn!(type_url = %req.type_url, "ecds request for an unexpected type");
@@ -128,22 +185,34 @@ impl ExtensionConfigDiscoveryService for EcdsServer {
                         }
                         Ok(None) | Err(_) => break,
                     },
-                    changed = snapshots.changed(), if subscribed => {
+                    changed = published.changed(), if subscribed => {
                         if changed.is_err() { break; }
-                        true
+                        false
                     }
                 };
-                if !send_now {
+                let current = published.borrow_and_update().clone();
+                let Some(current) = current else { continue };
+                let snapshot = match current.fleet(&fleet) {
+                    Some(snapshot) => snapshot.clone(),
+                    None => publisher.deny_all(),
+                };
+                // A change elsewhere (another fleet) is not this node's business.
+                let fresh = !last_sent
+                    .as_ref()
+                    .is_some_and(|s| Arc::ptr_eq(s, &snapshot));
+                if !(send_now || (subscribed && fresh)) {
                     continue;
                 }
-                let snapshot = snapshots.borrow_and_update().clone();
-                let Some(snapshot) = snapshot else { continue };
+                if snapshot.deny_all && fresh {
+                    tracing::warn!(node = %node, fleet = %fleet, "{}", unknown_fleet(&fleet));
+                }
                 let nonce = nonces.fetch_add(1, Ordering::Relaxed).to_string();
                 let response = proto::response(publisher.gateway(), &snapshot, nonce);
                 let version = response.version_info.clone();
                 if tx.send(Ok(response)).await.is_err() {
                     break;
                 }
+                last_sent = Some(snapshot);
                 registry.update(&node, |s| s.sent_version = Some(version));
             }
             if !node.is_empty() {
@@ -167,11 +236,17 @@ impl ExtensionConfigDiscoveryService for EcdsServer {
 
     async fn fetch_extension_configs(
         &self,
-        _request: Request<DiscoveryRequest>,
+        request: Request<DiscoveryRequest>,
     ) -> Result<Response<DiscoveryResponse>, Status> {
+        let fleet = request
+            .get_ref()
+            .node
+            .as_ref()
+            .map(|n| n.cluster.clone())
+            .unwrap_or_default();
         let snapshot = self
             .publisher
-            .current()
+            .for_fleet(&fleet)
             .ok_or_else(|| Status::unavailable("no policy bundle published yet"))?;
         let nonce = self.nonce.fetch_add(1, Ordering::Relaxed).to_string();
         Ok(Response::new(proto::response(

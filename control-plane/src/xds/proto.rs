@@ -53,7 +53,7 @@ pub fn response(gateway: &Gateway, snapshot: &Snapshot, nonce: String) -> Discov
         typed_config: Some(wasm_filter(gateway, &snapshot.plugin_config)),
     };
     DiscoveryResponse {
-        version_info: snapshot.version.to_string(),
+        version_info: snapshot.version_info(),
         resources: vec![pack_any(resource)],
         type_url: TYPED_EXTENSION_CONFIG.into(),
         nonce,

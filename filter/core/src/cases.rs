@@ -104,7 +104,7 @@ fn facts(r: &Request) -> RequestFacts {
     }
 }
 
-fn load(file: &Path) -> (CompiledPolicy, Vec<Case>) {
+fn load_bundle(file: &Path) -> (Bundle, Vec<Case>) {
     let cases: CaseFile = serde_json::from_slice(&std::fs::read(file).unwrap())
         .unwrap_or_else(|e| panic!("{}: {e}", file.display()));
     let mut modules = CompiledPolicy::library_modules();
@@ -113,9 +113,14 @@ fn load(file: &Path) -> (CompiledPolicy, Vec<Case>) {
         modules,
         data: with_timezones(cases.data),
     };
+    (bundle, cases.cases)
+}
+
+fn load(file: &Path) -> (CompiledPolicy, Vec<Case>) {
+    let (bundle, cases) = load_bundle(file);
     let policy =
         CompiledPolicy::compile(&bundle).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
-    (policy, cases.cases)
+    (policy, cases)
 }
 
 #[test]
@@ -192,4 +197,43 @@ fn memoised_decisions_equal_fresh_ones() {
         assert!(policy.memo_len() > 0);
     }
     assert!(checked > 1000);
+}
+
+/// The entry cache never changes a decision: compiling every case file in turn with one
+/// cache (warm with the previous files' entries, and with the same file's own entries on
+/// a second pass, and after a policy edit) decides every case like a fresh compile.
+#[test]
+fn cached_compiles_equal_fresh_ones() {
+    let mut cache = crate::data::EntryCache::default();
+    let mut checked = 0;
+    for pass in 0..2 {
+        for file in case_files() {
+            let (mut bundle, cases) = load_bundle(&file);
+            if pass == 1 {
+                // An edit the cache must notice: every policy's priority changes.
+                if let Some(policies) = bundle.data["policies"].as_object_mut() {
+                    for policy in policies.values_mut() {
+                        let p = policy["priority"].as_i64().unwrap_or(0);
+                        policy["priority"] = serde_json::json!(1_000 - p);
+                    }
+                }
+            }
+            let mut fresh = CompiledPolicy::compile(&bundle).unwrap();
+            for _ in 0..2 {
+                let mut cached = CompiledPolicy::compile_with(&bundle, &mut cache).unwrap();
+                for case in &cases {
+                    let facts = facts(&case.request);
+                    assert_eq!(
+                        cached.evaluate_fresh(&facts).unwrap(),
+                        fresh.evaluate_fresh(&facts).unwrap(),
+                        "{} / {} (pass {pass})",
+                        file.display(),
+                        case.name
+                    );
+                    checked += 1;
+                }
+            }
+        }
+    }
+    assert!(checked > 300);
 }

@@ -8,7 +8,7 @@
 
 use crate::time::{DAYS, OffsetTable, tables_from_json};
 use serde_json::{Map, Value, json};
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 /// Request fields a condition may test; `agent_metadata.<key>` is accepted too.
 pub const FIELDS: &[&str] = &[
@@ -45,6 +45,25 @@ pub struct Reads {
     pub source_ip: bool,
 }
 
+impl Reads {
+    /// Everything (custom Rego may read any input field).
+    pub fn all() -> Self {
+        Self {
+            method: true,
+            path: true,
+            user_agent: true,
+            source_ip: true,
+        }
+    }
+
+    fn merge(&mut self, other: &Self) {
+        self.method |= other.method;
+        self.path |= other.path;
+        self.user_agent |= other.user_agent;
+        self.source_ip |= other.source_ip;
+    }
+}
+
 /// The data document ready for regorus, plus what the core needs next to it.
 #[derive(Debug)]
 pub struct Prepared {
@@ -57,31 +76,23 @@ pub struct Prepared {
 
 /// Validates and normalises `data`; the error names the agent, policy or rule at fault.
 pub fn prepare(data: &Value) -> Result<Prepared, String> {
-    let object = data.as_object().ok_or("data must be an object")?;
-    let tables = tables_from_json(object.get("timezones"))?;
-    let mut reads = Reads::default();
-    let mut custom_keys = BTreeSet::new();
-
     let mut agents = Map::new();
-    for (fingerprint, agent) in object_field(object, "agents")? {
-        let agent = prepare_agent(agent).map_err(|e| format!("agent {fingerprint}: {e}"))?;
-        agents.insert(fingerprint.to_ascii_lowercase(), agent);
-    }
     let mut policies = Map::new();
-    for (id, policy) in object_field(object, "policies")? {
-        let policy = prepare_policy(id, policy, &tables, &mut reads, &mut custom_keys)
-            .map_err(|e| format!("policy {id}: {e}"))?;
-        policies.insert(id.clone(), policy);
-    }
-    if !custom_keys.is_empty() {
-        // Custom Rego may read any input field.
-        reads = Reads {
-            method: true,
-            path: true,
-            user_agent: true,
-            source_ip: true,
-        };
-    }
+    let mut all_facts = Vec::new();
+    let tables = prepare_entries(data, |entry| {
+        match entry {
+            Entry::Agent(fingerprint, raw) => {
+                agents.insert(fingerprint.to_ascii_lowercase(), prepare_agent(raw)?);
+            }
+            Entry::Policy(id, raw, tables) => {
+                let (value, facts) = prepare_policy(id, raw, tables)?;
+                policies.insert(id.to_owned(), value);
+                all_facts.push(facts);
+            }
+        }
+        Ok(())
+    })?;
+    let (reads, custom_keys) = gather(all_facts.iter());
     let mut out = Map::new();
     out.insert("agents".into(), Value::Object(agents));
     out.insert("policies".into(), Value::Object(policies));
@@ -91,6 +102,161 @@ pub fn prepare(data: &Value) -> Result<Prepared, String> {
         reads,
         custom_keys,
     })
+}
+
+/// The data document as regorus values, plus what the core needs next to it.
+#[derive(Debug)]
+pub struct PreparedValues {
+    pub data: regorus::Value,
+    pub tables: BTreeMap<String, OffsetTable>,
+    pub reads: Reads,
+    pub custom_keys: BTreeSet<String>,
+}
+
+/// Prepared entries of the previous configuration, kept by a filter VM so that a policy
+/// push only validates and converts the agents and policies that changed: an entry whose
+/// JSON hashes the same as before (keyed by its fingerprint or id) is reused as is. This
+/// is what keeps `on_configure` — which runs on Envoy's worker threads, between requests —
+/// short for large bundles. An empty cache gives exactly [`prepare`]'s result.
+#[derive(Debug, Default)]
+pub struct EntryCache {
+    agents: HashMap<String, (u64, regorus::Value)>,
+    policies: HashMap<String, (u64, PolicyFacts, regorus::Value)>,
+}
+
+/// What a prepared policy contributes besides its value.
+#[derive(Debug, Clone, Default)]
+struct PolicyFacts {
+    reads: Reads,
+    custom: Option<String>,
+    timezone: String,
+}
+
+/// Like [`prepare`], straight to regorus values, reusing unchanged entries from `cache`.
+/// On success `cache` holds this document's entries; on failure it is left as it was.
+pub fn prepare_values(data: &Value, cache: &mut EntryCache) -> Result<PreparedValues, String> {
+    let mut next = EntryCache::default();
+    let mut agents = BTreeMap::new();
+    let mut policies = BTreeMap::new();
+    let tables = prepare_entries(data, |entry| {
+        match entry {
+            Entry::Agent(fingerprint, raw) => {
+                let hash = json_hash(raw);
+                let value = match cache.agents.get(fingerprint) {
+                    Some((h, value)) if *h == hash => value.clone(),
+                    _ => to_regorus(prepare_agent(raw)?)?,
+                };
+                next.agents
+                    .insert(fingerprint.to_owned(), (hash, value.clone()));
+                agents.insert(
+                    regorus::Value::from(fingerprint.to_ascii_lowercase()),
+                    value,
+                );
+            }
+            Entry::Policy(id, raw, tables) => {
+                let hash = json_hash(raw);
+                let (facts, value) = match cache.policies.get(id) {
+                    // The timezone's table may have gone from the bundle since.
+                    Some((h, facts, value))
+                        if *h == hash && tables.contains_key(&facts.timezone) =>
+                    {
+                        (facts.clone(), value.clone())
+                    }
+                    _ => {
+                        let (value, facts) = prepare_policy(id, raw, tables)?;
+                        (facts, to_regorus(value)?)
+                    }
+                };
+                policies.insert(regorus::Value::from(id), value.clone());
+                next.policies.insert(id.to_owned(), (hash, facts, value));
+            }
+        }
+        Ok(())
+    })?;
+    let (reads, custom_keys) = gather(next.policies.values().map(|(_, facts, _)| facts));
+    *cache = next;
+    let mut out = BTreeMap::new();
+    out.insert(regorus::Value::from("agents"), regorus::Value::from(agents));
+    out.insert(
+        regorus::Value::from("policies"),
+        regorus::Value::from(policies),
+    );
+    Ok(PreparedValues {
+        data: regorus::Value::from(out),
+        tables,
+        reads,
+        custom_keys,
+    })
+}
+
+/// One entry of the data document, handed to a preparer.
+enum Entry<'a> {
+    Agent(&'a str, &'a Value),
+    Policy(&'a str, &'a Value, &'a BTreeMap<String, OffsetTable>),
+}
+
+/// Walks the document: the timezones' offset tables first (returned), then every agent
+/// and policy through `each`; errors name the entry at fault.
+fn prepare_entries(
+    data: &Value,
+    mut each: impl FnMut(Entry<'_>) -> Result<(), String>,
+) -> Result<BTreeMap<String, OffsetTable>, String> {
+    let object = data.as_object().ok_or("data must be an object")?;
+    let tables = tables_from_json(object.get("timezones"))?;
+    for (fingerprint, agent) in object_field(object, "agents")? {
+        each(Entry::Agent(fingerprint, agent)).map_err(|e| format!("agent {fingerprint}: {e}"))?;
+    }
+    for (id, policy) in object_field(object, "policies")? {
+        each(Entry::Policy(id, policy, &tables)).map_err(|e| format!("policy {id}: {e}"))?;
+    }
+    Ok(tables)
+}
+
+/// The document-wide reads and custom modules from the policies' contributions.
+fn gather<'a>(facts: impl Iterator<Item = &'a PolicyFacts>) -> (Reads, BTreeSet<String>) {
+    let mut reads = Reads::default();
+    let mut custom_keys = BTreeSet::new();
+    for f in facts {
+        reads.merge(&f.reads);
+        custom_keys.extend(f.custom.iter().cloned());
+    }
+    if !custom_keys.is_empty() {
+        // Custom Rego may read any input field.
+        reads = Reads::all();
+    }
+    (reads, custom_keys)
+}
+
+/// A regorus value of a prepared entry.
+fn to_regorus(value: Value) -> Result<regorus::Value, String> {
+    <regorus::Value as serde::Deserialize>::deserialize(value).map_err(|e| e.to_string())
+}
+
+/// A hash of a JSON value's content (SipHash over a tagged walk), for [`EntryCache`].
+fn json_hash(value: &Value) -> u64 {
+    use std::hash::{Hash, Hasher};
+    fn walk(value: &Value, h: &mut std::collections::hash_map::DefaultHasher) {
+        match value {
+            Value::Null => 0u8.hash(h),
+            Value::Bool(b) => (1u8, b).hash(h),
+            Value::Number(n) => (2u8, n.to_string()).hash(h),
+            Value::String(s) => (3u8, s).hash(h),
+            Value::Array(items) => {
+                (4u8, items.len()).hash(h);
+                items.iter().for_each(|v| walk(v, h));
+            }
+            Value::Object(map) => {
+                (5u8, map.len()).hash(h);
+                for (k, v) in map {
+                    k.hash(h);
+                    walk(v, h);
+                }
+            }
+        }
+    }
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    walk(value, &mut h);
+    h.finish()
 }
 
 fn object_field<'a>(
@@ -141,10 +307,18 @@ fn prepare_policy(
     id: &str,
     policy: &Value,
     tables: &BTreeMap<String, OffsetTable>,
-    reads: &mut Reads,
-    custom_keys: &mut BTreeSet<String>,
-) -> Result<Value, String> {
+) -> Result<(Value, PolicyFacts), String> {
+    let mut facts = PolicyFacts::default();
+    let reads = &mut facts.reads;
     let p = policy.as_object().ok_or("must be an object")?;
+    if let Some(old) = ["allowed_domains", "blocked_domains"]
+        .into_iter()
+        .find(|k| p.contains_key(*k))
+    {
+        return Err(format!(
+            "{old} is not read: domains arrive indexed as allowed_exact/allowed_suffix and blocked_exact/blocked_suffix (docs/contracts.md)"
+        ));
+    }
     let priority = p
         .get("priority")
         .map_or(Some(0), Value::as_i64)
@@ -202,12 +376,13 @@ fn prepare_policy(
                     .bytes()
                     .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_') =>
         {
-            custom_keys.insert(key.clone());
+            facts.custom = Some(key.clone());
             Value::String(key.clone())
         }
         Some(_) => return Err("custom must be a module key of [a-z0-9_]".into()),
     };
-    Ok(json!({
+    facts.timezone = timezone.to_owned();
+    let value = json!({
         "id": id,
         "tenant_id": p.get("tenant_id").cloned().unwrap_or(Value::Null),
         "name": p.get("name").and_then(Value::as_str).unwrap_or_default(),
@@ -219,9 +394,56 @@ fn prepare_policy(
         "rules": rules,
         "rate_limit": rate_limit,
         "custom": custom,
-        "allowed_domains": strings(p.get("allowed_domains"), "allowed_domains")?,
-        "blocked_domains": strings(p.get("blocked_domains"), "blocked_domains")?,
-    }))
+        "allowed_exact": domain_set(p.get("allowed_exact"), "allowed_exact")?,
+        "allowed_suffix": domain_set(p.get("allowed_suffix"), "allowed_suffix")?,
+        "blocked_exact": domain_set(p.get("blocked_exact"), "blocked_exact")?,
+        "blocked_suffix": domain_set(p.get("blocked_suffix"), "blocked_suffix")?,
+    });
+    Ok((value, facts))
+}
+
+/// A policy's domain patterns indexed for the request path: exact names, and the suffixes
+/// of `*.suffix` wildcards (`*.example.org` → `example.org`), each an object keyed by name
+/// with `true` values. Rego looks the request's domain and its parent suffixes up in them
+/// instead of scanning pattern lists. Patterns are expected normalised (lower case, no
+/// trailing dot), as the control plane stores them.
+pub fn index_domains(patterns: &[String]) -> (Map<String, Value>, Map<String, Value>) {
+    let (mut exact, mut suffix) = (Map::new(), Map::new());
+    for pattern in patterns {
+        match pattern.strip_prefix("*.") {
+            Some(parent) => suffix.insert(parent.to_owned(), Value::Bool(true)),
+            None => exact.insert(pattern.clone(), Value::Bool(true)),
+        };
+    }
+    (exact, suffix)
+}
+
+/// One domain index (`allowed_exact`, ...): an object of lower-case names → `true`.
+fn domain_set(value: Option<&Value>, key: &str) -> Result<Value, String> {
+    let entries = match value {
+        None | Some(Value::Null) => return Ok(json!({})),
+        Some(Value::Object(entries)) => entries,
+        Some(_) => return Err(format!("{key} must be an object of domain names")),
+    };
+    let mut out = Map::new();
+    for (name, flag) in entries {
+        if flag != &Value::Bool(true) {
+            return Err(format!("{key}.{name} must be true"));
+        }
+        let valid = !name.is_empty()
+            && !name.starts_with('.')
+            && !name.ends_with('.')
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+        if !valid {
+            return Err(format!(
+                "{key} holds {name:?}, which is not a domain name (wildcards go in *_suffix without \"*.\")"
+            ));
+        }
+        out.insert(name.to_ascii_lowercase(), Value::Bool(true));
+    }
+    Ok(Value::Object(out))
 }
 
 fn window(w: &Value) -> Result<Value, String> {
@@ -441,6 +663,26 @@ mod tests {
     }
 
     #[test]
+    fn domains_are_indexed_by_exact_name_and_wildcard_suffix() {
+        let patterns = ["b.example", "*.c.example", "a.example", "*.a.example"]
+            .map(str::to_owned)
+            .to_vec();
+        let (exact, suffix) = index_domains(&patterns);
+        assert_eq!(
+            Value::Object(exact),
+            json!({"a.example": true, "b.example": true})
+        );
+        assert_eq!(
+            Value::Object(suffix),
+            json!({"a.example": true, "c.example": true})
+        );
+        let prepared = prepare(&policy(json!({"allowed_exact": {"A.Example": true}}))).unwrap();
+        let p = &prepared.data["policies"]["p"];
+        assert_eq!(p["allowed_exact"], json!({"a.example": true}));
+        assert_eq!(p["blocked_suffix"], json!({}));
+    }
+
+    #[test]
     fn configuration_errors_name_the_problem() {
         for (extra, needle) in [
             (
@@ -475,10 +717,50 @@ mod tests {
             (json!({"rate_limit": {"burst": 5}}), "needs per_minute"),
             (json!({"rate_limit": {"per_minute": 0}}), "positive integer"),
             (json!({"custom": "Bad-Key"}), "module key"),
+            (json!({"allowed_exact": ["a.example"]}), "must be an object"),
+            (json!({"allowed_exact": {"a.example": 1}}), "must be true"),
+            (
+                json!({"blocked_suffix": {"*.a.example": true}}),
+                "not a domain name",
+            ),
+            (
+                json!({"allowed_domains": ["a.example"]}),
+                "allowed_domains is not read",
+            ),
         ] {
             let err = prepare(&policy(extra.clone())).unwrap_err();
             assert!(err.contains(needle), "{extra}: {err}");
             assert!(err.starts_with("policy p"), "{err}");
         }
+    }
+
+    #[test]
+    fn values_equal_the_json_preparation_and_reuse_only_unchanged_entries() {
+        let data = policy(json!({"rules": [
+            {"id": "r", "action": "deny", "conditions": [{"field": "method", "operator": "equals", "value": "DELETE"}]}
+        ]}));
+        let want: regorus::Value =
+            serde::Deserialize::deserialize(prepare(&data).unwrap().data).unwrap();
+        let mut cache = EntryCache::default();
+        let first = prepare_values(&data, &mut cache).unwrap();
+        assert_eq!(first.data, want);
+        assert!(first.reads.method);
+        assert_eq!(cache.policies.len(), 1);
+        // Same document: served from the cache, same result.
+        let again = prepare_values(&data, &mut cache).unwrap();
+        assert_eq!(again.data, want);
+        assert!(again.reads.method);
+        // A changed policy is prepared again; a broken one leaves the cache as it was.
+        let mut changed = data.clone();
+        changed["policies"]["p"]["priority"] = json!(7);
+        let got = prepare_values(&changed, &mut cache).unwrap();
+        assert_eq!(
+            got.data["policies"]["p"]["priority"],
+            regorus::Value::from(7i64)
+        );
+        let mut broken = data.clone();
+        broken["policies"]["p"]["mode"] = json!("sometimes");
+        assert!(prepare_values(&broken, &mut cache).is_err());
+        assert_eq!(cache.policies.len(), 1);
     }
 }

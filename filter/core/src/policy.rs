@@ -8,7 +8,7 @@
 //! audit stay outside the memo.
 
 use crate::config::{Bundle, RegoModule};
-use crate::data::{self, Reads};
+use crate::data::{self, EntryCache, Reads};
 use crate::decision::Decision;
 use crate::input::RequestFacts;
 use crate::time::OffsetTable;
@@ -129,7 +129,16 @@ impl CompiledPolicy {
     /// Validates the data, compiles the modules against it and checks the decision rule
     /// by evaluating it once on an empty request.
     pub fn compile(bundle: &Bundle) -> Result<Self, PolicyError> {
-        let prepared = data::prepare(&bundle.data).map_err(PolicyError::Data)?;
+        Self::compile_with(bundle, &mut EntryCache::default())
+    }
+
+    /// [`CompiledPolicy::compile`], reusing the agents and policies `cache` prepared for
+    /// the previous configuration when their JSON is unchanged (a filter VM keeps one
+    /// cache across configurations, so a push converts only what changed).
+    pub fn compile_with(bundle: &Bundle, cache: &mut EntryCache) -> Result<Self, PolicyError> {
+        // Entries are keyed by their content, so those of a bundle that fails later (a
+        // module that does not compile) are still right to reuse.
+        let prepared = data::prepare_values(&bundle.data, cache).map_err(PolicyError::Data)?;
         let mut engine = Engine::new();
         engine.set_rego_v0(false);
         let mut custom_modules = Vec::new();
@@ -164,12 +173,10 @@ impl CompiledPolicy {
                 "a policy refers to custom module {missing:?} but the bundle has no module custom/{missing}.rego"
             )));
         }
-        // Straight from the parsed document into regorus values: no JSON text round trip
-        // (on_configure time is part of every policy push).
-        let data = <Value as serde::Deserialize>::deserialize(prepared.data)
-            .map_err(|e| PolicyError::Data(e.to_string()))?;
+        // Prepared straight into regorus values: no JSON text round trip (on_configure
+        // time is part of every policy push).
         engine
-            .add_data(data)
+            .add_data(prepared.data)
             .map_err(|e| PolicyError::Data(e.to_string()))?;
         let mut compiled = Self {
             engine,

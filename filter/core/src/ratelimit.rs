@@ -8,6 +8,13 @@
 //! `burst`, or `per_minute` without a burst), per hour (capacity `per_hour`) and per day
 //! (capacity `per_day`). A request takes one token from every configured bucket, or none
 //! if any is empty.
+//!
+//! Leases: a worker may take up to [`lease_size`] tokens at once and spend them locally
+//! for [`LEASE_NS`] without touching shared data ([`Leases`]). Tokens a worker leased but
+//! did not use within the lease are lost, never given twice, so the limit still holds
+//! across workers; the price is that another worker may be limited while a lease holds
+//! tokens (at most `capacity / 64` per worker). Limits under 128 requests lease one token
+//! at a time, i.e. every request updates the shared bucket.
 
 use crate::decision::RateLimit;
 
@@ -25,11 +32,10 @@ pub struct BucketState {
 /// The result of one attempt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Acquire {
-    Allowed(BucketState),
+    /// `granted` tokens (at least one, at most the number asked for) were taken.
+    Allowed { state: BucketState, granted: u64 },
     /// Over the limit: seconds until a token is available in every empty bucket.
-    Limited {
-        retry_after_s: u64,
-    },
+    Limited { retry_after_s: u64 },
 }
 
 // === impl BucketState ===
@@ -75,7 +81,7 @@ fn buckets(limit: &RateLimit) -> [Option<(u64, u64)>; 3] {
 const WINDOW_S: [u64; 3] = [60, 3_600, 86_400];
 
 /// Takes one token from every configured bucket if all have one.
-pub fn acquire(limit: &RateLimit, state: Option<BucketState>, now_ns: u64) -> Acquire {
+pub fn acquire(limit: &RateLimit, state: Option<BucketState>, now_ns: u64, want: u64) -> Acquire {
     let config = buckets(limit);
     let mut levels = [0u64; 3];
     let mut retry_after_s = 0;
@@ -116,17 +122,76 @@ pub fn acquire(limit: &RateLimit, state: Option<BucketState>, now_ns: u64) -> Ac
     if retry_after_s > 0 {
         return Acquire::Limited { retry_after_s };
     }
+    // Every configured bucket holds at least one token here.
+    let granted = config
+        .iter()
+        .zip(levels)
+        .filter(|(bucket, _)| bucket.is_some())
+        .map(|(_, level)| level / MICRO)
+        .min()
+        .unwrap_or(want)
+        .clamp(1, want.max(1));
     for (i, bucket) in config.iter().enumerate() {
         if bucket.is_some()
             && let Some(slot) = levels.get_mut(i)
         {
-            *slot -= MICRO;
+            *slot -= granted * MICRO;
         }
     }
-    Acquire::Allowed(BucketState {
-        levels,
-        updated_ns: now_ns,
-    })
+    Acquire::Allowed {
+        state: BucketState {
+            levels,
+            updated_ns: now_ns,
+        },
+        granted,
+    }
+}
+
+/// How long leased tokens may be spent locally.
+pub const LEASE_NS: u64 = 1_000_000_000;
+
+/// Tokens a worker takes from the shared bucket at once: 1/64 of the smallest bucket's
+/// capacity, between 1 and 32.
+pub fn lease_size(limit: &RateLimit) -> u64 {
+    buckets(limit)
+        .iter()
+        .flatten()
+        .map(|(capacity, _)| *capacity)
+        .min()
+        .map_or(1, |capacity| (capacity / 64).clamp(1, 32))
+}
+
+/// Tokens one worker leased, by bucket key.
+#[derive(Debug, Default)]
+pub struct Leases(std::collections::HashMap<String, (u64, u64)>);
+
+impl Leases {
+    /// Spends a leased token for `key` if one is left and the lease is still valid.
+    pub fn take(&mut self, key: &str, now_ns: u64) -> bool {
+        match self.0.get_mut(key) {
+            Some((tokens, expires_ns)) if *tokens > 0 && now_ns < *expires_ns => {
+                *tokens -= 1;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Records a grant of `granted` tokens taken from the shared bucket at `now_ns`, one
+    /// of which the current request spends.
+    pub fn granted(&mut self, key: &str, granted: u64, now_ns: u64) {
+        let left = granted.saturating_sub(1);
+        if left == 0 {
+            self.0.remove(key);
+        } else {
+            self.0.insert(key.to_owned(), (left, now_ns + LEASE_NS));
+        }
+    }
+
+    /// Drops every lease (a new configuration may carry other limits).
+    pub fn clear(&mut self) {
+        self.0.clear();
+    }
 }
 
 #[cfg(test)]
@@ -139,8 +204,8 @@ mod tests {
         let mut state = None;
         times_s
             .iter()
-            .map(|t| match acquire(limit, state, (*t * S as f64) as u64) {
-                Acquire::Allowed(next) => {
+            .map(|t| match acquire(limit, state, (*t * S as f64) as u64, 1) {
+                Acquire::Allowed { state: next, .. } => {
                     state = Some(next);
                     true
                 }
@@ -200,17 +265,71 @@ mod tests {
             burst: Some(1),
             ..Default::default()
         };
-        let Acquire::Allowed(state) = acquire(&limit, None, 0) else {
+        let Acquire::Allowed { state, .. } = acquire(&limit, None, 0, 1) else {
             panic!()
         };
         assert_eq!(
-            acquire(&limit, Some(state), 0),
+            acquire(&limit, Some(state), 0, 1),
             Acquire::Limited { retry_after_s: 10 }
         );
         assert_eq!(
-            acquire(&limit, Some(state), 5 * S),
+            acquire(&limit, Some(state), 5 * S, 1),
             Acquire::Limited { retry_after_s: 5 }
         );
+    }
+
+    #[test]
+    fn a_lease_takes_what_is_there_up_to_the_ask() {
+        let limit = RateLimit {
+            per_minute: Some(600),
+            burst: Some(10),
+            ..Default::default()
+        };
+        let Acquire::Allowed { state, granted } = acquire(&limit, None, 0, 8) else {
+            panic!()
+        };
+        assert_eq!(granted, 8);
+        // Two left: a second ask for 8 gets 2, a third is limited.
+        let Acquire::Allowed { state, granted } = acquire(&limit, Some(state), 0, 8) else {
+            panic!()
+        };
+        assert_eq!(granted, 2);
+        assert!(matches!(
+            acquire(&limit, Some(state), 0, 8),
+            Acquire::Limited { .. }
+        ));
+    }
+
+    #[test]
+    fn lease_sizes_scale_with_the_smallest_bucket() {
+        let small = RateLimit {
+            per_minute: Some(60),
+            burst: Some(5),
+            ..Default::default()
+        };
+        assert_eq!(lease_size(&small), 1);
+        let large = RateLimit {
+            per_minute: Some(1_000_000),
+            per_day: Some(10_000_000),
+            ..Default::default()
+        };
+        assert_eq!(lease_size(&large), 32);
+        assert_eq!(lease_size(&RateLimit::default()), 1);
+    }
+
+    #[test]
+    fn leases_are_spent_once_and_expire() {
+        let mut leases = Leases::default();
+        assert!(!leases.take("k", 0));
+        leases.granted("k", 3, 0);
+        assert!(leases.take("k", 1));
+        assert!(leases.take("k", 2));
+        assert!(!leases.take("k", 3), "two tokens were left after the first");
+        leases.granted("k", 2, 10);
+        assert!(!leases.take("k", 10 + LEASE_NS), "expired");
+        leases.granted("k", 2, 0);
+        leases.clear();
+        assert!(!leases.take("k", 1));
     }
 
     #[test]

@@ -12,21 +12,15 @@ pub fn property(path: &[&str]) -> Option<String> {
     String::from_utf8(bytes).ok()
 }
 
-pub fn request_header(name: &str) -> Option<String> {
-    hostcalls::get_map_value(MapType::HttpRequestHeaders, name)
-        .ok()
-        .flatten()
+/// All request headers in one host call (cheaper than one call per header: every call
+/// and every returned buffer is a trip across the V8 boundary).
+pub fn request_headers() -> Vec<(String, String)> {
+    hostcalls::get_map(MapType::HttpRequestHeaders).unwrap_or_default()
 }
 
 pub fn set_request_header(name: &str, value: &str) {
     if hostcalls::set_map_value(MapType::HttpRequestHeaders, name, Some(value)).is_err() {
         log(LogLevel::Warn, "cannot set request header");
-    }
-}
-
-pub fn set_response_header(name: &str, value: &str) {
-    if hostcalls::set_map_value(MapType::HttpResponseHeaders, name, Some(value)).is_err() {
-        log(LogLevel::Warn, "cannot set response header");
     }
 }
 

@@ -4,6 +4,7 @@
 use crate::metrics::Metrics;
 use crate::ratelimit::{self, Check};
 use crate::root::Active;
+use crate::vm::SubjectCache;
 use crate::{host, vm};
 use filter_core::audit::AuditRecord;
 use filter_core::config::Mode;
@@ -15,39 +16,83 @@ use std::cell::RefCell;
 use std::rc::Rc;
 use std::sync::Arc;
 
+/// Where a benchmark build stops the request path (`cargo xtask bench` prices each stage
+/// against plain Envoy, BENCHMARKS.md); set at compile time through
+/// `CHRONOGUARD_FILTER_STAGE`. A normal build has none and runs everything.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    /// The filter is there and lets every request through untouched.
+    Noop,
+    /// + reads the request facts.
+    Facts,
+    /// + decides (memoised Rego decision).
+    Decide,
+    /// + the rate limit (shared-data token bucket).
+    Limit,
+    /// + the audit record.
+    Audit,
+    /// + the answer: decision-id headers, local replies for denials.
+    Full,
+}
+
+// An unknown stage name fails the build (this runs at compile time), so a benchmark
+// never measures a mislabelled module.
+#[allow(clippy::panic)]
+const STAGE: Stage = match option_env!("CHRONOGUARD_FILTER_STAGE") {
+    None => Stage::Full,
+    Some(stage) => match stage.as_bytes() {
+        b"noop" => Stage::Noop,
+        b"facts" => Stage::Facts,
+        b"decide" => Stage::Decide,
+        b"limit" => Stage::Limit,
+        b"audit" => Stage::Audit,
+        b"full" => Stage::Full,
+        _ => panic!("CHRONOGUARD_FILTER_STAGE: noop, facts, decide, limit, audit or full"),
+    },
+};
+
 pub struct Request {
     active: Option<Rc<RefCell<Active>>>,
-    /// Set once the request is allowed: echoed on the response.
-    decision_id: Option<String>,
 }
 
 // === impl Request ===
 
 impl Request {
     pub fn new(active: Option<Rc<RefCell<Active>>>) -> Self {
-        Self {
-            active,
-            decision_id: None,
-        }
+        Self { active }
     }
 
-    fn facts() -> RequestFacts {
-        let header = |name: &str| host::request_header(name).unwrap_or_default();
-        let path = header(":path");
-        let path = path
-            .split_once('?')
-            .map_or(path.as_str(), |(p, _)| p)
-            .to_owned();
+    /// Reads the request's facts: all request headers in one host call, the peer
+    /// certificate's digest and the peer address as properties, Envoy's clock. The
+    /// certificate subject (only audited) comes from `subjects`, read once per certificate.
+    fn facts(subjects: &mut SubjectCache) -> RequestFacts {
+        let (mut authority, mut method, mut path, mut user_agent) =
+            (String::new(), String::new(), String::new(), String::new());
+        for (name, value) in host::request_headers() {
+            match name.as_str() {
+                ":authority" => authority = value,
+                ":method" => method = value,
+                ":path" => path = value,
+                "user-agent" if user_agent.is_empty() => user_agent = value,
+                _ => {}
+            }
+        }
+        // Query strings are never evaluated or audited (they carry secrets).
+        if let Some(at) = path.find('?') {
+            path.truncate(at);
+        }
+        method.make_ascii_uppercase();
+        let mut fingerprint =
+            host::property(&["connection", "sha256_peer_certificate_digest"]).unwrap_or_default();
+        fingerprint.make_ascii_lowercase();
+        let subject = subjects.subject(&fingerprint);
         RequestFacts {
-            fingerprint: host::property(&["connection", "sha256_peer_certificate_digest"])
-                .unwrap_or_default()
-                .to_ascii_lowercase(),
-            subject: host::property(&["connection", "subject_peer_certificate"])
-                .unwrap_or_default(),
-            domain: normalize_domain(&header(":authority")),
-            method: header(":method").to_ascii_uppercase(),
+            fingerprint,
+            subject,
+            domain: normalize_domain(&authority),
+            method,
             path,
-            user_agent: header("user-agent"),
+            user_agent,
             source_ip: source_ip(&host::property(&["source", "address"]).unwrap_or_default()),
             // The gateway listener is TLS-only (mTLS identity); not read per request.
             scheme: String::from("https"),
@@ -130,13 +175,26 @@ impl Context for Request {}
 
 impl HttpContext for Request {
     fn on_http_request_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
-        let facts = Self::facts();
+        if STAGE == Stage::Noop {
+            return Action::Continue;
+        }
         let state = vm::state();
         let mut state = state.borrow_mut();
+        let facts = Self::facts(&mut state.subjects);
+        if STAGE == Stage::Facts {
+            return Action::Continue;
+        }
         let (decision, version) = self.decide(&facts, &mut state.metrics);
+        if STAGE == Stage::Decide {
+            state.count_decision(&decision);
+            return Action::Continue;
+        }
         let (decision, retry_after) = Self::limit(decision, &facts, &mut state.metrics);
         let id = state.ids.next_id();
         state.count_decision(&decision);
+        if STAGE == Stage::Limit {
+            return Action::Continue;
+        }
         let mut record = AuditRecord::from_facts(id.clone(), facts, &decision, &version);
         if let Some(dry_run) = decision
             .dry_run
@@ -150,9 +208,12 @@ impl HttpContext for Request {
         }
         state.record(record);
         drop(state);
+        if STAGE == Stage::Audit {
+            return Action::Continue;
+        }
         if decision.allow {
+            // Envoy's route copies it onto the response (`envoy-config/`).
             host::set_request_header(DECISION_ID_HEADER, &id);
-            self.decision_id = Some(id);
             Action::Continue
         } else {
             let body = decision.deny_body(&id, retry_after);
@@ -167,12 +228,5 @@ impl HttpContext for Request {
             host::send_response(decision.status(), headers, body.as_bytes());
             Action::Pause
         }
-    }
-
-    fn on_http_response_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
-        if let Some(id) = &self.decision_id {
-            host::set_response_header(DECISION_ID_HEADER, id);
-        }
-        Action::Continue
     }
 }

@@ -1,11 +1,20 @@
 //! Rate limits held in proxy-wasm shared data, so one limit spans every worker thread.
+//!
+//! Each worker leases tokens from the shared bucket (`filter_core::ratelimit::Leases`):
+//! with large limits most requests spend a local token and touch no shared data.
 
 use crate::host;
 use filter_core::decision::RateLimit;
-use filter_core::ratelimit::{Acquire, BucketState, acquire};
+use filter_core::ratelimit::{Acquire, BucketState, Leases, acquire, lease_size};
+use std::cell::RefCell;
 
 /// Attempts before giving up on a contended key.
 const CAS_ATTEMPTS: usize = 16;
+
+thread_local! {
+    /// This worker VM's leases.
+    static LEASES: RefCell<Leases> = RefCell::new(Leases::default());
+}
 
 /// The outcome of a check: allowed, limited (with Retry-After seconds), or the store
 /// failed (the request is allowed and the failure counted).
@@ -15,21 +24,36 @@ pub enum Check {
     StoreError,
 }
 
-/// Takes one token for `agent` under `policy` with compare-and-swap on shared data.
+/// Drops this worker's leases (a new configuration may carry other limits).
+pub fn reset() {
+    LEASES.with(|l| l.borrow_mut().clear());
+}
+
+/// Takes one token for `agent` under `policy`: from this worker's lease, else from the
+/// shared bucket with compare-and-swap (leasing more when the limit is large).
 pub fn check(agent: &str, policy: &str, limit: &RateLimit, now_ns: u64) -> Check {
     let key = format!("chronoguard.rl.{agent}.{policy}");
+    if LEASES.with(|l| l.borrow_mut().take(&key, now_ns)) {
+        return Check::Allowed;
+    }
+    let want = lease_size(limit);
     for _ in 0..CAS_ATTEMPTS {
         let Ok((bytes, cas)) = host::shared_get(&key) else {
             return Check::StoreError;
         };
         let state = bytes.as_deref().and_then(BucketState::decode);
-        match acquire(limit, state, now_ns) {
+        match acquire(limit, state, now_ns, want) {
             Acquire::Limited { retry_after_s } => return Check::Limited(retry_after_s),
-            Acquire::Allowed(next) => match host::shared_set(&key, &next.encode(), cas) {
-                Ok(true) => return Check::Allowed,
-                Ok(false) => continue,
-                Err(()) => return Check::StoreError,
-            },
+            Acquire::Allowed { state, granted } => {
+                match host::shared_set(&key, &state.encode(), cas) {
+                    Ok(true) => {
+                        LEASES.with(|l| l.borrow_mut().granted(&key, granted, now_ns));
+                        return Check::Allowed;
+                    }
+                    Ok(false) => continue,
+                    Err(()) => return Check::StoreError,
+                }
+            }
         }
     }
     Check::StoreError

@@ -37,7 +37,15 @@ impl Root {
         let config = PluginConfig::from_slice(bytes).map_err(|e| e.to_string())?;
         let policy = match (&config.mode, &config.bundle) {
             (Mode::Enforce, Some(bundle)) => {
-                Some(CompiledPolicy::compile(bundle).map_err(|e| e.to_string())?)
+                // This VM's entries of the previous configuration: a push only prepares
+                // the agents and policies that changed (on_configure runs between
+                // requests on the worker thread).
+                let state = vm::state();
+                let mut state = state.borrow_mut();
+                Some(
+                    CompiledPolicy::compile_with(bundle, &mut state.entries)
+                        .map_err(|e| e.to_string())?,
+                )
             }
             _ => None,
         };
@@ -67,7 +75,8 @@ impl Context for Root {
 
     fn on_done(&mut self) -> bool {
         // The VM-wide buffer outlives this root context; the next root context's ticks (or
-        // this VM's remaining ones) keep flushing it.
+        // this VM's remaining ones) keep flushing it. (The optimised module does not even
+        // export `proxy_on_done`, which Envoy treats as this same answer: `xtask`.)
         true
     }
 }
@@ -101,6 +110,7 @@ impl RootContext for Root {
                 }
                 host::set_tick_period(Duration::from_millis(period));
                 self.active = Some(Rc::new(RefCell::new(active)));
+                crate::ratelimit::reset();
                 true
             }
             Err(err) => {

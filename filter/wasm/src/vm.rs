@@ -4,8 +4,10 @@ use crate::host;
 use crate::metrics::Metrics;
 use filter_core::audit::{AuditBuffer, AuditRecord, IdGenerator};
 use filter_core::config::AuditSink;
+use filter_core::data::EntryCache;
 use proxy_wasm::types::LogLevel;
 use std::cell::RefCell;
+use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
 use std::rc::Rc;
 use std::time::Duration;
@@ -15,8 +17,40 @@ const DEFAULT_CAPACITY: usize = 10_000;
 /// Longest pause between retries of a failing sink.
 const MAX_BACKOFF_NS: u64 = 30_000_000_000;
 
+/// Certificate subjects by fingerprint: a certificate's subject never changes, so it is
+/// read from Envoy once per certificate (and VM), not per request. Bounded: cleared
+/// when full.
+#[derive(Default)]
+pub struct SubjectCache(HashMap<String, String>);
+
+/// Certificates remembered per VM before the cache starts over.
+const SUBJECT_CACHE_SIZE: usize = 4_096;
+
+impl SubjectCache {
+    /// The subject of the peer certificate whose digest is `fingerprint` (empty without
+    /// a certificate).
+    pub fn subject(&mut self, fingerprint: &str) -> String {
+        if fingerprint.is_empty() {
+            return String::new();
+        }
+        if let Some(subject) = self.0.get(fingerprint) {
+            return subject.clone();
+        }
+        let subject =
+            host::property(&["connection", "subject_peer_certificate"]).unwrap_or_default();
+        if self.0.len() >= SUBJECT_CACHE_SIZE {
+            self.0.clear();
+        }
+        self.0.insert(fingerprint.to_owned(), subject.clone());
+        subject
+    }
+}
+
 pub struct VmState {
     pub ids: IdGenerator,
+    pub subjects: SubjectCache,
+    /// Prepared bundle entries of the last configuration (`filter_core::data::EntryCache`).
+    pub entries: EntryCache,
     pub metrics: Metrics,
     audit: AuditBuffer,
     sink: Option<AuditSink>,
@@ -42,6 +76,8 @@ impl VmState {
         let prefix = RandomState::new().hash_one(host::now_ns());
         Self {
             ids: IdGenerator::new(prefix),
+            subjects: SubjectCache::default(),
+            entries: EntryCache::default(),
             metrics: Metrics::define(),
             audit: AuditBuffer::new(DEFAULT_CAPACITY),
             sink: None,

@@ -14,7 +14,26 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 /// One measured run: variant, Envoy CPU µs per request, requests per second, start-to-ready.
-type Row = (&'static str, f64, f64, Duration);
+type Row = (String, f64, f64, Duration);
+
+/// A filter build to measure: its name and module. `CHRONOGUARD_BENCH_STAGES` (set by
+/// `cargo xtask bench`) lists the stage builds as `name=path,...` in request-path order;
+/// the real module comes last as `chronoguard`.
+fn filter_variants() -> anyhow::Result<Vec<(String, std::path::PathBuf)>> {
+    let mut out = Vec::new();
+    for item in std::env::var("CHRONOGUARD_BENCH_STAGES")
+        .unwrap_or_default()
+        .split(',')
+        .filter(|s| !s.is_empty())
+    {
+        let (name, path) = item
+            .split_once('=')
+            .ok_or_else(|| anyhow::anyhow!("CHRONOGUARD_BENCH_STAGES item {item:?}"))?;
+        out.push((name.to_owned(), path.into()));
+    }
+    out.push(("chronoguard".to_owned(), integration_tests::envoy::wasm()));
+    Ok(out)
+}
 
 struct Args {
     seconds: u64,
@@ -59,8 +78,15 @@ fn args() -> anyhow::Result<Args> {
 async fn main() -> anyhow::Result<()> {
     let args = args()?;
     pin(std::process::id(), "1");
+    let filters = filter_variants()?;
+    // Envoy and the control plane load the module from this path; each variant's module is
+    // copied over it before Envoy restarts.
+    let module =
+        std::env::temp_dir().join(format!("chronoguard-bench-{}.wasm", std::process::id()));
+    std::fs::copy(integration_tests::envoy::wasm(), &module)?;
     let mut stack = Stack::start(StackOptions {
         concurrency: 1,
+        wasm: Some(module.clone()),
         ..StackOptions::default()
     })
     .await?;
@@ -76,15 +102,34 @@ async fn main() -> anyhow::Result<()> {
     })
     .await;
     ready?;
+    if let Some(path) = std::env::var_os("CHRONOGUARD_BENCH_CONFIG_DUMP") {
+        // Envoy's view of the delivered configuration, for offline `on_configure` profiling.
+        let dump = stack
+            .http
+            .get(stack.envoy.admin("/config_dump"))
+            .send()
+            .await?
+            .text()
+            .await?;
+        std::fs::write(path, dump)?;
+    }
     let bundle_bytes: i64 = sqlx::query_scalar("SELECT count(*) FROM agents")
         .fetch_one(&stack.db)
         .await?;
 
-    let mut rows = Vec::new();
-    let mut latencies: Vec<(&str, f64, f64)> = Vec::new();
+    let mut rows: Vec<Row> = Vec::new();
+    let mut latencies: Vec<(String, f64, f64)> = Vec::new();
+    let variants: Vec<(String, Option<&std::path::Path>)> =
+        std::iter::once(("plain".to_owned(), None))
+            .chain(filters.iter().map(|(n, p)| (n.clone(), Some(p.as_path()))))
+            .collect();
     for round in 0..args.rounds {
-        for variant in ["plain", "chronoguard"] {
-            let start_to_ready = restart(&mut stack, variant == "plain").await?;
+        for (variant, path) in &variants {
+            let variant = variant.as_str();
+            if let Some(path) = path {
+                std::fs::copy(path, &module)?;
+            }
+            let start_to_ready = restart(&mut stack, path.is_none()).await?;
             pin(stack.envoy.pid(), "0");
             // Everything else the run needs (control plane, PostgreSQL, Redis) shares CPU 1
             // with the load generator, so Envoy has CPU 0 to itself.
@@ -113,12 +158,12 @@ async fn main() -> anyhow::Result<()> {
             println!(
                 "round {round} {variant}: {requests} requests ({errors} errors), {rps:.0} req/s, {cpu_us:.1} µs Envoy CPU/request, start-to-ready {start_to_ready:?}"
             );
-            rows.push((variant, cpu_us, rps, start_to_ready));
-            let (p50, p99) = open_loop(&stack, &client, 1_000, Duration::from_secs(3)).await?;
+            rows.push((variant.to_owned(), cpu_us, rps, start_to_ready));
+            let (p50, p99, _) = open_loop(&stack, &client, 1_000, Duration::from_secs(3)).await?;
             println!(
                 "round {round} {variant}: at 1,000 req/s (open loop) p50 {p50:.3} ms, p99 {p99:.3} ms"
             );
-            latencies.push((variant, p50, p99));
+            latencies.push((variant.to_owned(), p50, p99));
             if variant == "chronoguard" && round == 0 {
                 let stats = stack
                     .http
@@ -141,29 +186,7 @@ async fn main() -> anyhow::Result<()> {
         v.sort_by(|a, b| a.total_cmp(b));
         v.get(v.len() / 2).copied().unwrap_or(0.0)
     };
-    let (pc, fc) = (median("plain", &|r| r.1), median("chronoguard", &|r| r.1));
-    let (pr, fr) = (median("plain", &|r| r.2), median("chronoguard", &|r| r.2));
-    let (ps, fs) = (
-        median("plain", &|r| r.3.as_secs_f64()),
-        median("chronoguard", &|r| r.3.as_secs_f64()),
-    );
-    let wasm = std::fs::metadata(integration_tests::envoy::wasm())?.len();
-    println!(
-        "\n| variant | Envoy CPU µs/req | added | req/s (1 worker, {} conns) | vs plain | start-to-ready |",
-        args.connections
-    );
-    println!("|---|---|---|---|---|---|");
-    println!(
-        "| plain Envoy (mTLS) | {pc:.1} | — | {pr:.0} | 1.00× | {:.0} ms |",
-        ps * 1e3
-    );
-    println!(
-        "| + ChronoGuard filter | {fc:.1} | +{:.1} | {fr:.0} | {:.2}× | {:.0} ms |",
-        fc - pc,
-        fr / pr,
-        fs * 1e3
-    );
-    let latency = |variant: &str, pick: fn(&(&str, f64, f64)) -> f64| {
+    let latency = |variant: &str, pick: fn(&(String, f64, f64)) -> f64| {
         let mut v: Vec<f64> = latencies
             .iter()
             .filter(|l| l.0 == variant)
@@ -172,21 +195,92 @@ async fn main() -> anyhow::Result<()> {
         v.sort_by(|a, b| a.total_cmp(b));
         v.get(v.len() / 2).copied().unwrap_or(0.0)
     };
-    let (plain50, plain99) = (latency("plain", |l| l.1), latency("plain", |l| l.2));
-    let (cg50, cg99) = (
-        latency("chronoguard", |l| l.1),
-        latency("chronoguard", |l| l.2),
-    );
+    let (pc, pr) = (median("plain", &|r| r.1), median("plain", &|r| r.2));
+    let (p50, p99) = (latency("plain", |l| l.1), latency("plain", |l| l.2));
     println!(
-        "\nlatency at 1,000 req/s (open loop, 3 s): plain p50 {plain50:.3} / p99 {plain99:.3} ms; with the filter p50 {cg50:.3} / p99 {cg99:.3} ms; added p50 {:+.3} ms, p99 {:+.3} ms",
-        cg50 - plain50,
-        cg99 - plain99
+        "\n| variant | Envoy CPU µs/req | added | of which this stage | req/s (1 worker, {} conns) | vs plain | start-to-ready | p50 / p99 at 1,000 req/s |",
+        args.connections
     );
+    println!("|---|---|---|---|---|---|---|---|");
+    let mut previous = pc;
+    for (variant, _) in &variants {
+        let (c, r) = (median(variant, &|r| r.1), median(variant, &|r| r.2));
+        let s = median(variant, &|r| r.3.as_secs_f64());
+        let (l50, l99) = (latency(variant, |l| l.1), latency(variant, |l| l.2));
+        let added = if variant == "plain" {
+            "—".to_owned()
+        } else {
+            format!("{:+.1}", c - pc)
+        };
+        let stage = if variant == "plain" {
+            "—".to_owned()
+        } else {
+            format!("{:+.1}", c - previous)
+        };
+        println!(
+            "| {variant} | {c:.1} | {added} | {stage} | {r:.0} | {:.2}× | {:.0} ms | {l50:.3} / {l99:.3} ms ({:+.3} / {:+.3}) |",
+            r / pr,
+            s * 1e3,
+            l50 - p50,
+            l99 - p99,
+        );
+        previous = c;
+    }
+    let wasm = std::fs::metadata(integration_tests::envoy::wasm())?.len();
     println!(
         "\nagents in bundle: {bundle_bytes}; policies: {}; module after wasm-opt: {wasm} bytes; medians of {} rounds of {} s",
         args.policies, args.rounds, args.seconds
     );
+    stall(&stack, &agent, policy0).await?;
     propagation(&stack, &agent, policy0, &args).await
+}
+
+/// Whether a policy push stalls requests: open-loop load at 1,000 req/s for 5 s without
+/// changes, then 5 s with a policy change every 250 ms (each one a new bundle that Envoy's
+/// worker loads with `on_configure`); the changes leave the load's decisions as they are.
+async fn stall(
+    stack: &Stack,
+    agent: &integration_tests::certs::AgentCert,
+    policy0: uuid::Uuid,
+) -> anyhow::Result<()> {
+    let client = stack.agent_client(Some(agent))?;
+    let policy = |i: usize| {
+        let mut allowed: Vec<String> = (0..5).map(|d| format!("allowed-{d}.example")).collect();
+        allowed.push(format!("extra-{i}.example"));
+        json!({"name": "p0", "priority": 0, "allowed_domains": allowed, "blocked_domains": ["blocked-0.example"]})
+    };
+    stack
+        .admin(
+            reqwest::Method::PUT,
+            &format!("/api/v1/policies/{policy0}"),
+            Some(policy(0)),
+        )
+        .await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (q50, q99, qmax) = open_loop(stack, &client, 1_000, Duration::from_secs(5)).await?;
+    let pushes = async {
+        for i in 1..=20 {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            stack
+                .admin(
+                    reqwest::Method::PUT,
+                    &format!("/api/v1/policies/{policy0}"),
+                    Some(policy(i)),
+                )
+                .await?;
+        }
+        anyhow::Ok(())
+    };
+    let (load, pushed) = tokio::join!(
+        open_loop(stack, &client, 1_000, Duration::from_secs(5)),
+        pushes
+    );
+    pushed?;
+    let (c50, c99, cmax) = load?;
+    println!(
+        "\npolicy pushes under load (1,000 req/s open loop, 5 s each): without pushes p50 {q50:.3} / p99 {q99:.3} / max {qmax:.3} ms; with a push every 250 ms p50 {c50:.3} / p99 {c99:.3} / max {cmax:.3} ms"
+    );
+    Ok(())
 }
 
 /// REST write → first request decided by the new policy, `args.changes` times.
@@ -342,13 +436,13 @@ async fn restart(stack: &mut Stack, plain: bool) -> anyhow::Result<Duration> {
 }
 
 /// Open-loop load: one request every `1 / rate` seconds for `duration`, whatever the
-/// responses do; returns the p50 and p99 latency in milliseconds.
+/// responses do; returns the p50, p99 and max latency in milliseconds.
 async fn open_loop(
     stack: &Stack,
     client: &reqwest::Client,
     rate: u64,
     duration: Duration,
-) -> anyhow::Result<(f64, f64)> {
+) -> anyhow::Result<(f64, f64, f64)> {
     let url = stack.envoy.url("/v1/objects/abc");
     let mut interval = tokio::time::interval(Duration::from_nanos(1_000_000_000 / rate.max(1)));
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
@@ -384,7 +478,7 @@ async fn open_loop(
         let i = ((samples.len() as f64 - 1.0) * p).round() as usize;
         samples.get(i).copied().unwrap_or_default().as_secs_f64() * 1e3
     };
-    Ok((at(0.5), at(0.99)))
+    Ok((at(0.5), at(0.99), at(1.0)))
 }
 
 /// Closed-loop load over `connections` keep-alive connections for `duration`.

@@ -57,9 +57,11 @@ Denied (403 with a JSON reason):
 Without a client certificate (the TLS handshake fails):
   curl -sS --cacert {ca} -H 'Host: allowed.example' {url}
 
-The audit chain and its verification (admin token for this run only):
+The audit chain and its verification, the gateways and their fleet (`egress`, serving
+the demo tenant) (admin token for this run only):
   {verify}
   {envoys}
+  {fleets}
 
 Logs: {dir}
 Press Ctrl-C to stop everything.",
@@ -70,6 +72,7 @@ Press Ctrl-C to stop everything.",
         url = stack.envoy.url("/hello"),
         verify = cp(&format!("/api/v1/audit/verify?tenant_id={tenant}")),
         envoys = cp("/api/v1/envoys"),
+        fleets = cp("/api/v1/gateways"),
         dir = stack.dir.display(),
     );
     tokio::signal::ctrl_c().await?;

@@ -1,6 +1,6 @@
 //! Temporal analytics over the audit entries: decision counts in time buckets
-//! (`date_bin` on plain PostgreSQL), top denied domains, an hour-of-day × day-of-week
-//! heatmap. Times are UTC.
+//! (`time_bucket` on a TimescaleDB hypertable, `date_bin` on plain PostgreSQL; same
+//! buckets), top denied domains, an hour-of-day × day-of-week heatmap. Times are UTC.
 
 use crate::storage::StoreError;
 use chrono::{DateTime, Utc};
@@ -35,6 +35,16 @@ pub struct Window {
     pub to: DateTime<Utc>,
 }
 
+/// The bucketing function for this database: TimescaleDB's `time_bucket` when
+/// `audit_entries` is a hypertable (it knows the chunks), PostgreSQL's `date_bin` otherwise.
+/// Both take (width, ts, origin) and give the same buckets.
+pub async fn bucket_function(pool: &PgPool) -> Result<&'static str, StoreError> {
+    Ok(match super::retention::layout(pool).await? {
+        super::retention::Layout::Hypertable => "time_bucket",
+        _ => "date_bin",
+    })
+}
+
 /// Counts per `bucket_secs` bucket (aligned to 2000-01-01T00:00:00Z), split by outcome and
 /// optionally by agent or domain.
 pub async fn decisions(
@@ -48,8 +58,9 @@ pub async fn decisions(
         GroupBy::Agent => "COALESCE(agent_id::text, '')",
         GroupBy::Domain => "domain",
     };
+    let bucket = bucket_function(pool).await?;
     let query = format!(
-        "SELECT date_bin(make_interval(secs => $4), ts, TIMESTAMPTZ '2000-01-01 00:00:00+00') AS bucket,
+        "SELECT {bucket}(make_interval(secs => $4), ts, TIMESTAMPTZ '2000-01-01 00:00:00+00') AS bucket,
                 {key} AS key,
                 count(*) FILTER (WHERE decision = 'allow') AS allowed,
                 count(*) FILTER (WHERE decision = 'deny') AS denied

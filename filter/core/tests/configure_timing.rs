@@ -1,0 +1,91 @@
+//! How long `on_configure` work takes natively for a real plugin configuration (the
+//! figure behind the policy-push stall in BENCHMARKS.md). Ignored by default; run with
+//! `CHRONOGUARD_PLUGIN_CONFIG=<file> cargo test -p filter-core --profile bench-tools
+//! --test configure_timing -- --ignored --nocapture`, the file holding the JSON of the
+//! ECDS resource's `configuration` (e.g. taken from Envoy's `/config_dump`).
+
+use filter_core::config::PluginConfig;
+use filter_core::policy::CompiledPolicy;
+use std::time::Instant;
+
+#[test]
+#[ignore = "timing; needs CHRONOGUARD_PLUGIN_CONFIG"]
+fn configure_timing() {
+    let Some(path) = std::env::var_os("CHRONOGUARD_PLUGIN_CONFIG") else {
+        return;
+    };
+    let bytes = std::fs::read(path).unwrap();
+    let mut cache = filter_core::data::EntryCache::default();
+    for round in 0..5 {
+        let started = Instant::now();
+        let mut config = PluginConfig::from_slice(&bytes).unwrap();
+        let parsed = started.elapsed();
+        let bundle = config.bundle.as_mut().unwrap();
+        let cold = Instant::now();
+        drop(CompiledPolicy::compile(bundle).unwrap());
+        let cold = cold.elapsed();
+        // A push that changes one policy, with the previous configuration's entries cached.
+        drop(CompiledPolicy::compile_with(bundle, &mut cache).unwrap());
+        if let Some(policy) = bundle.data["policies"]
+            .as_object_mut()
+            .and_then(|p| p.values_mut().next())
+        {
+            policy["priority"] = serde_json::json!(round + 1000);
+        }
+        let warm = Instant::now();
+        drop(CompiledPolicy::compile_with(bundle, &mut cache).unwrap());
+        let warm = warm.elapsed();
+        println!(
+            "{} bytes: parse {parsed:?}, compile {cold:?}, compile after a one-policy change with the entry cache {warm:?}",
+            bytes.len()
+        );
+    }
+}
+
+fn convert(value: &serde_json::Value) -> regorus::Value {
+    use serde_json::Value as J;
+    match value {
+        J::Null => regorus::Value::Null,
+        J::Bool(b) => regorus::Value::from(*b),
+        J::Number(n) => match (n.as_u64(), n.as_i64()) {
+            (Some(u), _) => regorus::Value::from(u),
+            (None, Some(i)) => regorus::Value::from(i),
+            _ => regorus::Value::from(n.as_f64().unwrap_or(0.0)),
+        },
+        J::String(s) => regorus::Value::from(s.as_str()),
+        J::Array(items) => regorus::Value::from(items.iter().map(convert).collect::<Vec<_>>()),
+        J::Object(map) => regorus::Value::from(
+            map.iter()
+                .map(|(k, v)| (regorus::Value::from(k.as_str()), convert(v)))
+                .collect::<std::collections::BTreeMap<_, _>>(),
+        ),
+    }
+}
+
+#[test]
+#[ignore = "timing; needs CHRONOGUARD_PLUGIN_CONFIG"]
+fn conversion_timing() {
+    let Some(path) = std::env::var_os("CHRONOGUARD_PLUGIN_CONFIG") else {
+        return;
+    };
+    let bytes = std::fs::read(path).unwrap();
+    let config = PluginConfig::from_slice(&bytes).unwrap();
+    let data = config.bundle.unwrap().data;
+    for _ in 0..5 {
+        let started = Instant::now();
+        let a = <regorus::Value as serde::Deserialize>::deserialize(data.clone()).unwrap();
+        let deser = started.elapsed();
+        let started = Instant::now();
+        let b = convert(&data);
+        let conv = started.elapsed();
+        let started = Instant::now();
+        let text = serde_json::to_string(&data).unwrap();
+        let c = regorus::Value::from_json_str(&text).unwrap();
+        let from_text = started.elapsed();
+        assert_eq!(a, b);
+        assert_eq!(a, c);
+        println!(
+            "deserialize (incl. clone) {deser:?}, convert {conv:?}, text + from_json_str {from_text:?}"
+        );
+    }
+}
