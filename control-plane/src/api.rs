@@ -75,7 +75,13 @@ pub fn router(state: AppState) -> Router {
             "/api/v1/testing/unvalidated-bundle",
             post(testing::publish_unvalidated),
         )
-        .route("/api/v1/audit/batches", post(audit::ingest))
+        .route(
+            "/api/v1/audit/batches",
+            // Room for the largest batch the filter may send (the default limit is 2 MB).
+            post(audit::ingest).layer(axum::extract::DefaultBodyLimit::max(
+                filter_core::audit::MAX_BATCH_BYTES,
+            )),
+        )
         .route("/api/v1/audit/verify", get(audit::verify))
         .route(
             "/api/v1/audit/checkpoints",

@@ -34,6 +34,11 @@ async fn allow_deny_policy_flip_and_verified_audit_chain() {
         !allowed.body["decision_id"].as_str().unwrap().is_empty(),
         "the upstream sees the decision id header"
     );
+    assert_eq!(
+        allowed.body["decision_id"].as_str(),
+        allowed.decision_id.as_deref(),
+        "the upstream and the client see the same decision id"
+    );
     assert!(stack.upstream.hits() > hits_before);
     let sub = stack
         .request(&agent, "api.docs.example", "/v1/x?token=secret")

@@ -27,7 +27,8 @@ pub fn demo() -> Result<()> {
 /// `filter/wasm/src/http.rs`).
 const STAGES: &[&str] = &["noop", "facts", "decide", "limit", "audit"];
 
-/// Runs the load benchmark, forwarding `args` to it (except `--stages all|none|a,b`).
+/// Runs the load benchmark, forwarding `args` to it (except `--only` and `--stages
+/// all|none|a,b`).
 pub fn bench(args: &[String]) -> Result<()> {
     let mut args = args.to_vec();
     // `--only audit`: the audit benchmark alone, the other args go to it; `--only filter`:
@@ -38,17 +39,10 @@ pub fn bench(args: &[String]) -> Result<()> {
         Some("filter") => {}
         Some(other) => anyhow::bail!("--only takes `filter` or `audit`, not `{other}`"),
     }
-    let stages: Vec<String> = match args.iter().position(|a| a == "--stages") {
-        Some(i) if i + 1 < args.len() => {
-            let list = args.remove(i + 1);
-            args.remove(i);
-            match list.as_str() {
-                "all" => STAGES.iter().map(|s| (*s).to_owned()).collect(),
-                "none" => Vec::new(),
-                list => list.split(',').map(str::to_owned).collect(),
-            }
-        }
-        _ => STAGES.iter().map(|s| (*s).to_owned()).collect(),
+    let stages: Vec<String> = match take_value(&mut args, "--stages").as_deref() {
+        None | Some("all") => STAGES.iter().map(|s| (*s).to_owned()).collect(),
+        Some("none") => Vec::new(),
+        Some(list) => list.split(',').map(str::to_owned).collect(),
     };
     setup::setup()?;
     // Stage builds first: the real module, built last, is the one left in place.
@@ -58,35 +52,9 @@ pub fn bench(args: &[String]) -> Result<()> {
         built.push(format!("{stage}={}", path.display()));
     }
     prepare()?;
-    // The control plane runs optimised too: propagation figures include its bundle
-    // compile and validation.
-    run(cargo().args([
-        "build",
-        "-q",
-        "--profile",
-        "bench-tools",
-        "-p",
-        "control-plane",
-        "--bins",
-    ]))?;
-    let mut cmd = cargo_with_e2e_env();
-    cmd.env("CHRONOGUARD_BENCH_STAGES", built.join(","));
-    cmd.env(
-        "CHRONOGUARD_CONTROL_PLANE",
-        crate::util::target_dir().join("bench-tools/chronoguard-control-plane"),
-    );
-    cmd.args([
-        "run",
-        "--profile",
-        "bench-tools",
-        "-q",
-        "-p",
-        "integration-tests",
-        "--bin",
-        "chronoguard-bench",
-        "--",
-    ])
-    .args(&args);
+    let mut cmd = bench_binary("chronoguard-bench", cargo_with_e2e_env())?;
+    cmd.env("CHRONOGUARD_BENCH_STAGES", built.join(","))
+        .args(&args);
     hand_over(cmd)
 }
 
@@ -94,6 +62,14 @@ pub fn bench(args: &[String]) -> Result<()> {
 /// in the same run (`tests/src/bin/audit_bench.rs`); needs no filter build.
 fn audit_bench(args: &[String]) -> Result<()> {
     setup::setup()?;
+    let mut cmd = bench_binary("chronoguard-audit-bench", cargo())?;
+    run(cmd.args(args))
+}
+
+/// `cmd` set up to run the benchmark binary `bin` of `integration-tests` (arguments go
+/// after it) against an optimised control plane (built here): propagation and ingest
+/// figures include the control plane's own work.
+fn bench_binary(bin: &str, mut cmd: Command) -> Result<Command> {
     run(cargo().args([
         "build",
         "-q",
@@ -103,7 +79,6 @@ fn audit_bench(args: &[String]) -> Result<()> {
         "control-plane",
         "--bins",
     ]))?;
-    let mut cmd = cargo();
     cmd.env(
         "CHRONOGUARD_CONTROL_PLANE",
         crate::util::target_dir().join("bench-tools/chronoguard-control-plane"),
@@ -116,11 +91,10 @@ fn audit_bench(args: &[String]) -> Result<()> {
         "-p",
         "integration-tests",
         "--bin",
-        "chronoguard-audit-bench",
+        bin,
         "--",
-    ])
-    .args(args);
-    run(&mut cmd)
+    ]);
+    Ok(cmd)
 }
 
 /// Removes `flag VALUE` from `args`, returning the value.

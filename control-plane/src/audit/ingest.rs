@@ -5,8 +5,7 @@ use crate::domain::GATEWAY_TENANT;
 use filter_core::audit::{AuditBatch, AuditRecord};
 use uuid::Uuid;
 
-/// Largest batch accepted in one request.
-pub const MAX_BATCH: usize = 10_000;
+pub use filter_core::audit::MAX_BATCH;
 
 /// A batch that passed validation: entries grouped per tenant, in batch order.
 #[derive(Debug)]

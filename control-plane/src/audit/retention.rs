@@ -230,7 +230,8 @@ async fn retire(
             return Ok(Retired::Refused);
         };
         let at_ns = now.timestamp_nanos_opt().unwrap_or(i64::MAX);
-        sql::insert_checkpoint(conn, &signer.sign(tenant, last, &head, at_ns)).await?;
+        crate::storage::audit::store_checkpoint(conn, &signer.sign(tenant, last, &head, at_ns))
+            .await?;
         report.anchors_signed += 1;
     }
     match sql::drop_range(conn, layout, range, &lasts).await {

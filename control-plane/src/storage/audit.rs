@@ -468,6 +468,16 @@ impl From<CheckpointRow> for Checkpoint {
 /// repeated request) the stored one is returned instead.
 pub async fn insert_checkpoint(pool: &PgPool, cp: &Checkpoint) -> Result<Checkpoint, StoreError> {
     let mut tx = pool.begin().await?;
+    let stored = store_checkpoint(&mut tx, cp).await?;
+    tx.commit().await?;
+    Ok(stored)
+}
+
+/// [`insert_checkpoint`] on a connection the caller holds (inside its transaction).
+pub async fn store_checkpoint(
+    conn: &mut sqlx::PgConnection,
+    cp: &Checkpoint,
+) -> Result<Checkpoint, StoreError> {
     sqlx::query(
         "INSERT INTO audit_checkpoints
             (tenant_id, sequence_number, head_hash, created_at_ns, key_id, signature)
@@ -479,7 +489,7 @@ pub async fn insert_checkpoint(pool: &PgPool, cp: &Checkpoint) -> Result<Checkpo
     .bind(cp.created_at_ns)
     .bind(&cp.key_id)
     .bind(&cp.signature)
-    .execute(&mut *tx)
+    .execute(&mut *conn)
     .await?;
     let stored: CheckpointRow = sqlx::query_as(
         "SELECT tenant_id, sequence_number, head_hash, created_at_ns, key_id, signature
@@ -487,9 +497,8 @@ pub async fn insert_checkpoint(pool: &PgPool, cp: &Checkpoint) -> Result<Checkpo
     )
     .bind(cp.tenant_id)
     .bind(cp.sequence_number)
-    .fetch_one(&mut *tx)
+    .fetch_one(&mut *conn)
     .await?;
-    tx.commit().await?;
     Ok(stored.into())
 }
 

@@ -8,6 +8,14 @@ use crate::input::RequestFacts;
 use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
 
+/// Most records one batch may carry: the control plane refuses larger batches, and a
+/// configuration asking for larger ones is refused at configure time.
+pub const MAX_BATCH: usize = 10_000;
+
+/// Largest request body the ingest endpoint accepts: `MAX_BATCH` records of up to
+/// ~1.6 KB of JSON each.
+pub const MAX_BATCH_BYTES: usize = 16 * 1024 * 1024;
+
 /// One decision, as sent to the control plane.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AuditRecord {

@@ -139,7 +139,10 @@ impl AuditSink {
             ("cluster", self.cluster.is_empty()),
             ("authority", self.authority.is_empty()),
             ("path", self.path.is_empty()),
-            ("batchSize", self.batch_size == 0),
+            (
+                "batchSize",
+                self.batch_size == 0 || self.batch_size > crate::audit::MAX_BATCH,
+            ),
             ("flushIntervalMs", self.flush_interval_ms == 0),
             ("maxBuffered", self.max_buffered == 0),
             ("timeoutMs", self.timeout_ms == 0),
@@ -181,5 +184,18 @@ mod tests {
         let json = br#"{"version":"1","mode":"denyAll","audit":{"cluster":"","authority":"cp","path":"/a","token":"t"}}"#;
         let err = PluginConfig::from_slice(json).unwrap_err();
         assert!(matches!(err, ConfigError::InvalidAudit("cluster")));
+    }
+
+    #[test]
+    fn batches_larger_than_the_ingest_limit_are_refused() {
+        let json = |size: usize| {
+            format!(
+                r#"{{"version":"1","mode":"denyAll","audit":{{"cluster":"c","authority":"a","path":"/p","token":"t","batchSize":{size}}}}}"#
+            )
+        };
+        assert!(PluginConfig::from_slice(json(crate::audit::MAX_BATCH).as_bytes()).is_ok());
+        let err =
+            PluginConfig::from_slice(json(crate::audit::MAX_BATCH + 1).as_bytes()).unwrap_err();
+        assert!(matches!(err, ConfigError::InvalidAudit("batchSize")));
     }
 }

@@ -258,24 +258,6 @@ pub async fn checkpoints_through(
     Ok(rows.into_iter().map(Checkpoint::from).collect())
 }
 
-/// Stores a checkpoint (kept as is when this sequence was checkpointed already).
-pub async fn insert_checkpoint(conn: &mut PgConnection, cp: &Checkpoint) -> Result<(), StoreError> {
-    sqlx::query(
-        "INSERT INTO audit_checkpoints
-            (tenant_id, sequence_number, head_hash, created_at_ns, key_id, signature)
-         VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (tenant_id, sequence_number) DO NOTHING",
-    )
-    .bind(cp.tenant_id)
-    .bind(cp.sequence_number)
-    .bind(&cp.head_hash)
-    .bind(cp.created_at_ns)
-    .bind(&cp.key_id)
-    .bind(&cp.signature)
-    .execute(conn)
-    .await?;
-    Ok(())
-}
-
 /// Streams a chain's entries `from <= sequence_number <= through` in order into `visit`.
 pub async fn for_each_entry_between(
     conn: &mut PgConnection,
