@@ -180,7 +180,7 @@ pub async fn put_gateway(
     } else {
         ("gateway.created", StatusCode::CREATED)
     };
-    fleet_changed(&state, &who, kind, &affected, gateway.version).await?;
+    fleet_changed(&state, &who, name, kind, &affected, gateway.version).await?;
     tracing::info!(subject = %who.subject, gateway = %name, version = gateway.version, tenants = gateway.tenant_ids.len(), "gateway fleet written");
     let version = gateway.version;
     let view = view(&state, gateway);
@@ -238,6 +238,7 @@ pub async fn delete_gateway(
     fleet_changed(
         &state,
         &who,
+        name,
         "gateway.deleted",
         &current.tenant_ids,
         current.version,
@@ -252,6 +253,7 @@ pub async fn delete_gateway(
 async fn fleet_changed(
     state: &AppState,
     who: &Principal,
+    name: &str,
     kind: &'static str,
     tenants: &[Uuid],
     version: i64,
@@ -264,6 +266,7 @@ async fn fleet_changed(
                 tenant: *tenant,
                 action: kind,
                 resource_id: None,
+                resource_name: Some(name),
                 actor: &who.subject,
                 version,
                 bundle_version: rebuilt

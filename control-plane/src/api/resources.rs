@@ -65,6 +65,7 @@ pub async fn create_tenant(
             tenant: tenant.id,
             action: "tenant.created",
             resource_id: Some(tenant.id),
+            resource_name: None,
             actor: &who.subject,
             version: 1,
             bundle_version: state
@@ -829,6 +830,7 @@ async fn changed(
             tenant,
             action: kind,
             resource_id: id,
+            resource_name: None,
             actor: &who.subject,
             version,
             bundle_version: rebuilt

@@ -2,7 +2,7 @@
 //!
 //! An admin entry uses the same canonical encoding (docs/audit-chain.md) with
 //! `kind = "admin"`: `method` holds the action (e.g. `policy.updated`), `path` the
-//! resource (`policy/<id>`), `agent_subject` the actor (the token's subject), `reason`
+//! resource (`policy/<id>`, `gateway/<fleet name>`), `agent_subject` the actor (the token's subject), `reason`
 //! `version <before> -> <after>`, `config_version` the bundle version after the change,
 //! and `agent_id` / `policy_id` the resource's id.
 
@@ -17,6 +17,8 @@ pub struct AdminChange<'a> {
     /// `agent.created`, `policy.updated`, ...
     pub action: &'a str,
     pub resource_id: Option<Uuid>,
+    /// The resource's name when it has no id (a gateway fleet).
+    pub resource_name: Option<&'a str>,
     pub actor: &'a str,
     /// The resource's version after the change (0 when deleted).
     pub version: i64,
@@ -54,9 +56,10 @@ pub fn batch(change: &AdminChange<'_>, now_ns: i64) -> ValidBatch {
         agent_subject: change.actor.to_owned(),
         domain: String::new(),
         method: change.action.to_owned(),
-        path: match change.resource_id {
-            Some(id) => format!("{resource}/{id}"),
-            None => resource.to_owned(),
+        path: match (change.resource_id, change.resource_name) {
+            (Some(id), _) => format!("{resource}/{id}"),
+            (None, Some(name)) => format!("{resource}/{name}"),
+            (None, None) => resource.to_owned(),
         },
         user_agent: String::new(),
         source_ip: String::new(),
@@ -88,6 +91,7 @@ mod tests {
                 tenant: Uuid::from_u128(1),
                 action: "policy.updated",
                 resource_id: Some(id),
+                resource_name: None,
                 actor: "alice",
                 version: 4,
                 bundle_version: Some(17),
@@ -105,5 +109,24 @@ mod tests {
         assert_eq!(e.policy_id, Some(id.to_string()));
         assert_eq!(e.agent_subject, "alice");
         assert_eq!(e.config_version, "17");
+    }
+
+    #[test]
+    fn gateway_entries_name_the_fleet() {
+        let b = batch(
+            &AdminChange {
+                tenant: Uuid::from_u128(1),
+                action: "gateway.updated",
+                resource_id: None,
+                resource_name: Some("egress-eu"),
+                actor: "root",
+                version: 2,
+                bundle_version: None,
+            },
+            5,
+        );
+        let e = &b.tenants[0].1[0];
+        assert_eq!(e.path, "gateway/egress-eu");
+        assert_eq!(e.reason, "version 1 -> 2");
     }
 }
