@@ -201,10 +201,12 @@ fn memoised_decisions_equal_fresh_ones() {
 
 /// The entry cache never changes a decision: compiling every case file in turn with one
 /// cache (warm with the previous files' entries, and with the same file's own entries on
-/// a second pass, and after a policy edit) decides every case like a fresh compile.
+/// a second pass, and after a policy edit) decides every case like a fresh compile — from
+/// parsed bundles (the control plane) and from configuration text (the filter).
 #[test]
 fn cached_compiles_equal_fresh_ones() {
     let mut cache = crate::data::EntryCache::default();
+    let mut raw_cache = crate::data::EntryCache::default();
     let mut checked = 0;
     for pass in 0..2 {
         for file in case_files() {
@@ -219,17 +221,36 @@ fn cached_compiles_equal_fresh_ones() {
                 }
             }
             let mut fresh = CompiledPolicy::compile(&bundle).unwrap();
+            // The filter's path: the same configuration as JSON text, entries parsed only
+            // on a cache miss.
+            let config = crate::config::PluginConfig {
+                version: "1".into(),
+                mode: crate::config::Mode::Enforce,
+                bundle: Some(bundle.clone()),
+                audit: None,
+            };
+            let text = serde_json::to_vec(&config).unwrap();
+            let raw = crate::config::RawPluginConfig::from_slice(&text).unwrap();
+            let raw_bundle = raw.bundle.as_ref().unwrap();
             for _ in 0..2 {
                 let mut cached = CompiledPolicy::compile_with(&bundle, &mut cache).unwrap();
+                let mut from_text =
+                    CompiledPolicy::compile_raw(raw_bundle, &mut raw_cache).unwrap();
                 for case in &cases {
                     let facts = facts(&case.request);
-                    assert_eq!(
-                        cached.evaluate_fresh(&facts).unwrap(),
-                        fresh.evaluate_fresh(&facts).unwrap(),
-                        "{} / {} (pass {pass})",
-                        file.display(),
-                        case.name
-                    );
+                    let want = fresh.evaluate_fresh(&facts).unwrap();
+                    for (path, got) in [
+                        ("cached", cached.evaluate_fresh(&facts).unwrap()),
+                        ("text", from_text.evaluate_fresh(&facts).unwrap()),
+                    ] {
+                        assert_eq!(
+                            got,
+                            want,
+                            "{} / {} (pass {pass}, {path})",
+                            file.display(),
+                            case.name
+                        );
+                    }
                     checked += 1;
                 }
             }

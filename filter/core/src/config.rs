@@ -5,6 +5,9 @@
 //! `docs/contracts.md` for the versioned description.
 
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use std::borrow::Cow;
+use std::collections::BTreeMap;
 
 /// What the filter does with requests under this configuration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -35,6 +38,42 @@ pub struct PluginConfig {
     /// Where audit batches go; without it decisions are not audited (default configs only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub audit: Option<AuditSink>,
+}
+
+/// [`PluginConfig`] as the filter reads it in `on_configure`: the same JSON, but the
+/// bundle's agents and policies stay JSON text borrowed from the configuration, so that
+/// entries unchanged since the previous configuration are never parsed
+/// (`crate::data::EntryCache`).
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RawPluginConfig<'a> {
+    pub version: String,
+    #[serde(default)]
+    pub mode: Mode,
+    #[serde(default, borrow)]
+    pub bundle: Option<RawBundle<'a>>,
+    #[serde(default)]
+    pub audit: Option<AuditSink>,
+}
+
+/// [`Bundle`] with its data's entries as JSON text.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RawBundle<'a> {
+    pub modules: Vec<RegoModule>,
+    #[serde(borrow)]
+    pub data: RawData<'a>,
+}
+
+/// The data document with agents and policies as JSON text, keyed like [`Bundle::data`].
+#[derive(Debug, Deserialize)]
+pub struct RawData<'a> {
+    #[serde(default, borrow)]
+    pub agents: BTreeMap<Cow<'a, str>, &'a RawValue>,
+    #[serde(default, borrow)]
+    pub policies: BTreeMap<Cow<'a, str>, &'a RawValue>,
+    #[serde(default)]
+    pub timezones: Option<serde_json::Value>,
 }
 
 /// Rego modules plus the data document they evaluate against.
@@ -105,18 +144,36 @@ pub enum ConfigError {
     InvalidAudit(&'static str),
 }
 
+/// The checks every configuration passes, whichever way it was parsed.
+fn check(mode: Mode, has_bundle: bool, audit: Option<&AuditSink>) -> Result<(), ConfigError> {
+    if mode == Mode::Enforce && !has_bundle {
+        return Err(ConfigError::MissingBundle);
+    }
+    match audit {
+        Some(audit) => audit.check(),
+        None => Ok(()),
+    }
+}
+
+// === impl RawPluginConfig ===
+
+impl<'a> RawPluginConfig<'a> {
+    /// Parses and checks a configuration like [`PluginConfig::from_slice`], borrowing the
+    /// bundle's entries from `bytes`.
+    pub fn from_slice(bytes: &'a [u8]) -> Result<Self, ConfigError> {
+        let config: Self = serde_json::from_slice(bytes)?;
+        check(config.mode, config.bundle.is_some(), config.audit.as_ref())?;
+        Ok(config)
+    }
+}
+
 // === impl PluginConfig ===
 
 impl PluginConfig {
     /// Parses and checks a configuration; the only place configuration JSON is read.
     pub fn from_slice(bytes: &[u8]) -> Result<Self, ConfigError> {
         let config: Self = serde_json::from_slice(bytes)?;
-        if config.mode == Mode::Enforce && config.bundle.is_none() {
-            return Err(ConfigError::MissingBundle);
-        }
-        if let Some(audit) = &config.audit {
-            audit.check()?;
-        }
+        check(config.mode, config.bundle.is_some(), config.audit.as_ref())?;
         Ok(config)
     }
 

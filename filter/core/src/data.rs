@@ -6,7 +6,9 @@
 //! range, timezones without an offset table. Missing optional fields get their defaults
 //! and rules are sorted (priority descending, then id) so Rego can take the first match.
 
+use crate::config::RawData;
 use crate::time::{DAYS, OffsetTable, tables_from_json};
+use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -79,13 +81,14 @@ pub fn prepare(data: &Value) -> Result<Prepared, String> {
     let mut agents = Map::new();
     let mut policies = Map::new();
     let mut all_facts = Vec::new();
-    let tables = prepare_entries(data, |entry| {
+    let tables = prepare_entries(Doc::object(data)?, |entry| {
         match entry {
             Entry::Agent(fingerprint, raw) => {
-                agents.insert(fingerprint.to_ascii_lowercase(), prepare_agent(raw)?);
+                let agent = raw.with_value(prepare_agent)?;
+                agents.insert(fingerprint.to_ascii_lowercase(), agent);
             }
             Entry::Policy(id, raw, tables) => {
-                let (value, facts) = prepare_policy(id, raw, tables)?;
+                let (value, facts) = raw.with_value(|v| prepare_policy(id, v, tables))?;
                 policies.insert(id.to_owned(), value);
                 all_facts.push(facts);
             }
@@ -135,16 +138,26 @@ struct PolicyFacts {
 /// Like [`prepare`], straight to regorus values, reusing unchanged entries from `cache`.
 /// On success `cache` holds this document's entries; on failure it is left as it was.
 pub fn prepare_values(data: &Value, cache: &mut EntryCache) -> Result<PreparedValues, String> {
+    prepare_doc(Doc::object(data)?, cache)
+}
+
+/// [`prepare_values`] for a document whose entries are still JSON text (the filter's
+/// `on_configure`): an entry whose text is unchanged is neither parsed nor prepared.
+pub fn prepare_raw(data: &RawData<'_>, cache: &mut EntryCache) -> Result<PreparedValues, String> {
+    prepare_doc(Doc::Raw(data), cache)
+}
+
+fn prepare_doc(doc: Doc<'_>, cache: &mut EntryCache) -> Result<PreparedValues, String> {
     let mut next = EntryCache::default();
     let mut agents = BTreeMap::new();
     let mut policies = BTreeMap::new();
-    let tables = prepare_entries(data, |entry| {
+    let tables = prepare_entries(doc, |entry| {
         match entry {
             Entry::Agent(fingerprint, raw) => {
-                let hash = json_hash(raw);
+                let hash = raw.hash();
                 let value = match cache.agents.get(fingerprint) {
                     Some((h, value)) if *h == hash => value.clone(),
-                    _ => to_regorus(prepare_agent(raw)?)?,
+                    _ => to_regorus(raw.with_value(prepare_agent)?)?,
                 };
                 next.agents
                     .insert(fingerprint.to_owned(), (hash, value.clone()));
@@ -154,7 +167,7 @@ pub fn prepare_values(data: &Value, cache: &mut EntryCache) -> Result<PreparedVa
                 );
             }
             Entry::Policy(id, raw, tables) => {
-                let hash = json_hash(raw);
+                let hash = raw.hash();
                 let (facts, value) = match cache.policies.get(id) {
                     // The timezone's table may have gone from the bundle since.
                     Some((h, facts, value))
@@ -163,7 +176,7 @@ pub fn prepare_values(data: &Value, cache: &mut EntryCache) -> Result<PreparedVa
                         (facts.clone(), value.clone())
                     }
                     _ => {
-                        let (value, facts) = prepare_policy(id, raw, tables)?;
+                        let (value, facts) = raw.with_value(|v| prepare_policy(id, v, tables))?;
                         (facts, to_regorus(value)?)
                     }
                 };
@@ -191,25 +204,90 @@ pub fn prepare_values(data: &Value, cache: &mut EntryCache) -> Result<PreparedVa
 
 /// One entry of the data document, handed to a preparer.
 enum Entry<'a> {
-    Agent(&'a str, &'a Value),
-    Policy(&'a str, &'a Value, &'a BTreeMap<String, OffsetTable>),
+    Agent(&'a str, Json<'a>),
+    Policy(&'a str, Json<'a>, &'a BTreeMap<String, OffsetTable>),
+}
+
+/// An entry's JSON: parsed already (the control plane's bundles) or still text (the
+/// filter's configuration).
+#[derive(Clone, Copy)]
+enum Json<'a> {
+    Value(&'a Value),
+    Text(&'a RawValue),
+}
+
+impl Json<'_> {
+    /// The [`EntryCache`] key of the content (the two forms never share a cache).
+    fn hash(self) -> u64 {
+        match self {
+            Json::Value(value) => json_hash(value),
+            Json::Text(text) => {
+                use std::hash::{Hash, Hasher};
+                let mut h = std::collections::hash_map::DefaultHasher::new();
+                (6u8, text.get()).hash(&mut h);
+                h.finish()
+            }
+        }
+    }
+
+    /// Runs `f` on the parsed entry (parsing text first).
+    fn with_value<T>(self, f: impl FnOnce(&Value) -> Result<T, String>) -> Result<T, String> {
+        match self {
+            Json::Value(value) => f(value),
+            Json::Text(text) => {
+                let value: Value = serde_json::from_str(text.get()).map_err(|e| e.to_string())?;
+                f(&value)
+            }
+        }
+    }
+}
+
+/// A data document to prepare.
+enum Doc<'a> {
+    Value(&'a Map<String, Value>),
+    Raw(&'a RawData<'a>),
+}
+
+impl<'a> Doc<'a> {
+    fn object(data: &'a Value) -> Result<Self, String> {
+        Ok(Doc::Value(
+            data.as_object().ok_or("data must be an object")?,
+        ))
+    }
 }
 
 /// Walks the document: the timezones' offset tables first (returned), then every agent
 /// and policy through `each`; errors name the entry at fault.
 fn prepare_entries(
-    data: &Value,
+    doc: Doc<'_>,
     mut each: impl FnMut(Entry<'_>) -> Result<(), String>,
 ) -> Result<BTreeMap<String, OffsetTable>, String> {
-    let object = data.as_object().ok_or("data must be an object")?;
-    let tables = tables_from_json(object.get("timezones"))?;
-    for (fingerprint, agent) in object_field(object, "agents")? {
-        each(Entry::Agent(fingerprint, agent)).map_err(|e| format!("agent {fingerprint}: {e}"))?;
+    match doc {
+        Doc::Value(object) => {
+            let tables = tables_from_json(object.get("timezones"))?;
+            for (fingerprint, agent) in object_field(object, "agents")? {
+                each(Entry::Agent(fingerprint, Json::Value(agent)))
+                    .map_err(|e| format!("agent {fingerprint}: {e}"))?;
+            }
+            for (id, policy) in object_field(object, "policies")? {
+                each(Entry::Policy(id, Json::Value(policy), &tables))
+                    .map_err(|e| format!("policy {id}: {e}"))?;
+            }
+            Ok(tables)
+        }
+        Doc::Raw(data) => {
+            let tables = tables_from_json(data.timezones.as_ref())?;
+            for (fingerprint, agent) in &data.agents {
+                each(Entry::Agent(fingerprint, Json::Text(agent)))
+                    .map_err(|e| format!("agent {fingerprint}: {e}"))?;
+            }
+            for (id, policy) in &data.policies {
+                each(Entry::Policy(id, Json::Text(policy), &tables))
+                    .map_err(|e| format!("policy {id}: {e}"))?;
+            }
+            Ok(tables)
+        }
     }
-    for (id, policy) in object_field(object, "policies")? {
-        each(Entry::Policy(id, policy, &tables)).map_err(|e| format!("policy {id}: {e}"))?;
-    }
-    Ok(tables)
 }
 
 /// The document-wide reads and custom modules from the policies' contributions.

@@ -7,7 +7,7 @@
 //! builds a new `CompiledPolicy`, so the memo never outlives its bundle. Rate limits and
 //! audit stay outside the memo.
 
-use crate::config::{Bundle, RegoModule};
+use crate::config::{Bundle, RawBundle, RegoModule};
 use crate::data::{self, EntryCache, Reads};
 use crate::decision::Decision;
 use crate::input::RequestFacts;
@@ -139,10 +139,26 @@ impl CompiledPolicy {
         // Entries are keyed by their content, so those of a bundle that fails later (a
         // module that does not compile) are still right to reuse.
         let prepared = data::prepare_values(&bundle.data, cache).map_err(PolicyError::Data)?;
+        Self::build(&bundle.modules, prepared)
+    }
+
+    /// [`CompiledPolicy::compile_with`] for the filter's configuration, whose agents and
+    /// policies are still JSON text: unchanged entries are not even parsed.
+    pub fn compile_raw(
+        bundle: &RawBundle<'_>,
+        cache: &mut EntryCache,
+    ) -> Result<Self, PolicyError> {
+        let prepared = data::prepare_raw(&bundle.data, cache).map_err(PolicyError::Data)?;
+        Self::build(&bundle.modules, prepared)
+    }
+
+    /// Compiles `modules` against the prepared data and checks the decision rule by
+    /// evaluating it once on an empty request.
+    fn build(modules: &[RegoModule], prepared: data::PreparedValues) -> Result<Self, PolicyError> {
         let mut engine = Engine::new();
         engine.set_rego_v0(false);
         let mut custom_modules = Vec::new();
-        for module in &bundle.modules {
+        for module in modules {
             let package = engine
                 .add_policy(module.name.clone(), module.source.clone())
                 .map_err(|e| PolicyError::Compile {

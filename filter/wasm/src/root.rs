@@ -2,7 +2,7 @@
 
 use crate::http::Request;
 use crate::{host, vm};
-use filter_core::config::{Mode, PluginConfig};
+use filter_core::config::{AuditSink, Mode, RawPluginConfig};
 use filter_core::policy::CompiledPolicy;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{ContextType, LogLevel};
@@ -33,17 +33,19 @@ impl Root {
         }
     }
 
-    fn load(&self, bytes: &[u8]) -> Result<(Active, PluginConfig), String> {
-        let config = PluginConfig::from_slice(bytes).map_err(|e| e.to_string())?;
+    /// Parses and compiles a configuration; returns it ready for requests, with its
+    /// audit sink.
+    fn load(&self, bytes: &[u8]) -> Result<(Active, Option<AuditSink>), String> {
+        let config = RawPluginConfig::from_slice(bytes).map_err(|e| e.to_string())?;
         let policy = match (&config.mode, &config.bundle) {
             (Mode::Enforce, Some(bundle)) => {
-                // This VM's entries of the previous configuration: a push only prepares
-                // the agents and policies that changed (on_configure runs between
-                // requests on the worker thread).
+                // This VM's entries of the previous configuration: a push only parses and
+                // prepares the agents and policies that changed (on_configure runs
+                // between requests on the worker thread).
                 let state = vm::state();
                 let mut state = state.borrow_mut();
                 Some(
-                    CompiledPolicy::compile_with(bundle, &mut state.entries)
+                    CompiledPolicy::compile_raw(bundle, &mut state.entries)
                         .map_err(|e| e.to_string())?,
                 )
             }
@@ -54,7 +56,7 @@ impl Root {
             mode: config.mode,
             policy,
         };
-        Ok((active, config))
+        Ok((active, config.audit))
     }
 }
 
@@ -87,7 +89,7 @@ impl RootContext for Root {
         let started = host::now_ns();
         let state = vm::state();
         match self.load(&bytes) {
-            Ok((active, config)) => {
+            Ok((active, sink)) => {
                 let elapsed_ms = host::now_ns().saturating_sub(started) / 1_000_000;
                 host::log(
                     LogLevel::Info,
@@ -104,9 +106,9 @@ impl RootContext for Root {
                     host::record(state.metrics.config_version, version);
                 }
                 // The tick flushes stats and audit; without a sink, stats only, once a second.
-                let period = config.audit.as_ref().map_or(1_000, |a| a.flush_interval_ms);
-                if config.audit.is_some() {
-                    state.set_sink(config.audit);
+                let period = sink.as_ref().map_or(1_000, |a| a.flush_interval_ms);
+                if sink.is_some() {
+                    state.set_sink(sink);
                 }
                 host::set_tick_period(Duration::from_millis(period));
                 self.active = Some(Rc::new(RefCell::new(active)));
