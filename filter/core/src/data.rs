@@ -66,47 +66,6 @@ impl Reads {
     }
 }
 
-/// The data document ready for regorus, plus what the core needs next to it.
-#[derive(Debug)]
-pub struct Prepared {
-    pub data: Value,
-    pub tables: BTreeMap<String, OffsetTable>,
-    pub reads: Reads,
-    /// Keys of custom modules policies refer to (`chronoguard.custom.<key>`).
-    pub custom_keys: BTreeSet<String>,
-}
-
-/// Validates and normalises `data`; the error names the agent, policy or rule at fault.
-pub fn prepare(data: &Value) -> Result<Prepared, String> {
-    let mut agents = Map::new();
-    let mut policies = Map::new();
-    let mut all_facts = Vec::new();
-    let tables = prepare_entries(Doc::object(data)?, |entry| {
-        match entry {
-            Entry::Agent(fingerprint, raw) => {
-                let agent = raw.with_value(prepare_agent)?;
-                agents.insert(fingerprint.to_ascii_lowercase(), agent);
-            }
-            Entry::Policy(id, raw, tables) => {
-                let (value, facts) = raw.with_value(|v| prepare_policy(id, v, tables))?;
-                policies.insert(id.to_owned(), value);
-                all_facts.push(facts);
-            }
-        }
-        Ok(())
-    })?;
-    let (reads, custom_keys) = gather(all_facts.iter());
-    let mut out = Map::new();
-    out.insert("agents".into(), Value::Object(agents));
-    out.insert("policies".into(), Value::Object(policies));
-    Ok(Prepared {
-        data: Value::Object(out),
-        tables,
-        reads,
-        custom_keys,
-    })
-}
-
 /// The data document as regorus values, plus what the core needs next to it.
 #[derive(Debug)]
 pub struct PreparedValues {
@@ -120,7 +79,7 @@ pub struct PreparedValues {
 /// push only validates and converts the agents and policies that changed: an entry whose
 /// JSON hashes the same as before (keyed by its fingerprint or id) is reused as is. This
 /// is what keeps `on_configure` — which runs on Envoy's worker threads, between requests —
-/// short for large bundles. An empty cache gives exactly [`prepare`]'s result.
+/// short for large bundles. An empty cache prepares everything.
 #[derive(Debug, Default)]
 pub struct EntryCache {
     agents: HashMap<String, (u64, regorus::Value)>,
@@ -135,8 +94,9 @@ struct PolicyFacts {
     timezone: String,
 }
 
-/// Like [`prepare`], straight to regorus values, reusing unchanged entries from `cache`.
-/// On success `cache` holds this document's entries; on failure it is left as it was.
+/// Validates and normalises `data` into regorus values (the error names the agent,
+/// policy or rule at fault), reusing unchanged entries from `cache`. On success `cache`
+/// holds this document's entries; on failure it is left as it was.
 pub fn prepare_values(data: &Value, cache: &mut EntryCache) -> Result<PreparedValues, String> {
     prepare_doc(Doc::object(data)?, cache)
 }
@@ -711,6 +671,21 @@ fn strings(value: Option<&Value>, key: &str) -> Result<Vec<String>, String> {
 mod tests {
     use super::*;
 
+    /// The prepared document as JSON (for assertions), with its document-wide facts.
+    #[derive(Debug)]
+    struct Prepared {
+        data: Value,
+        reads: Reads,
+    }
+
+    fn prepare(data: &Value) -> Result<Prepared, String> {
+        let prepared = prepare_values(data, &mut EntryCache::default())?;
+        Ok(Prepared {
+            data: serde_json::to_value(&prepared.data).map_err(|e| e.to_string())?,
+            reads: prepared.reads,
+        })
+    }
+
     fn policy(extra: Value) -> Value {
         let mut p = json!({"id": "p", "priority": 1, "status": "active"});
         if let (Some(p), Some(extra)) = (p.as_object_mut(), extra.as_object()) {
@@ -813,12 +788,13 @@ mod tests {
     }
 
     #[test]
-    fn values_equal_the_json_preparation_and_reuse_only_unchanged_entries() {
+    fn the_cache_reuses_only_unchanged_entries() {
         let data = policy(json!({"rules": [
             {"id": "r", "action": "deny", "conditions": [{"field": "method", "operator": "equals", "value": "DELETE"}]}
         ]}));
-        let want: regorus::Value =
-            serde::Deserialize::deserialize(prepare(&data).unwrap().data).unwrap();
+        let want = prepare_values(&data, &mut EntryCache::default())
+            .unwrap()
+            .data;
         let mut cache = EntryCache::default();
         let first = prepare_values(&data, &mut cache).unwrap();
         assert_eq!(first.data, want);
