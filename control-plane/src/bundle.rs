@@ -184,9 +184,11 @@ impl Publisher {
     /// is published. Serialised, so concurrent writes cannot publish out of order.
     pub async fn rebuild(&self) -> Result<Arc<Published>, BundleError> {
         let mut caches = self.lock.lock().await;
+        let started = std::time::Instant::now();
         let fleets = storage::gateways::list(&self.pool).await?;
         let agents = storage::bundle::agents(&self.pool).await?;
         let policies = storage::bundle::active_policies(&self.pool).await?;
+        let read_ms = started.elapsed().as_secs_f64() * 1e3;
         let now_s = chrono::Utc::now().timestamp();
         let current = self.current();
         let mut next = Published::default();
@@ -216,11 +218,12 @@ impl Publisher {
             let snapshot = match unchanged {
                 Some(snapshot) => snapshot,
                 None => {
-                    let started = std::time::Instant::now();
+                    let compiled = std::time::Instant::now();
                     let cache = caches.entry(fleet.name.clone()).or_default();
                     CompiledPolicy::compile_with(&bundle, cache).inspect_err(|e| {
                         tracing::error!(fleet = %fleet.name, error = %e, "fleet bundle does not validate");
                     })?;
+                    let validate_ms = compiled.elapsed().as_secs_f64() * 1e3;
                     let version =
                         storage::bundle::version_for(&self.pool, &fleet.name, &content_hash)
                             .await?;
@@ -230,7 +233,9 @@ impl Publisher {
                         version,
                         tenants = serves.len(),
                         bytes = snapshot.plugin_config.len(),
-                        validate_ms = started.elapsed().as_millis() as u64,
+                        read_ms,
+                        validate_ms,
+                        total_ms = started.elapsed().as_secs_f64() * 1e3,
                         "policy bundle published"
                     );
                     self.publishes

@@ -42,6 +42,36 @@ impl From<sqlx::Error> for StoreError {
     }
 }
 
+/// `pool.begin()`, safe to cancel. In sqlx 0.9.0 a `begin` future dropped during the
+/// `BEGIN` round trip leaves the pooled connection inside a server-side transaction that
+/// nothing ends (sqlx issue #4393, fixed upstream after 0.9.0): the next borrower's
+/// statements then run in it, invisible to everyone else and lost when the connection
+/// closes. A handler's future is dropped whenever its client goes away (an Envoy audit
+/// callout timing out, an admin closing the connection), so the `BEGIN` runs in a task of
+/// its own; if nobody waits for it any more, the transaction is dropped there and sqlx
+/// rolls it back before the connection is reused.
+pub async fn begin(
+    pool: &PgPool,
+) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, sqlx::Error> {
+    let pool = pool.clone();
+    #[allow(clippy::disallowed_methods)] // the sanctioned call
+    tokio::spawn(async move { pool.begin().await })
+        .await
+        .map_err(|_| sqlx::Error::WorkerCrashed)?
+}
+
+/// [`begin`] with a statement of its own instead of `BEGIN` (an isolation level, say).
+pub async fn begin_with(
+    pool: &PgPool,
+    statement: &'static str,
+) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, sqlx::Error> {
+    let pool = pool.clone();
+    #[allow(clippy::disallowed_methods)] // the sanctioned call
+    tokio::spawn(async move { pool.begin_with(sqlx::AssertSqlSafe(statement)).await })
+        .await
+        .map_err(|_| sqlx::Error::WorkerCrashed)?
+}
+
 #[derive(Clone)]
 pub struct Store {
     pub pool: PgPool,

@@ -433,12 +433,17 @@ impl Stack {
 
 impl Drop for Stack {
     fn drop(&mut self) {
-        // Keep the logs of a failed test for inspection; clean up after a passing one.
+        // Keep the logs of a failed test for inspection (and of any run with
+        // CHRONOGUARD_KEEP_STACK set); clean up after a passing one.
         if std::thread::panicking() {
             eprintln!("stack logs kept in {}", self.dir.display());
+            return;
+        }
+        self.envoy.stop();
+        self.control_plane.stop();
+        if std::env::var_os("CHRONOGUARD_KEEP_STACK").is_some() {
+            eprintln!("stack logs kept in {}", self.dir.display());
         } else {
-            self.envoy.stop();
-            self.control_plane.stop();
             let _ = std::fs::remove_dir_all(&self.dir);
         }
     }

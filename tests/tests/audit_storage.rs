@@ -9,7 +9,9 @@
 //! - TimescaleDB (PGlite with TimescaleDB 2.23 through pglite-socket): the migrations make
 //!   `audit_entries` a hypertable with 7-day chunks, compression and retention policies;
 //!   entries stored, compressed, bucketed with `time_bucket`, retired chunk-wise by the
-//!   maintenance, verified from the anchor checkpoint, tampering caught.
+//!   maintenance, verified from the anchor checkpoint, tampering caught;
+//! - the storage layer's transactions survive a cancelled `BEGIN` (a client going away
+//!   mid-request) without leaving a pooled connection inside a transaction.
 
 use chrono::{DateTime, Duration, Utc};
 use control_plane::audit::AuditKeys as CpKeys;
@@ -601,7 +603,7 @@ async fn insert_chain(
     times: &[DateTime<Utc>],
 ) -> [u8; 32] {
     let mut previous = previous;
-    let mut tx = pool.begin().await.unwrap();
+    let mut tx = control_plane::storage::begin(pool).await.unwrap();
     for (i, at) in times.iter().enumerate() {
         let seq = first + i as i64;
         let entry = Uuid::new_v4();
@@ -831,4 +833,92 @@ async fn timescaledb_hypertable_compression_retention_and_verification() {
         )
     );
     assert!(pg.running(), "pglite still up; see {}", pg.log().display());
+}
+
+/// sqlx 0.9.0 leaves a pooled connection inside a server-side transaction when a `begin`
+/// future is dropped during the `BEGIN` round trip (`control_plane::storage::begin`): the
+/// next statements on that connection are invisible to everyone else and lost. The first
+/// half shows the hazard with sqlx's own `Pool::begin` (when it stops failing, sqlx has
+/// fixed it and the workaround can go); the second half shows the storage layer's `begin`
+/// leaves nothing behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_begin_leaves_no_transaction_open() {
+    use sqlx::postgres::PgPoolOptions;
+    let postgres = Postgres::shared().await.unwrap();
+    let url = postgres.fresh_database().await.unwrap();
+    let observer = sqlx::PgPool::connect(&url).await.unwrap();
+    sqlx::query("CREATE TABLE writes (n int)")
+        .execute(&observer)
+        .await
+        .unwrap();
+    // One connection, handed out without a test query: the cancelled BEGIN and the next
+    // statement share it.
+    let one = || {
+        PgPoolOptions::new()
+            .max_connections(1)
+            .test_before_acquire(false)
+            .connect(&url)
+    };
+    let seen = |n: i32| {
+        let observer = observer.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>("SELECT count(*) FROM writes WHERE n = $1")
+                .bind(n)
+                .fetch_one(&observer)
+                .await
+                .unwrap()
+        }
+    };
+
+    // A BEGIN whose answer takes 300 ms, cancelled after 50 ms: the window a client that
+    // goes away hits.
+    const SLOW_BEGIN: &str = "BEGIN; SELECT pg_sleep(0.3)";
+    let window = std::time::Duration::from_millis(50);
+
+    let pool = one().await.unwrap();
+    #[allow(clippy::disallowed_methods)] // the hazard itself
+    let cancelled = tokio::time::timeout(window, pool.begin_with(SLOW_BEGIN)).await;
+    assert!(
+        cancelled.is_err(),
+        "the BEGIN was meant to be in flight: {cancelled:?}"
+    );
+    sqlx::query("INSERT INTO writes VALUES (1)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        seen(1).await,
+        0,
+        "sqlx's own begin no longer leaks the transaction: sqlx fixed issue #4393, \
+         control_plane::storage::begin can go back to Pool::begin"
+    );
+    pool.close().await;
+
+    let pool = one().await.unwrap();
+    let cancelled = tokio::time::timeout(
+        window,
+        control_plane::storage::begin_with(&pool, SLOW_BEGIN),
+    )
+    .await;
+    assert!(
+        cancelled.is_err(),
+        "the BEGIN was meant to be in flight: {cancelled:?}"
+    );
+    sqlx::query("INSERT INTO writes VALUES (2)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        seen(2).await,
+        1,
+        "the write ran inside a leaked transaction"
+    );
+    // And the pool goes on working normally.
+    let mut tx = control_plane::storage::begin(&pool).await.unwrap();
+    sqlx::query("INSERT INTO writes VALUES (3)")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(seen(3).await, 1);
 }

@@ -38,7 +38,7 @@ pub async fn append_batch(
     keys: &HmacKeyring,
 ) -> Result<Appended, StoreError> {
     let tenant_ids: Vec<Uuid> = batch.tenants.iter().map(|(tenant, _)| *tenant).collect();
-    let mut tx = pool.begin().await?;
+    let mut tx = crate::storage::begin(pool).await?;
     // Both inserts always run; on a duplicate batch id `fresh` is empty and so is the
     // result. `DO UPDATE` (a no-op) locks an existing head like `SELECT … FOR UPDATE` and
     // returns its latest committed values.
@@ -467,7 +467,7 @@ impl From<CheckpointRow> for Checkpoint {
 /// Stores a checkpoint; when this head was checkpointed already (another replica, a
 /// repeated request) the stored one is returned instead.
 pub async fn insert_checkpoint(pool: &PgPool, cp: &Checkpoint) -> Result<Checkpoint, StoreError> {
-    let mut tx = pool.begin().await?;
+    let mut tx = crate::storage::begin(pool).await?;
     let stored = store_checkpoint(&mut tx, cp).await?;
     tx.commit().await?;
     Ok(stored)

@@ -63,7 +63,7 @@ pub async fn version_for(
     gateway: &str,
     content_hash: &str,
 ) -> Result<i64, StoreError> {
-    let mut tx = pool.begin().await?;
+    let mut tx = crate::storage::begin(pool).await?;
     // Serialise version allocation across replicas.
     sqlx::query("LOCK TABLE bundle_versions IN SHARE ROW EXCLUSIVE MODE")
         .execute(&mut *tx)

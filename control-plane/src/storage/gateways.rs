@@ -54,7 +54,9 @@ pub async fn put(
     expected: Option<i64>,
     tenants: &[Uuid],
 ) -> Result<Gateway, ResourceError> {
-    let mut tx = pool.begin().await.map_err(StoreError::from)?;
+    let mut tx = crate::storage::begin(pool)
+        .await
+        .map_err(StoreError::from)?;
     let known: i64 = sqlx::query_scalar("SELECT count(*) FROM tenants WHERE id = ANY($1)")
         .bind(tenants)
         .fetch_one(&mut *tx)

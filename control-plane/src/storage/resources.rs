@@ -188,7 +188,7 @@ pub async fn create_agent(
     metadata: &serde_json::Value,
     limit: i64,
 ) -> Result<Agent, ResourceError> {
-    let mut tx = pool.begin().await?;
+    let mut tx = crate::storage::begin(pool).await?;
     let locked: Option<Uuid> =
         sqlx::query_scalar("SELECT id FROM tenants WHERE id = $1 FOR UPDATE")
             .bind(tenant)
@@ -287,7 +287,7 @@ pub async fn update_agent(
     policy_ids: Option<&[Uuid]>,
     metadata: Option<&serde_json::Value>,
 ) -> Result<Agent, ResourceError> {
-    let mut tx = pool.begin().await?;
+    let mut tx = crate::storage::begin(pool).await?;
     let tenant: Option<Uuid> = sqlx::query_scalar(
         "UPDATE agents SET status = COALESCE($3, status), metadata = COALESCE($5, metadata),
                            version = version + 1, updated_at = now()
@@ -340,7 +340,7 @@ pub async fn rotate_certificate(
     expected: i64,
     cert: &AgentCertificate,
 ) -> Result<Agent, ResourceError> {
-    let mut tx = pool.begin().await?;
+    let mut tx = crate::storage::begin(pool).await?;
     let updated: Option<Uuid> = sqlx::query_scalar(
         "UPDATE agents SET fingerprint = $3, subject = $4, sans = $5, not_before = $6,
                            not_after = $7, certificate_pem = $8, version = version + 1,
@@ -444,7 +444,7 @@ pub async fn delete_policy(
     expected: Option<i64>,
     force: bool,
 ) -> Result<Vec<(Uuid, i64)>, ResourceError> {
-    let mut tx = pool.begin().await?;
+    let mut tx = crate::storage::begin(pool).await?;
     let version: Option<i64> = sqlx::query_scalar(
         "SELECT version FROM policies
          WHERE id = $1 AND ($2::uuid IS NULL OR tenant_id = $2) FOR UPDATE",

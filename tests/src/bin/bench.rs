@@ -346,33 +346,61 @@ async fn propagation(
         pct(write, 0.99),
     );
     // The filter logs every on_configure with the configuration size and its duration.
+    // Per push Envoy runs it three times: in a throwaway clone of the VM on the main thread
+    // (the configuration canary, which is what NACKs a bad bundle; a fresh VM, so its root
+    // context is 1), then in the main thread's and the worker's long-lived VMs.
     let log = std::fs::read_to_string(&stack.envoy.log).unwrap_or_default();
-    let mut loads: Vec<(u64, u64)> = log
-        .lines()
-        .filter(|l| l.contains("loaded (Enforce"))
-        .filter_map(|l| {
-            let tail = l.split("(Enforce, ").nth(1)?;
-            let bytes = tail.split(" bytes").next()?.parse().ok()?;
-            let ms = tail
-                .split(", ")
-                .nth(1)?
-                .trim_end_matches(" ms)")
-                .parse()
-                .ok()?;
-            Some((bytes, ms))
-        })
-        .collect();
-    loads.sort_by_key(|l| l.1);
-    if let (Some(median), Some(max)) = (loads.get(loads.len() / 2), loads.last()) {
-        println!(
-            "on_configure per worker over {} loads: median {} ms, max {} ms; configuration size {} bytes",
-            loads.len(),
-            median.1,
-            max.1,
-            median.0
-        );
+    let loads = configure_loads(&log);
+    let summary = |what: &str, mut v: Vec<u64>| {
+        v.sort();
+        if let (Some(median), Some(max)) = (v.get(v.len() / 2), v.last()) {
+            println!(
+                "on_configure, {what}, over {} loads: median {median} ms, max {max} ms",
+                v.len()
+            );
+        }
+    };
+    summary(
+        "canary (fresh VM)",
+        loads.iter().filter(|l| l.root == 1).map(|l| l.ms).collect(),
+    );
+    summary(
+        "long-lived VMs",
+        loads.iter().filter(|l| l.root != 1).map(|l| l.ms).collect(),
+    );
+    if let Some(l) = loads.iter().max_by_key(|l| l.bytes) {
+        println!("configuration size {} bytes", l.bytes);
     }
     Ok(())
+}
+
+struct Load {
+    root: u32,
+    bytes: u64,
+    ms: u64,
+}
+
+/// The filter's `root N: configuration V loaded (Enforce, B bytes, M ms)` log lines.
+fn configure_loads(log: &str) -> Vec<Load> {
+    log.lines()
+        .filter_map(|l| {
+            let (head, tail) = l.split_once("loaded (Enforce, ")?;
+            let root = head
+                .split("root ")
+                .nth(1)?
+                .split(':')
+                .next()?
+                .parse()
+                .ok()?;
+            let (bytes, rest) = tail.split_once(" bytes, ")?;
+            let ms = rest.trim_end_matches(" ms)").parse().ok()?;
+            Some(Load {
+                root,
+                bytes: bytes.parse().ok()?,
+                ms,
+            })
+        })
+        .collect()
 }
 
 /// Inserts `agents` agents and `policies` policies directly (a bench, not an API test),
