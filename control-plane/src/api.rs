@@ -261,7 +261,26 @@ mod tests {
         }
         assert!(matches!(
             extract("text/plain", good).await,
-            Err(ApiError::BadRequest(_))
+            Err(ApiError::UnsupportedMediaType(_))
         ));
+    }
+
+    /// Over the body limit (axum's default 2 MB here; routes set their own): 413, not 400.
+    #[tokio::test]
+    async fn oversized_bodies_are_413() {
+        let huge: &'static str = Box::leak(
+            format!(r#"{{"name": "{}", "entries": []}}"#, "a".repeat(3 << 20)).into_boxed_str(),
+        );
+        match extract("application/json", huge).await {
+            Err(err @ ApiError::PayloadTooLarge(_)) => {
+                let response = axum::response::IntoResponse::into_response(err);
+                assert_eq!(response.status(), axum::http::StatusCode::PAYLOAD_TOO_LARGE);
+                assert_eq!(
+                    response.headers()[axum::http::header::CONTENT_TYPE],
+                    "application/problem+json"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
     }
 }

@@ -49,7 +49,7 @@ pub struct Stack {
     envoy_concurrency: u32,
     envoy_fetch_timeout: &'static str,
     plain_envoy: bool,
-    audit_to_upstream: bool,
+    audit_port: Option<u16>,
     _postgres: Arc<Postgres>,
     _redis: Arc<Redis>,
 }
@@ -112,7 +112,7 @@ impl Stack {
             envoy_concurrency: options.concurrency,
             envoy_fetch_timeout: options.initial_fetch_timeout,
             plain_envoy: false,
-            audit_to_upstream: false,
+            audit_port: None,
             _postgres: postgres,
             _redis: redis,
         })
@@ -128,11 +128,7 @@ impl Stack {
             node_id: "gateway-1",
             fleet: FLEET,
             cp_grpc_port: self.control_plane.grpc_port,
-            cp_http_port: if self.audit_to_upstream {
-                self.upstream.port
-            } else {
-                self.control_plane.http_port
-            },
+            cp_http_port: self.audit_port.unwrap_or(self.control_plane.http_port),
             upstream_port: self.upstream.port,
             ca: &self.pki.ca_path,
             server_cert: &self.pki.server_cert_path,
@@ -147,12 +143,13 @@ impl Stack {
         Ok(started.elapsed())
     }
 
-    /// Whether [`Stack::restart_envoy`] sends the filter's audit batches to the upstream
-    /// (which acknowledges everything) instead of the control plane: the benchmark uses it
-    /// so the control plane's and PostgreSQL's ingest work does not compete with the load
-    /// generator on a 2-core machine. Envoy's own audit work is unchanged.
-    pub fn set_audit_to_upstream(&mut self, on: bool) {
-        self.audit_to_upstream = on;
+    /// Where [`Stack::restart_envoy`] has the filter send its audit batches: this port on
+    /// 127.0.0.1 instead of the control plane (`None`). The benchmark points it at the
+    /// upstream (which acknowledges everything) so the control plane's and PostgreSQL's
+    /// ingest work does not compete with the load generator on a 2-core machine; tests
+    /// point it at sinks that answer what they need. Envoy's own audit work is unchanged.
+    pub fn set_audit_port(&mut self, port: Option<u16>) {
+        self.audit_port = port;
     }
 
     /// Whether [`Stack::restart_envoy`] starts Envoy without the ChronoGuard filter (the

@@ -124,16 +124,25 @@ async fn admin(
 }
 
 async fn post_batch(f: &Fixture, cp: &ControlPlane, batch: &Value) -> (StatusCode, Value) {
-    let (status, _, text) = call(
+    let (status, _, text) = post_raw(f, cp, Some(batch)).await;
+    (status, parse(&text))
+}
+
+/// POSTs to the ingest endpoint with the filter credential (no body: no content type).
+async fn post_raw(
+    f: &Fixture,
+    cp: &ControlPlane,
+    batch: Option<&Value>,
+) -> (StatusCode, reqwest::header::HeaderMap, String) {
+    call(
         &f.http,
         cp,
         Method::POST,
         "/api/v1/audit/batches",
         Some(&cp.ingest_token),
-        Some(batch),
+        batch,
     )
-    .await;
-    (status, parse(&text))
+    .await
 }
 
 /// A batch of `n` decisions for `tenant`, varied so filters have something to select.
@@ -792,16 +801,18 @@ async fn ingest_auth_validation_and_idempotency() {
         problem_body["detail"].as_str().unwrap().contains("entry 3"),
         "{problem_body}"
     );
-    let (status, _, text) = call(
-        &f.http,
-        &f.cp,
-        Method::POST,
-        "/api/v1/audit/batches",
-        Some(&f.cp.ingest_token),
-        None,
-    )
-    .await;
-    assert_eq!(status, StatusCode::BAD_REQUEST, "{text}");
+    let (status, _, text) = post_raw(&f, &f.cp, None).await;
+    assert_eq!(status, StatusCode::UNSUPPORTED_MEDIA_TYPE, "{text}");
+    assert_eq!(parse(&text)["status"], 415, "{text}");
+    // Over the 16 MiB ingest limit: 413 problem JSON, nothing stored.
+    let mut oversized = batch(tenant, 1, &[]);
+    oversized["entries"][0]["path"] = json!(format!("/{}", "a".repeat(17 << 20)));
+    let (status, headers, text) = post_raw(&f, &f.cp, Some(&oversized)).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{text}");
+    assert_eq!(
+        headers[reqwest::header::CONTENT_TYPE],
+        "application/problem+json"
+    );
     assert_eq!(count().await, 0, "nothing of a bad batch is stored");
 
     let (status, first) = post_batch(&f, &f.cp, &body).await;
@@ -1120,15 +1131,7 @@ async fn database_outage_is_503_with_retry_after() {
     // Let the cut reach the control plane's pooled connections.
     tokio::time::sleep(Duration::from_millis(200)).await;
     let retried = batch(tenant, 4, &[]);
-    let (status, headers, text) = call(
-        &f.http,
-        &f.cp,
-        Method::POST,
-        "/api/v1/audit/batches",
-        Some(&f.cp.ingest_token),
-        Some(&retried),
-    )
-    .await;
+    let (status, headers, text) = post_raw(&f, &f.cp, Some(&retried)).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{text}");
     assert!(
         headers.contains_key(reqwest::header::RETRY_AFTER),

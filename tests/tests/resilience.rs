@@ -5,6 +5,8 @@ use integration_tests::certs::Pki;
 use integration_tests::envoy::{Envoy, EnvoyConfig};
 use integration_tests::upstream::Upstream;
 use integration_tests::{Stack, StackOptions};
+use serde_json::Value;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// Envoy whose control plane is unreachable applies the bootstrap's deny-all default once
@@ -151,4 +153,104 @@ async fn enforcement_and_audit_survive_restarts() {
     assert_eq!(first.status, 200, "first request after restart: {first:?}");
     let blocked = stack.request(&agent, "blocked.example", "/").await.unwrap();
     assert_eq!(blocked.body["reason"], "domain_blocked");
+}
+
+/// A batch the control plane refuses for its content (400, 413, 422) would be refused
+/// forever: the filter splits it until the bad record is alone, drops and counts that one
+/// record, and delivers the rest, in order, each once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_batch_costs_only_its_bad_record() {
+    // An audit sink that refuses every batch holding a record for `/poison`, storing
+    // nothing of it, and keeps the paths of the batches it accepts.
+    let accepted = Arc::new(Mutex::new(Vec::<String>::new()));
+    let sink = {
+        let accepted = accepted.clone();
+        axum::Router::new().fallback(move |body: axum::body::Bytes| {
+            let accepted = accepted.clone();
+            async move {
+                let batch: Value = serde_json::from_slice(&body).unwrap_or_default();
+                let paths: Vec<String> = batch["entries"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|e| e["path"].as_str().map(str::to_owned))
+                    .collect();
+                if paths.iter().any(|p| p == "/poison") {
+                    return (axum::http::StatusCode::BAD_REQUEST, "poisoned batch");
+                }
+                accepted.lock().unwrap().extend(paths);
+                (axum::http::StatusCode::CREATED, "stored")
+            }
+        })
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = tokio::spawn(async move { axum::serve(listener, sink).await });
+
+    let mut stack = Stack::start(StackOptions {
+        // One flush carries every request below: one batch, refused, then split.
+        audit_flush_interval_ms: 1_000,
+        ..StackOptions::default()
+    })
+    .await
+    .unwrap();
+    let setup = stack
+        .tenant_with_agent(&["allowed.example"], &[])
+        .await
+        .unwrap();
+    stack.set_audit_port(Some(port));
+    stack.restart_envoy().await.unwrap();
+    let agent = stack.agent_client(Some(&setup.cert)).unwrap();
+    let mut sent = Vec::new();
+    for i in 0..9 {
+        let path = if i == 4 {
+            "/poison".to_owned()
+        } else {
+            format!("/r{i}")
+        };
+        let reply = stack
+            .request(&agent, "allowed.example", &path)
+            .await
+            .unwrap();
+        assert_eq!(reply.status, 200, "{reply:?}");
+        if i != 4 {
+            sent.push(path);
+        }
+    }
+    integration_tests::wait_for(
+        "every good record delivered",
+        Duration::from_secs(20),
+        || async {
+            let got = accepted.lock().unwrap().clone();
+            sent.iter().all(|p| got.contains(p)).then_some(())
+        },
+    )
+    .await
+    .unwrap();
+    let dropped = integration_tests::wait_for(
+        "the bad record dropped",
+        Duration::from_secs(10),
+        || async {
+            let dropped = stack
+                .envoy
+                .stat("wasmcustom.chronoguard.audit_dropped")
+                .await
+                .ok()??;
+            (dropped != "0").then_some(dropped)
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(dropped, "1", "only the bad record is lost");
+    let got = accepted.lock().unwrap().clone();
+    let mut sorted = got.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!(
+        sorted.len(),
+        got.len(),
+        "each record delivered once: {got:?}"
+    );
+    assert!(!got.contains(&"/poison".to_owned()));
+    server.abort();
 }

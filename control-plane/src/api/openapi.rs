@@ -227,7 +227,11 @@ fn envoys() {}
     description = "The filter's audit batches; filter credential only, never an admin token.",
     request_body = Value,
     responses((status = 201, description = "stored", body = Value),
-              (status = 200, description = "a batch id already stored", body = Value)))]
+              (status = 200, description = "a batch id already stored", body = Value),
+              (status = 400, description = "malformed; nothing of the batch stored", body = Value, content_type = "application/problem+json"),
+              (status = 401, description = "not the filter's credential; nothing stored", body = Value, content_type = "application/problem+json"),
+              (status = 413, description = "body over 16 MiB (more than `MAX_BATCH` entries do not fit anyway)", body = Value, content_type = "application/problem+json"),
+              (status = 503, description = "database unavailable; retry after Retry-After", body = Value, content_type = "application/problem+json")))]
 #[allow(dead_code)]
 fn audit_batches() {}
 

@@ -157,6 +157,32 @@ impl AuditBuffer {
     pub fn acknowledge(&mut self) -> usize {
         self.in_flight.take().map_or(0, |b| b.entries.len())
     }
+
+    /// The control plane refused the in-flight batch for what it holds (400 malformed,
+    /// 413 too large, 422): sent again as it is, it would be refused forever and hold up
+    /// every later record. Splits it instead: the first half stays in flight under a new
+    /// id (nothing was stored under the old one), the second half goes back to the head
+    /// of the queue, in order. A refused batch of one record is dropped and counted, so
+    /// one bad record costs itself only. Returns how many records were dropped.
+    pub fn refused(&mut self, batch_id: impl FnOnce() -> String) -> usize {
+        let Some(batch) = self.in_flight.take() else {
+            return 0;
+        };
+        let mut entries = batch.entries;
+        if entries.len() <= 1 {
+            self.dropped += entries.len() as u64;
+            return entries.len();
+        }
+        let rest = entries.split_off(entries.len() / 2);
+        for record in rest.into_iter().rev() {
+            self.queue.push_front(record);
+        }
+        self.in_flight = Some(AuditBatch {
+            batch_id: batch_id(),
+            entries,
+        });
+        0
+    }
 }
 
 #[cfg(test)]
@@ -181,6 +207,49 @@ mod tests {
         let batch = buffer.next_batch(10, || "b1".into()).unwrap();
         let ids: Vec<_> = batch.entries.iter().map(|r| r.timestamp_ns).collect();
         assert_eq!(ids, [2, 3, 4]);
+    }
+
+    #[test]
+    fn refused_batches_split_until_the_bad_record_alone_is_dropped() {
+        let mut buffer = AuditBuffer::new(100);
+        for n in 0..5 {
+            buffer.push(record(n));
+        }
+        let mut ids = (0..).map(|i| format!("b{i}"));
+        let first = buffer
+            .next_batch(4, || ids.next().unwrap())
+            .unwrap()
+            .clone();
+        assert_eq!(first.entries.len(), 4);
+        // Refused: records 0-1 go out again under a new id, 2-3 wait ahead of 4.
+        assert_eq!(buffer.refused(|| ids.next().unwrap()), 0);
+        let half = buffer.in_flight().unwrap().clone();
+        assert_ne!(half.batch_id, first.batch_id);
+        assert_eq!(half.entries, first.entries[..2].to_vec());
+        assert_eq!(buffer.buffered(), 5);
+        // Say record 1 is the bad one: 0-1 refused again, then 0 stored, then 1 dropped.
+        assert_eq!(buffer.refused(|| ids.next().unwrap()), 0);
+        assert_eq!(buffer.in_flight().unwrap().entries, vec![record(0)]);
+        assert_eq!(buffer.acknowledge(), 1);
+        assert_eq!(
+            buffer
+                .next_batch(1, || ids.next().unwrap())
+                .unwrap()
+                .entries,
+            vec![record(1)]
+        );
+        assert_eq!(buffer.refused(|| ids.next().unwrap()), 1);
+        assert_eq!(buffer.dropped_total(), 1);
+        // The rest follows in order, unharmed.
+        let rest = buffer.next_batch(10, || ids.next().unwrap()).unwrap();
+        assert_eq!(rest.entries, vec![record(2), record(3), record(4)]);
+        assert_eq!(buffer.acknowledge(), 3);
+        assert_eq!(buffer.buffered(), 0);
+        assert_eq!(
+            buffer.refused(|| ids.next().unwrap()),
+            0,
+            "nothing in flight"
+        );
     }
 
     #[test]

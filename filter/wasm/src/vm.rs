@@ -190,6 +190,34 @@ impl VmState {
                     self.flush(true);
                 }
             }
+            // Refused for its content: retrying it as it is would block every later
+            // record. Split it and send the halves now; a refused single record is
+            // dropped and counted.
+            Some(status @ (400 | 413 | 422)) => {
+                let ids = &mut self.ids;
+                let dropped = self.audit.refused(|| ids.next_id());
+                if dropped > 0 {
+                    self.metrics.add(self.metrics.audit_dropped, dropped as i64);
+                    self.metrics
+                        .add(self.metrics.audit_buffered, -(dropped as i64));
+                    host::log(
+                        LogLevel::Error,
+                        &format!(
+                            "audit record refused by the control plane (status {status}); dropped ({} dropped so far on this worker)",
+                            self.audit.dropped_total()
+                        ),
+                    );
+                } else {
+                    host::log(
+                        LogLevel::Warn,
+                        &format!("audit batch refused (status {status}); sending it in halves"),
+                    );
+                }
+                self.metrics.add(self.metrics.audit_retried, 1);
+                self.flush(true);
+            }
+            // Unreachable, overloaded, timed out, or a credential the next configuration
+            // may fix: the same batch again, with backoff.
             _ => {
                 host::log(
                     LogLevel::Warn,

@@ -459,7 +459,7 @@ async fn seed(
 /// Restarts Envoy, with or without the ChronoGuard filter.
 async fn restart(stack: &mut Stack, plain: bool) -> anyhow::Result<Duration> {
     stack.set_plain_envoy(plain);
-    stack.set_audit_to_upstream(true);
+    stack.set_audit_port(Some(stack.upstream.port));
     stack.restart_envoy().await
 }
 
