@@ -460,7 +460,13 @@ async fn seed(
 async fn restart(stack: &mut Stack, plain: bool) -> anyhow::Result<Duration> {
     stack.set_plain_envoy(plain);
     stack.set_audit_port(Some(stack.upstream.port));
-    stack.restart_envoy().await
+    // Envoy inherits this process's CPU affinity. It starts with both CPUs, as a gateway
+    // starts with all of its machine's (V8 compiles the module on its background
+    // threads too); the rounds pin it to CPU 0 once it is ready.
+    pin(std::process::id(), "0,1");
+    let started = stack.restart_envoy().await;
+    pin(std::process::id(), "1");
+    started
 }
 
 /// Open-loop load: one request every `1 / rate` seconds for `duration`, whatever the
