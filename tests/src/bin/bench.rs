@@ -257,29 +257,57 @@ async fn stall(
         )
         .await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let (q50, q99, qmax) = open_loop(stack, &client, 1_000, Duration::from_secs(5)).await?;
-    let pushes = async {
-        for i in 1..=20 {
-            tokio::time::sleep(Duration::from_millis(250)).await;
-            stack
-                .admin(
-                    reqwest::Method::PUT,
-                    &format!("/api/v1/policies/{policy0}"),
-                    Some(policy(i)),
-                )
-                .await?;
+    // As in the CPU rounds (a run without rounds has not pinned it yet).
+    pin(stack.envoy.pid(), "0");
+    let mut pushed = 0;
+    let mut measure = |what: &'static str| {
+        let first = pushed + 1;
+        pushed += 20;
+        let (client, policy) = (&client, &policy);
+        async move {
+            let (q50, q99, qmax) = open_loop(stack, client, 1_000, Duration::from_secs(5)).await?;
+            let pushes = async {
+                for i in first..first + 20 {
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                    stack
+                        .admin(
+                            reqwest::Method::PUT,
+                            &format!("/api/v1/policies/{policy0}"),
+                            Some(policy(i)),
+                        )
+                        .await?;
+                }
+                anyhow::Ok(())
+            };
+            let (load, pushes) = tokio::join!(
+                open_loop(stack, client, 1_000, Duration::from_secs(5)),
+                pushes
+            );
+            pushes?;
+            let (c50, c99, cmax) = load?;
+            println!(
+                "\npolicy pushes under load ({what}; 1,000 req/s open loop, 5 s each): without pushes p50 {q50:.3} / p99 {q99:.3} / max {qmax:.3} ms; with a push every 250 ms p50 {c50:.3} / p99 {c99:.3} / max {cmax:.3} ms"
+            );
+            anyhow::Ok(())
         }
-        anyhow::Ok(())
     };
-    let (load, pushed) = tokio::join!(
-        open_loop(stack, &client, 1_000, Duration::from_secs(5)),
-        pushes
-    );
-    pushed?;
-    let (c50, c99, cmax) = load?;
-    println!(
-        "\npolicy pushes under load (1,000 req/s open loop, 5 s each): without pushes p50 {q50:.3} / p99 {q99:.3} / max {qmax:.3} ms; with a push every 250 ms p50 {c50:.3} / p99 {c99:.3} / max {cmax:.3} ms"
-    );
+    measure("every Envoy thread on CPU 0").await?;
+    // Per push Envoy also loads the bundle twice on its main thread (the configuration
+    // canary, then the main thread's VM). On a gateway with a spare core that work does
+    // not compete with the worker: the worker's own `on_configure` is what stalls its
+    // requests. Measured with the worker alone on CPU 0, Envoy's other threads on CPU 1.
+    let envoy = stack.envoy.pid();
+    for task in std::fs::read_dir(format!("/proc/{envoy}/task"))?.flatten() {
+        let tid = task.file_name().to_string_lossy().into_owned();
+        let name = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        let cpu = if name.starts_with("wrk:") { "0" } else { "1" };
+        let _ = Command::new("taskset")
+            .args(["-pc", cpu, &tid])
+            .stdout(std::process::Stdio::null())
+            .status();
+    }
+    measure("the worker alone on CPU 0, Envoy's main thread on CPU 1").await?;
+    pin(envoy, "0");
     Ok(())
 }
 
