@@ -110,6 +110,11 @@ pub async fn maintain(
     now: DateTime<Utc>,
 ) -> Result<Report, StoreError> {
     let mut conn = pool.acquire().await?;
+    // The advisory lock belongs to this session: the connection is closed afterwards
+    // rather than returned to the pool, so no path (an error, a failed unlock, this future
+    // being dropped) can leave the lock held by an idle pooled connection, which would
+    // keep every other replica's maintenance out.
+    conn.close_on_drop();
     if !sql::try_lock(&mut conn).await? {
         return Ok(Report {
             skipped: true,
@@ -119,6 +124,7 @@ pub async fn maintain(
     let result = maintain_locked(&mut conn, keys, policy, now).await;
     // On error the connection may be unusable; the lock ends with its session anyway.
     let unlocked = sql::unlock(&mut conn).await;
+    drop(conn);
     let report = result?;
     unlocked?;
     Ok(report)
