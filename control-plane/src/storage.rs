@@ -53,11 +53,7 @@ impl From<sqlx::Error> for StoreError {
 pub async fn begin(
     pool: &PgPool,
 ) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, sqlx::Error> {
-    let pool = pool.clone();
-    #[allow(clippy::disallowed_methods)] // the sanctioned call
-    tokio::spawn(async move { pool.begin().await })
-        .await
-        .map_err(|_| sqlx::Error::WorkerCrashed)?
+    begin_with(pool, "BEGIN").await
 }
 
 /// [`begin`] with a statement of its own instead of `BEGIN` (an isolation level, say).

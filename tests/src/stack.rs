@@ -122,25 +122,35 @@ impl Stack {
     /// its listener is warm, with the time from spawn to ready.
     pub async fn restart_envoy(&mut self) -> anyhow::Result<std::time::Duration> {
         self.envoy.stop();
-        let wasm = self.wasm.clone();
         let started = std::time::Instant::now();
-        self.envoy = Envoy::start(EnvoyConfig {
-            node_id: "gateway-1",
-            fleet: FLEET,
-            cp_grpc_port: self.control_plane.grpc_port,
+        let envoy = Envoy::start(EnvoyConfig {
             cp_http_port: self.audit_port.unwrap_or(self.control_plane.http_port),
+            without_filter: self.plain_envoy,
+            ..self.envoy_config("gateway-1", FLEET)
+        })
+        .await?;
+        self.envoy = envoy;
+        Ok(started.elapsed())
+    }
+
+    /// The bootstrap of an Envoy wired like the stack's own: node `node_id` of fleet
+    /// `fleet`, audit to the control plane, with the filter.
+    fn envoy_config<'a>(&'a self, node_id: &'a str, fleet: &'a str) -> EnvoyConfig<'a> {
+        EnvoyConfig {
+            node_id,
+            fleet,
+            cp_grpc_port: self.control_plane.grpc_port,
+            cp_http_port: self.control_plane.http_port,
             upstream_port: self.upstream.port,
             ca: &self.pki.ca_path,
             server_cert: &self.pki.server_cert_path,
             server_key: &self.pki.server_key_path,
-            wasm: &wasm,
+            wasm: &self.wasm,
             initial_fetch_timeout: self.envoy_fetch_timeout,
             concurrency: self.envoy_concurrency,
             dir: &self.dir,
-            without_filter: self.plain_envoy,
-        })
-        .await?;
-        Ok(started.elapsed())
+            without_filter: false,
+        }
     }
 
     /// Where [`Stack::restart_envoy`] has the filter send its audit batches: this port on
@@ -275,23 +285,7 @@ impl Stack {
     /// Starts another Envoy, node `node_id` of gateway fleet `fleet`, wired like the
     /// stack's own.
     pub async fn start_envoy(&self, node_id: &str, fleet: &str) -> anyhow::Result<Envoy> {
-        let wasm = self.wasm.clone();
-        Envoy::start(EnvoyConfig {
-            node_id,
-            fleet,
-            cp_grpc_port: self.control_plane.grpc_port,
-            cp_http_port: self.control_plane.http_port,
-            upstream_port: self.upstream.port,
-            ca: &self.pki.ca_path,
-            server_cert: &self.pki.server_cert_path,
-            server_key: &self.pki.server_key_path,
-            wasm: &wasm,
-            initial_fetch_timeout: self.envoy_fetch_timeout,
-            concurrency: self.envoy_concurrency,
-            dir: &self.dir,
-            without_filter: false,
-        })
-        .await
+        Envoy::start(self.envoy_config(node_id, fleet)).await
     }
 
     /// Waits until every Envoy acknowledged the version the control plane publishes now

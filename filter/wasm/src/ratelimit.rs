@@ -14,6 +14,9 @@ const CAS_ATTEMPTS: usize = 16;
 thread_local! {
     /// This worker VM's leases.
     static LEASES: RefCell<Leases> = RefCell::new(Leases::default());
+    /// The shared-data key of the request being checked, written into one buffer (no
+    /// allocation per request when a lease answers).
+    static KEY: RefCell<String> = const { RefCell::new(String::new()) };
 }
 
 /// The outcome of a check: allowed, limited (with Retry-After seconds), or the store
@@ -32,22 +35,33 @@ pub fn reset() {
 /// Takes one token for `agent` under `policy`: from this worker's lease, else from the
 /// shared bucket with compare-and-swap (leasing more when the limit is large).
 pub fn check(agent: &str, policy: &str, limit: &RateLimit, now_ns: u64) -> Check {
-    let key = format!("chronoguard.rl.{agent}.{policy}");
-    if LEASES.with(|l| l.borrow_mut().take(&key, now_ns)) {
+    KEY.with(|key| {
+        let mut key = key.borrow_mut();
+        key.clear();
+        key.push_str("chronoguard.rl.");
+        key.push_str(agent);
+        key.push('.');
+        key.push_str(policy);
+        check_key(&key, limit, now_ns)
+    })
+}
+
+fn check_key(key: &str, limit: &RateLimit, now_ns: u64) -> Check {
+    if LEASES.with(|l| l.borrow_mut().take(key, now_ns)) {
         return Check::Allowed;
     }
     let want = lease_size(limit);
     for _ in 0..CAS_ATTEMPTS {
-        let Ok((bytes, cas)) = host::shared_get(&key) else {
+        let Ok((bytes, cas)) = host::shared_get(key) else {
             return Check::StoreError;
         };
         let state = bytes.as_deref().and_then(BucketState::decode);
         match acquire(limit, state, now_ns, want) {
             Acquire::Limited { retry_after_s } => return Check::Limited(retry_after_s),
             Acquire::Allowed { state, granted } => {
-                match host::shared_set(&key, &state.encode(), cas) {
+                match host::shared_set(key, &state.encode(), cas) {
                     Ok(true) => {
-                        LEASES.with(|l| l.borrow_mut().granted(&key, granted, now_ns));
+                        LEASES.with(|l| l.borrow_mut().granted(key, granted, now_ns));
                         return Check::Allowed;
                     }
                     Ok(false) => continue,

@@ -504,17 +504,8 @@ async fn ingest(
             let refs: Vec<&Tenant> = owned.iter().collect();
             while !stop.load(Ordering::Relaxed) {
                 let body = batch_body(&refs, batch, &counter);
-                let response = http
-                    .post(&url)
-                    .bearer_auth(&token)
-                    .header("content-type", "application/json")
-                    .body(body)
-                    .send()
-                    .await?;
-                let status = response.status();
-                let answer: Value = response.json().await?;
-                anyhow::ensure!(status.as_u16() == 201, "ingest answered {status}: {answer}");
-                stored.fetch_add(answer["stored"].as_u64().unwrap_or(0), Ordering::Relaxed);
+                let n = post_batch(&http, &url, &token, body).await?;
+                stored.fetch_add(n, Ordering::Relaxed);
             }
             anyhow::Ok(())
         }));
@@ -574,17 +565,7 @@ async fn fill(
                 }
                 let count = batch.min(entries - i * batch);
                 let body = batch_body(&[&owned], count, &counter);
-                let response = http
-                    .post(&url)
-                    .bearer_auth(&token)
-                    .header("content-type", "application/json")
-                    .body(body)
-                    .send()
-                    .await?;
-                let status = response.status();
-                let answer: Value = response.json().await?;
-                anyhow::ensure!(status.as_u16() == 201, "ingest answered {status}: {answer}");
-                stored += answer["stored"].as_u64().unwrap_or(0);
+                stored += post_batch(&http, &url, &token, body).await?;
             }
         }));
     }
@@ -1014,4 +995,24 @@ async fn verify(
         cpu_us_per_entry: ticks.load(Ordering::Relaxed) as f64 * 10_000.0 / checked.max(1) as f64,
         hwm_kib: hwm.load(Ordering::Relaxed),
     })
+}
+
+/// POSTs one ingest body; the entries stored (anything but 201 is an error).
+async fn post_batch(
+    http: &reqwest::Client,
+    url: &str,
+    token: &str,
+    body: String,
+) -> anyhow::Result<u64> {
+    let response = http
+        .post(url)
+        .bearer_auth(token)
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await?;
+    let status = response.status();
+    let answer: Value = response.json().await?;
+    anyhow::ensure!(status.as_u16() == 201, "ingest answered {status}: {answer}");
+    Ok(answer["stored"].as_u64().unwrap_or(0))
 }
