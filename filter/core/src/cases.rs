@@ -195,8 +195,32 @@ fn memoised_decisions_equal_fresh_ones() {
             }
         }
         assert!(policy.memo_len() > 0);
+        // Clock sweeps: each case's request again and again as time moves on in random
+        // steps (seconds to hours, across the windows' edges, midnights and the DST
+        // changes the cases sit on), so memoised decisions are used right up to where they
+        // expire; and a step back in time now and then (a wall clock set back).
+        for case in &cases {
+            let mut facts = facts(&case.request);
+            facts.unix_ns -= 3 * 3_600_000_000_000;
+            for _ in 0..120 {
+                let step_s = match next() % 4 {
+                    0 => next() % 60,
+                    1 => next() % 900,
+                    2 => next() % 7_200,
+                    _ => next() % 600 + 1,
+                };
+                facts.unix_ns += step_s * 1_000_000_000 + next() % 1_000_000_000;
+                if next() % 50 == 0 {
+                    facts.unix_ns -= 1_800_000_000_000;
+                }
+                let cached = policy.evaluate(&facts).unwrap();
+                let fresh = policy.evaluate_fresh(&facts).unwrap();
+                assert_eq!(cached, fresh, "{}: {facts:?}", file.display());
+                checked += 1;
+            }
+        }
     }
-    assert!(checked > 1000);
+    assert!(checked > 10_000);
 }
 
 /// The entry cache never changes a decision: compiling every case file in turn with one

@@ -120,7 +120,7 @@ pub struct AuditSink {
 
 mod defaults {
     pub(super) fn batch_size() -> usize {
-        100
+        1_000
     }
     pub(super) fn flush_interval_ms() -> u64 {
         500

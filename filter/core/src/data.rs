@@ -37,14 +37,30 @@ pub const OPERATORS: &[&str] = &[
     "cidr",
 ];
 
-/// Which request facts decisions depend on (besides identity, domain and time): the
-/// memoisation key holds exactly these.
+/// Which request facts decisions depend on (besides identity and domain): the
+/// memoisation key holds exactly these, and a memoised decision lasts until [`Clock`]
+/// says the time inputs may change it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Reads {
     pub method: bool,
     pub path: bool,
     pub user_agent: bool,
     pub source_ip: bool,
+    pub clock: Clock,
+}
+
+/// When decisions can change with the clock. Time inputs have minute resolution (local
+/// minute of the day and day of the week per timezone, `unix_ns` at the start of the
+/// minute), and the library reads them only through windows and time conditions, so a
+/// decision holds until the next local minute at which a window opens or closes, a day
+/// or hour condition can flip, or the timezone's UTC offset changes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Clock {
+    /// Any minute may change a decision (a `minute` condition, or custom Rego, which may
+    /// read any time input).
+    pub every_minute: bool,
+    /// Timezone → local minutes of the day (0..1440) at which a decision may change.
+    pub boundaries: BTreeMap<String, BTreeSet<u16>>,
 }
 
 impl Reads {
@@ -55,6 +71,10 @@ impl Reads {
             path: true,
             user_agent: true,
             source_ip: true,
+            clock: Clock {
+                every_minute: true,
+                boundaries: BTreeMap::new(),
+            },
         }
     }
 
@@ -63,6 +83,24 @@ impl Reads {
         self.path |= other.path;
         self.user_agent |= other.user_agent;
         self.source_ip |= other.source_ip;
+        self.clock.every_minute |= other.clock.every_minute;
+        for (tz, minutes) in &other.clock.boundaries {
+            self.clock
+                .boundaries
+                .entry(tz.clone())
+                .or_default()
+                .extend(minutes);
+        }
+    }
+}
+
+impl Clock {
+    /// Decisions may change at these local minutes of the day in `timezone` (and at
+    /// midnight, when the day and the previous day change).
+    fn add(&mut self, timezone: &str, minutes: impl IntoIterator<Item = u16>) {
+        let set = self.boundaries.entry(timezone.to_owned()).or_default();
+        set.insert(0);
+        set.extend(minutes.into_iter().map(|m| m % 1440));
     }
 }
 
@@ -384,12 +422,18 @@ fn prepare_policy(
             .collect::<Result<_, _>>()?,
         Some(_) => return Err("windows must be an array".into()),
     };
+    let edges = windows.iter().flat_map(|w| {
+        ["start", "end"].map(|k| w[k].as_u64().map_or(0, |m| u16::try_from(m).unwrap_or(0)))
+    });
+    if !windows.is_empty() {
+        reads.clock.add(timezone, edges);
+    }
     let mut rules = match p.get("rules") {
         None | Some(Value::Null) => Vec::new(),
         Some(Value::Array(rs)) => rs
             .iter()
             .enumerate()
-            .map(|(i, r)| rule(i, r, reads))
+            .map(|(i, r)| rule(i, r, reads, timezone))
             .collect::<Result<Vec<_>, _>>()?,
         Some(_) => return Err("rules must be an array".into()),
     };
@@ -506,7 +550,7 @@ fn window(w: &Value) -> Result<Value, String> {
     Ok(json!({"days": days, "start": start, "end": end}))
 }
 
-fn rule(index: usize, r: &Value, reads: &mut Reads) -> Result<Value, String> {
+fn rule(index: usize, r: &Value, reads: &mut Reads, timezone: &str) -> Result<Value, String> {
     let r = r
         .as_object()
         .ok_or_else(|| format!("rule {index} must be an object"))?;
@@ -527,14 +571,14 @@ fn rule(index: usize, r: &Value, reads: &mut Reads) -> Result<Value, String> {
         None => Vec::new(),
         Some(Value::Array(cs)) => cs
             .iter()
-            .map(|c| condition(c, reads).map_err(&err))
+            .map(|c| condition(c, reads, timezone).map_err(&err))
             .collect::<Result<_, _>>()?,
         Some(_) => return Err(err("conditions must be an array".into())),
     };
     Ok(json!({"id": id, "priority": priority, "action": action, "conditions": conditions}))
 }
 
-fn condition(c: &Value, reads: &mut Reads) -> Result<Value, String> {
+fn condition(c: &Value, reads: &mut Reads, timezone: &str) -> Result<Value, String> {
     let c = c.as_object().ok_or("condition must be an object")?;
     let field = str_field(c, "field")?;
     let operator = str_field(c, "operator")?;
@@ -553,6 +597,9 @@ fn condition(c: &Value, reads: &mut Reads) -> Result<Value, String> {
         "path" => reads.path = true,
         "user_agent" => reads.user_agent = true,
         "source_ip" => reads.source_ip = true,
+        "minute" => reads.clock.every_minute = true,
+        "hour" => reads.clock.add(timezone, (0..24).map(|h| h * 60)),
+        "day_of_week" => reads.clock.add(timezone, []),
         _ => {}
     }
     let mut value = value.clone();

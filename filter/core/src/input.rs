@@ -89,7 +89,12 @@ impl RequestFacts {
             })
             .collect();
         let time = object([
-            ("unix_ns", self.unix_ns.into()),
+            // Time inputs have minute resolution: that is what lets decisions be
+            // memoised (policy.rs).
+            (
+                "unix_ns",
+                (self.unix_ns - self.unix_ns % 60_000_000_000).into(),
+            ),
             ("local", Value::from(local)),
         ]);
         object([("agent", agent), ("request", request), ("time", time)])
@@ -136,14 +141,15 @@ mod tests {
         let facts = RequestFacts {
             fingerprint: "ab".into(),
             domain: "example.com".into(),
-            unix_ns: 7,
+            unix_ns: 120_000_000_007,
             ..RequestFacts::default()
         };
         let tables = crate::time::tables_from_json(None).unwrap();
         let json = serde_json::to_value(facts.to_value(&tables)).unwrap();
         assert_eq!(json["agent"]["fingerprint"], "ab");
         assert_eq!(json["request"]["domain"], "example.com");
-        assert_eq!(json["time"]["unix_ns"], 7);
+        // Minute resolution: the start of the minute.
+        assert_eq!(json["time"]["unix_ns"], 120_000_000_000_u64);
         assert_eq!(json["time"]["local"]["UTC"]["day"], "thu");
         assert_eq!(json["time"]["local"]["UTC"]["prev_day"], "wed");
     }

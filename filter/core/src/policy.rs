@@ -1,14 +1,16 @@
 //! Compiling a policy bundle once and evaluating requests against it with regorus.
 //!
 //! [`CompiledPolicy::evaluate`] memoises decisions per VM, keyed on exactly the request
-//! facts the bundle reads (identity, domain, the fields rule conditions test) and the UTC
-//! minute: every time-dependent input (local day, hour, minute, window membership) is
-//! constant within one UTC minute because offsets are whole minutes. A new configuration
-//! builds a new `CompiledPolicy`, so the memo never outlives its bundle. Rate limits and
+//! facts the bundle reads (identity, domain, the fields rule conditions test). A memoised
+//! decision holds from its evaluation until the next instant a time input may change it
+//! ([`Clock`]: the next local minute at which a window opens or closes or a day or hour
+//! condition can flip, or the next UTC offset change; the next minute when a `minute`
+//! condition or custom Rego is in the bundle). A new configuration builds a new
+//! `CompiledPolicy`, so the memo never outlives its bundle. Rate limits and
 //! audit stay outside the memo.
 
 use crate::config::{Bundle, RawBundle, RegoModule};
-use crate::data::{self, EntryCache, Reads};
+use crate::data::{self, Clock, EntryCache, Reads};
 use crate::decision::Decision;
 use crate::input::RequestFacts;
 use crate::time::OffsetTable;
@@ -49,7 +51,16 @@ struct MemoKey {
     path: Option<String>,
     user_agent: Option<String>,
     source_ip: Option<String>,
-    minute: u64,
+}
+
+/// A memoised decision and the span of Envoy's clock it holds for: from the evaluation
+/// until the next instant the bundle's [`Clock`] says a time input may change it.
+#[derive(Debug, Clone)]
+struct Memo {
+    key: MemoKey,
+    from_ns: u64,
+    until_ns: u64,
+    decision: Arc<Decision>,
 }
 
 // === impl MemoKey ===
@@ -64,7 +75,6 @@ impl MemoKey {
             path: pick(reads.path, &facts.path),
             user_agent: pick(reads.user_agent, &facts.user_agent),
             source_ip: pick(reads.source_ip, &facts.source_ip),
-            minute: facts.unix_ns / 60_000_000_000,
         }
     }
 
@@ -73,8 +83,7 @@ impl MemoKey {
         let same = |read: bool, stored: &Option<String>, value: &str| {
             !read || stored.as_deref() == Some(value)
         };
-        self.minute == facts.unix_ns / 60_000_000_000
-            && self.fingerprint == facts.fingerprint
+        self.fingerprint == facts.fingerprint
             && self.domain == facts.domain
             && same(reads.method, &self.method, &facts.method)
             && same(reads.path, &self.path, &facts.path)
@@ -109,8 +118,47 @@ fn memo_hash(facts: &RequestFacts, reads: &Reads) -> u64 {
     if reads.source_ip {
         eat(facts.source_ip.as_bytes());
     }
-    eat(&(facts.unix_ns / 60_000_000_000).to_le_bytes());
     hash
+}
+
+const MINUTE_NS: u64 = 60_000_000_000;
+
+/// The first instant after `unix_ns` at which a decision taken at `unix_ns` may change
+/// (`u64::MAX` when decisions do not depend on the clock): the start of the next minute
+/// if every minute counts; otherwise the earliest, over the timezones with boundaries,
+/// of the next boundary minute in local time and the next change of UTC offset.
+fn valid_until(clock: &Clock, tables: &BTreeMap<String, OffsetTable>, unix_ns: u64) -> u64 {
+    let next_minute = (unix_ns / MINUTE_NS + 1).saturating_mul(MINUTE_NS);
+    if clock.every_minute {
+        return next_minute;
+    }
+    let now_s = i64::try_from(unix_ns / 1_000_000_000).unwrap_or(i64::MAX);
+    let mut until_s = i64::MAX;
+    for (tz, minutes) in &clock.boundaries {
+        let Some(table) = tables.get(tz) else {
+            // Validation refuses a policy whose timezone has no table; stay safe anyway.
+            return next_minute;
+        };
+        let offset = i64::from(table.offset_at(now_s));
+        let local_minute = (now_s + offset).div_euclid(60);
+        let of_day = u16::try_from(local_minute.rem_euclid(1440)).unwrap_or(0);
+        // Minutes to the next boundary, in 1..=1440 (the same minute tomorrow at most).
+        let ahead = match minutes.range(of_day + 1..).next() {
+            Some(&b) => b - of_day,
+            None => minutes.first().map_or(1440, |&first| first + 1440 - of_day),
+        };
+        let boundary = (local_minute + i64::from(ahead)) * 60 - offset;
+        let transition = table.next_transition(now_s).unwrap_or(i64::MAX);
+        until_s = until_s.min(boundary).min(transition);
+    }
+    if until_s == i64::MAX {
+        return u64::MAX;
+    }
+    // Both the boundary and the transition lie after `now_s`, so after `unix_ns`.
+    u64::try_from(until_s)
+        .ok()
+        .and_then(|s| s.checked_mul(1_000_000_000))
+        .unwrap_or(next_minute)
 }
 
 /// A bundle compiled once per configuration; evaluation never parses or compiles.
@@ -119,7 +167,7 @@ pub struct CompiledPolicy {
     engine: Engine,
     tables: BTreeMap<String, OffsetTable>,
     reads: Reads,
-    memo: HashMap<u64, Vec<(MemoKey, Arc<Decision>)>>,
+    memo: HashMap<u64, Vec<Memo>>,
     memo_len: usize,
 }
 
@@ -216,8 +264,8 @@ impl CompiledPolicy {
             .collect()
     }
 
-    /// Evaluates one request, from the memo when the same facts were decided in the same
-    /// UTC minute.
+    /// Evaluates one request, from the memo when the same facts were decided since the
+    /// clock last crossed a boundary of the bundle.
     pub fn evaluate(&mut self, facts: &RequestFacts) -> Result<Decision, PolicyError> {
         self.evaluate_memo(facts)
             .map(|(decision, _)| (*decision).clone())
@@ -230,22 +278,40 @@ impl CompiledPolicy {
         facts: &RequestFacts,
     ) -> Result<(Arc<Decision>, bool), PolicyError> {
         let hash = memo_hash(facts, &self.reads);
-        if let Some(bucket) = self.memo.get(&hash)
-            && let Some((_, decision)) = bucket
-                .iter()
-                .find(|(key, _)| key.matches(facts, &self.reads))
+        let now = facts.unix_ns;
+        let found = self.memo.get_mut(&hash).and_then(|bucket| {
+            bucket
+                .iter_mut()
+                .find(|memo| memo.key.matches(facts, &self.reads))
+        });
+        if let Some(memo) = &found
+            && (memo.from_ns..memo.until_ns).contains(&now)
         {
-            return Ok((decision.clone(), true));
+            return Ok((memo.decision.clone(), true));
         }
         let decision = Arc::new(self.evaluate_fresh(facts)?);
+        let until_ns = valid_until(&self.reads.clock, &self.tables, now);
+        // An expired entry of the same request is replaced; otherwise a new one is added.
+        if let Some(memo) = self.memo.get_mut(&hash).and_then(|bucket| {
+            bucket
+                .iter_mut()
+                .find(|memo| memo.key.matches(facts, &self.reads))
+        }) {
+            memo.from_ns = now;
+            memo.until_ns = until_ns;
+            memo.decision = decision.clone();
+            return Ok((decision, false));
+        }
         if self.memo_len >= MEMO_CAPACITY {
             self.memo.clear();
             self.memo_len = 0;
         }
-        self.memo
-            .entry(hash)
-            .or_default()
-            .push((MemoKey::new(facts, &self.reads), decision.clone()));
+        self.memo.entry(hash).or_default().push(Memo {
+            key: MemoKey::new(facts, &self.reads),
+            from_ns: now,
+            until_ns,
+            decision: decision.clone(),
+        });
         self.memo_len += 1;
         Ok((decision, false))
     }
@@ -302,6 +368,145 @@ mod tests {
             modules: CompiledPolicy::library_modules(),
             data,
         }
+    }
+
+    /// New York around the 2026 changes: spring forward 2026-03-08 07:00 UTC (02:00 EST
+    /// → 03:00 EDT), fall back 2026-11-01 06:00 UTC (02:00 EDT → 01:00 EST).
+    fn new_york() -> BTreeMap<String, OffsetTable> {
+        let table = crate::time::offset_table("America/New_York", 1_767_225_600, 1_798_761_600)
+            .and_then(OffsetTable::new)
+            .unwrap();
+        BTreeMap::from([("America/New_York".to_owned(), table)])
+    }
+
+    fn clock(minutes: &[u16]) -> Clock {
+        Clock {
+            every_minute: false,
+            boundaries: BTreeMap::from([(
+                "America/New_York".to_owned(),
+                minutes.iter().copied().collect(),
+            )]),
+        }
+    }
+
+    const SECOND: u64 = 1_000_000_000;
+
+    #[test]
+    fn memo_validity_ends_at_the_next_boundary_or_offset_change() {
+        let tables = new_york();
+        // 2026-03-09 13:10 EDT (17:10 UTC), window 09:00-17:00: valid until 17:00 EDT.
+        let at = 1_773_076_200 * SECOND;
+        assert_eq!(
+            valid_until(&clock(&[0, 540, 1020]), &tables, at + 7 * SECOND),
+            (1_773_076_200 + 230 * 60) * SECOND
+        );
+        // After the last boundary of the day: valid until local midnight.
+        assert_eq!(
+            valid_until(&clock(&[0, 540, 600]), &tables, at),
+            (1_773_076_200 + 650 * 60) * SECOND
+        );
+        // 01:50 EST on the spring-forward day with an edge at 03:15: the offset change at
+        // 07:00 UTC comes first (local time jumps from 02:00 to 03:00).
+        let before_jump = 1_772_952_600 * SECOND;
+        assert_eq!(
+            valid_until(&clock(&[0, 195]), &tables, before_jump),
+            1_772_953_200 * SECOND
+        );
+        // 01:30 EDT on the fall-back day with an edge at 01:45: reached first in EDT.
+        let before_fall = 1_793_511_000 * SECOND;
+        assert_eq!(
+            valid_until(&clock(&[0, 105]), &tables, before_fall),
+            (1_793_511_000 + 15 * 60) * SECOND
+        );
+        // Every minute counts; no clock dependence at all.
+        let every = Clock {
+            every_minute: true,
+            ..Clock::default()
+        };
+        assert_eq!(
+            valid_until(&every, &tables, at + 7 * SECOND),
+            at + 60 * SECOND
+        );
+        assert_eq!(valid_until(&Clock::default(), &tables, at), u64::MAX);
+    }
+
+    /// Brute force over a year of New York time: within a validity span the local day and
+    /// the segment between boundaries the local minute falls in never change.
+    #[test]
+    fn memo_validity_never_spans_a_boundary() {
+        let tables = new_york();
+        let table = &tables["America/New_York"];
+        let minutes = [0u16, 30, 120, 150, 195, 540, 1020, 1439];
+        let clock = clock(&minutes);
+        let signature = |ns: u64| {
+            let local = table.local(i64::try_from(ns / SECOND).unwrap());
+            let segment = minutes
+                .iter()
+                .filter(|&&m| u32::from(m) <= local.minute)
+                .count();
+            (local.day, segment)
+        };
+        let mut seed: u64 = 0x2545_f491_4f6c_dd1d;
+        for _ in 0..20_000 {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            let at = (1_767_225_600 + seed % 31_000_000) * SECOND + seed % SECOND;
+            let until = valid_until(&clock, &tables, at);
+            assert!(until > at);
+            let mut t = at;
+            while t < until {
+                assert_eq!(
+                    signature(t),
+                    signature(at),
+                    "from {at} until {until}, at {t}"
+                );
+                t += 60 * SECOND;
+            }
+            assert_eq!(
+                signature(until - 1),
+                signature(at),
+                "from {at} until {until}"
+            );
+        }
+    }
+
+    /// A decision is re-evaluated only where the bundle's clock says it may change: a
+    /// request repeated every 10 s through a Tuesday in New York, against a 09:00-17:00
+    /// weekday window, misses at the first request, at 09:00 and at 17:00 only.
+    #[test]
+    fn memoised_decisions_last_until_a_boundary() {
+        let table =
+            crate::time::offset_table("America/New_York", 1_767_225_600, 1_798_761_600).unwrap();
+        let data = serde_json::json!({
+            "timezones": {"America/New_York": table},
+            "agents": {"ab": {"id": "a", "status": "active", "policies": ["p"]}},
+            "policies": {"p": {"id": "p", "timezone": "America/New_York",
+                "allowed_exact": {"example.com": true},
+                "windows": [{"days": ["mon", "tue", "wed", "thu", "fri"], "start": 540, "end": 1020}]}}
+        });
+        let mut policy = CompiledPolicy::compile(&bundle(data)).unwrap();
+        // Tuesday 2026-03-10 00:00:05 EDT = 04:00:05 UTC, for 24 h.
+        let start = 1_773_115_205 * SECOND;
+        let mut misses = Vec::new();
+        let mut allowed = 0;
+        for step in 0..(24 * 360) {
+            let facts = RequestFacts {
+                fingerprint: "ab".into(),
+                domain: "example.com".into(),
+                unix_ns: start + step * 10 * SECOND,
+                ..RequestFacts::default()
+            };
+            let (decision, hit) = policy.evaluate_memo(&facts).unwrap();
+            assert_eq!(*decision, policy.evaluate_fresh(&facts).unwrap());
+            allowed += u32::from(decision.allow);
+            if !hit {
+                misses.push(step * 10 / 60);
+            }
+        }
+        // Minutes after 00:00:05 local: the first request, 09:00 and 17:00.
+        assert_eq!(misses, [0, 540, 1020]);
+        assert_eq!(allowed, 8 * 360);
     }
 
     #[test]
