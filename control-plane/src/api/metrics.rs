@@ -185,7 +185,10 @@ pub async fn render(State(state): State<AppState>) -> impl IntoResponse {
          chronoguard_audit_retention_anchors_signed_total {}\n\
          # HELP chronoguard_audit_retention_refused_total Ranges kept past retention because a chain in them does not verify or cannot be anchored: alert on any increase.\n\
          # TYPE chronoguard_audit_retention_refused_total counter\n\
-         chronoguard_audit_retention_refused_total {}\n",
+         chronoguard_audit_retention_refused_total {}\n\
+         # HELP chronoguard_admin_audit_failures_total Committed admin changes that could not be appended to their tenant's audit chain after every retry: alert on any increase.\n\
+         # TYPE chronoguard_admin_audit_failures_total counter\n\
+         chronoguard_admin_audit_failures_total {}\n",
         load(&audit.runs),
         load(&audit.failures),
         load(&audit.partitions_created),
@@ -193,6 +196,7 @@ pub async fn render(State(state): State<AppState>) -> impl IntoResponse {
         load(&audit.ranges_dropped),
         load(&audit.anchors_signed),
         load(&audit.ranges_refused),
+        load(&crate::audit::admin::FAILURES),
     );
     (
         [(

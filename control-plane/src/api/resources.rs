@@ -792,18 +792,37 @@ fn evaluate(
 
 // === helpers ===
 
-/// Appends an admin change to the tenant's audit chain. The write is already committed:
-/// a failure here is logged, not turned into an error.
+/// Appends an admin change to the tenant's audit chain. The write is already committed,
+/// so a failure here cannot undo it: the append runs in a task of its own (a client
+/// that goes away does not cancel it) and is retried after 0.1, 0.5 and 2 s (the batch
+/// id makes a retry after an unclear failure store the entry once); a change that still
+/// cannot be recorded is logged and counted (`chronoguard_admin_audit_failures_total`).
 pub(super) async fn record_admin_change(
     state: &AppState,
     change: crate::audit::admin::AdminChange<'_>,
 ) {
     let now_ns = Utc::now().timestamp_nanos_opt().unwrap_or_default();
     let entry = crate::audit::admin::batch(&change, now_ns);
-    if let Err(err) =
-        crate::storage::audit::append_batch(&state.store.pool, entry, &state.audit.hmac).await
-    {
-        tracing::error!(error = %err, action = change.action, tenant_id = %change.tenant, "admin change not recorded in the audit chain");
+    let (pool, audit) = (state.store.pool.clone(), state.audit.clone());
+    let (action, tenant) = (change.action.to_owned(), change.tenant);
+    let task = tokio::spawn(async move {
+        let pauses = crate::audit::admin::RETRY_PAUSES_MS;
+        for attempt in 0..=pauses.len() {
+            if let Some(pause) = attempt.checked_sub(1).and_then(|i| pauses.get(i)) {
+                tokio::time::sleep(std::time::Duration::from_millis(*pause)).await;
+            }
+            match crate::storage::audit::append_batch(&pool, entry.clone(), &audit.hmac).await {
+                Ok(_) => return,
+                Err(err) => {
+                    tracing::warn!(error = %err, attempt, %action, tenant_id = %tenant, "admin change not yet recorded in the audit chain; retrying");
+                }
+            }
+        }
+        crate::audit::admin::FAILURES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        tracing::error!(%action, tenant_id = %tenant, "admin change not recorded in the audit chain after every retry");
+    });
+    if let Err(err) = task.await {
+        tracing::error!(error = %err, "admin audit task failed");
     }
 }
 

@@ -8,7 +8,15 @@
 
 use super::chain::ChainEntry;
 use super::ingest::ValidBatch;
+use std::sync::atomic::AtomicU64;
 use uuid::Uuid;
+
+/// Admin changes that could not be appended to their tenant's chain after every retry
+/// (`chronoguard_admin_audit_failures_total`).
+pub static FAILURES: AtomicU64 = AtomicU64::new(0);
+
+/// Pauses before the retries of an admin entry's append.
+pub const RETRY_PAUSES_MS: [u64; 3] = [100, 500, 2_000];
 
 /// What an admin changed.
 #[derive(Debug, Clone)]

@@ -8,7 +8,7 @@ use uuid::Uuid;
 pub use filter_core::audit::MAX_BATCH;
 
 /// A batch that passed validation: entries grouped per tenant, in batch order.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct ValidBatch {
     pub batch_id: Uuid,
     pub entry_count: usize,
