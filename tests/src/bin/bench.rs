@@ -232,7 +232,99 @@ async fn main() -> anyhow::Result<()> {
         args.policies, args.rounds, args.seconds
     );
     stall(&stack, &agent, policy0).await?;
+    memo_churn(&stack, &agent, policy0).await?;
     propagation(&stack, &agent, policy0, &args).await
+}
+
+/// Many memo keys across a UTC minute boundary: 1,000 req/s over `KEYS` distinct domains
+/// (each a key of the decision memo), warmed first, measured for 5 s around the start of
+/// a minute. Twice: with a policy that reads the minute (every minute is then a boundary,
+/// which is how every decision expired before memoised decisions lasted until the bundle's
+/// next time boundary), and without it (the decisions then last until the next midnight
+/// in New York, where the other policies' windows are).
+async fn memo_churn(
+    stack: &Stack,
+    agent: &integration_tests::certs::AgentCert,
+    policy0: uuid::Uuid,
+) -> anyhow::Result<()> {
+    const KEYS: u64 = 400;
+    let client = stack.agent_client(Some(agent))?;
+    let host = |i: u64| format!("k{}.churn.example", i % KEYS);
+    for (what, minute_rule) in [
+        (
+            "a policy reads the minute: every minute is a boundary",
+            true,
+        ),
+        (
+            "no minute condition: decisions last until the next boundary",
+            false,
+        ),
+    ] {
+        // A rule that never matches (no DELETE in the load); its `minute` condition
+        // makes every minute a boundary of the bundle.
+        let rules = if minute_rule {
+            json!([{"id": "never", "priority": 1, "action": "deny", "conditions": [
+                {"field": "method", "operator": "equals", "value": "DELETE"},
+                {"field": "minute", "operator": "equals", "value": 0}]}])
+        } else {
+            json!([])
+        };
+        stack
+            .admin(
+                reqwest::Method::PUT,
+                &format!("/api/v1/policies/{policy0}"),
+                Some(json!({"name": "p0", "priority": 0, "allowed_domains": ["*.churn.example"], "rules": rules})),
+            )
+            .await?;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        // Warm: every key once.
+        open_loop_hosts(
+            stack,
+            &client,
+            500,
+            Duration::from_millis(KEYS * 2 + 200),
+            host,
+        )
+        .await?;
+        // Start 2.5 s before the next minute.
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?;
+        let into_minute = now.as_millis() % 60_000;
+        let wait = (60_000 - into_minute + 57_500) % 60_000;
+        tokio::time::sleep(Duration::from_millis(wait as u64)).await;
+        let hits = || async {
+            let v = stack.envoy.stat("wasmcustom.chronoguard.memo_hits").await?;
+            anyhow::Ok(v.and_then(|v| v.parse::<u64>().ok()).unwrap_or(0))
+        };
+        let (h0, sent0) = (hits().await?, stack_requests(stack).await?);
+        let (p50, p99, max) =
+            open_loop_hosts(stack, &client, 1_000, Duration::from_secs(5), host).await?;
+        // The filter hands its stats to Envoy on its tick.
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        let (h1, sent1) = (hits().await?, stack_requests(stack).await?);
+        let decided = sent1.saturating_sub(sent0);
+        println!(
+            "\nmemo churn ({what}; {KEYS} keys, 1,000 req/s open loop for 5 s across a minute boundary): p50 {p50:.3} / p99 {p99:.3} / max {max:.3} ms; {} of {decided} decisions not from the memo",
+            decided.saturating_sub(h1.saturating_sub(h0))
+        );
+    }
+    Ok(())
+}
+
+/// Decisions the filter has counted (allow + deny).
+async fn stack_requests(stack: &Stack) -> anyhow::Result<u64> {
+    let mut total = 0;
+    for name in [
+        "wasmcustom.chronoguard.decisions_allow",
+        "wasmcustom.chronoguard.decisions_deny",
+    ] {
+        total += stack
+            .envoy
+            .stat(name)
+            .await?
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    Ok(total)
 }
 
 /// Whether a policy push stalls requests: open-loop load at 1,000 req/s for 5 s without
@@ -505,6 +597,24 @@ async fn open_loop(
     rate: u64,
     duration: Duration,
 ) -> anyhow::Result<(f64, f64, f64)> {
+    let host = |i: u64| {
+        if i.is_multiple_of(10) {
+            "blocked-0.example".to_owned()
+        } else {
+            "allowed-0.example".to_owned()
+        }
+    };
+    open_loop_hosts(stack, client, rate, duration, host).await
+}
+
+/// [`open_loop`] with the `host` of the i-th request chosen by the caller.
+async fn open_loop_hosts(
+    stack: &Stack,
+    client: &reqwest::Client,
+    rate: u64,
+    duration: Duration,
+    host: impl Fn(u64) -> String,
+) -> anyhow::Result<(f64, f64, f64)> {
     let url = stack.envoy.url("/v1/objects/abc");
     let mut interval = tokio::time::interval(Duration::from_nanos(1_000_000_000 / rate.max(1)));
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
@@ -514,12 +624,7 @@ async fn open_loop(
     while started.elapsed() < duration {
         interval.tick().await;
         i += 1;
-        let host = if i.is_multiple_of(10) {
-            "blocked-0.example"
-        } else {
-            "allowed-0.example"
-        };
-        let request = client.get(&url).header("host", host).send();
+        let request = client.get(&url).header("host", host(i)).send();
         tasks.push(tokio::spawn(async move {
             let sent = Instant::now();
             let ok = match request.await {
