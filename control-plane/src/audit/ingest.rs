@@ -17,6 +17,45 @@ pub struct ValidBatch {
     pub agent_ids: Vec<Uuid>,
 }
 
+impl ValidBatch {
+    /// One batch per tenant, each under an id of its own derived from this batch's id and
+    /// the tenant (so a retried batch maps to the same parts). A single-tenant batch is
+    /// its own only part and keeps its id.
+    pub fn into_tenant_parts(self) -> Vec<ValidBatch> {
+        if self.tenants.len() <= 1 {
+            return vec![self];
+        }
+        let whole = self.batch_id;
+        self.tenants
+            .into_iter()
+            .map(|(tenant, entries)| {
+                let mut agent_ids: Vec<Uuid> = entries.iter().filter_map(|e| e.agent_id).collect();
+                agent_ids.sort_unstable();
+                agent_ids.dedup();
+                ValidBatch {
+                    batch_id: part_id(whole, tenant),
+                    entry_count: entries.len(),
+                    tenants: vec![(tenant, entries)],
+                    agent_ids,
+                }
+            })
+            .collect()
+    }
+}
+
+/// The id under which a multi-tenant batch's entries of one tenant are claimed.
+pub fn part_id(batch_id: Uuid, tenant: Uuid) -> Uuid {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::new()
+        .chain_update(b"chronoguard audit batch part\0")
+        .chain_update(batch_id.as_bytes())
+        .chain_update(tenant.as_bytes())
+        .finalize();
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&digest[..16]);
+    uuid::Builder::from_custom_bytes(bytes).into_uuid()
+}
+
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum BatchError {
     #[error("batch_id is not a UUID")]
@@ -137,6 +176,59 @@ mod tests {
             policy_id: None,
             config_version: "1".into(),
         }
+    }
+
+    #[test]
+    fn a_spanning_batch_splits_into_one_part_per_tenant() {
+        let (a, b) = (Uuid::from_u128(10), Uuid::from_u128(11));
+        let entry = |tenant: Uuid, agent: u128| AuditRecord {
+            tenant_id: Some(tenant.to_string()),
+            agent_id: Some(Uuid::from_u128(agent).to_string()),
+            ..record()
+        };
+        let batch = AuditBatch {
+            batch_id: Uuid::from_u128(9).to_string(),
+            entries: vec![entry(a, 1), entry(b, 2), entry(a, 3), entry(a, 1)],
+        };
+        let parts = validate(batch.clone()).unwrap().into_tenant_parts();
+        let shape: Vec<_> = parts
+            .iter()
+            .map(|p| {
+                (
+                    p.batch_id,
+                    p.entry_count,
+                    p.tenants[0].0,
+                    p.agent_ids.clone(),
+                )
+            })
+            .collect();
+        let id = Uuid::from_u128(9);
+        assert_eq!(
+            shape,
+            [
+                (
+                    part_id(id, a),
+                    3,
+                    a,
+                    vec![Uuid::from_u128(1), Uuid::from_u128(3)]
+                ),
+                (part_id(id, b), 1, b, vec![Uuid::from_u128(2)]),
+            ]
+        );
+        // Deterministic (a retry maps to the same parts), distinct per tenant and batch.
+        assert_eq!(
+            part_id(id, a),
+            validate(batch).unwrap().into_tenant_parts()[0].batch_id
+        );
+        assert_ne!(part_id(id, a), part_id(id, b));
+        assert_ne!(part_id(id, a), part_id(Uuid::from_u128(8), a));
+        // One tenant: the batch itself, under its own id.
+        let single = AuditBatch {
+            batch_id: id.to_string(),
+            entries: vec![entry(a, 1)],
+        };
+        let parts = validate(single).unwrap().into_tenant_parts();
+        assert_eq!((parts.len(), parts[0].batch_id), (1, id));
     }
 
     #[test]

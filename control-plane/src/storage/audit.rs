@@ -24,17 +24,72 @@ pub enum Appended {
     Duplicate,
 }
 
-/// Stores a validated batch atomically: all its entries, or none.
+/// How many tenants' parts of one batch are appended at once.
+const PARALLEL_PARTS: usize = 4;
+
+/// Stores a validated batch, each tenant's entries atomically and exactly once.
 ///
-/// One transaction, two statements whatever the number of tenants: claim the batch id
-/// and lock every tenant's chain head (created when new) in tenant-id order, so
-/// concurrent requests and replicas append one after another without forks, gaps or
-/// deadlocks; then, after chaining and signing the entries here, insert them, move the
-/// heads and touch the agents' `last_seen_at`.
-/// Entries are signed with the active key of `keys` (unsigned when it has none).
+/// A batch of one tenant is one transaction, claimed under the batch id. A batch spanning
+/// several tenants is stored as one part per tenant
+/// ([`ValidBatch::into_tenant_parts`]), each a transaction of its own under an id derived
+/// from the batch id and the tenant, appended concurrently: a part locks only its
+/// tenant's chain head, so batches that span the same tenants no longer wait for each
+/// other's whole transaction. If a part fails the error is returned (503) and the filter
+/// resends the batch; the parts already stored are then recognised and skipped. A part is
+/// also skipped when the whole batch id was claimed by a control plane that stored
+/// batches whole.
 pub async fn append_batch(
     pool: &PgPool,
     batch: ValidBatch,
+    keys: &HmacKeyring,
+) -> Result<Appended, StoreError> {
+    use futures::StreamExt;
+    let whole = batch.batch_id;
+    let parts = batch.into_tenant_parts();
+    if parts.len() == 1 {
+        let mut parts = parts;
+        return match parts.pop() {
+            Some(part) => append_part(pool, part, whole, keys).await,
+            None => Ok(Appended::Duplicate),
+        };
+    }
+    // Every part runs to its end (no part is cancelled half-way because another failed).
+    let outcomes: Vec<Result<Appended, StoreError>> = futures::stream::iter(parts)
+        .map(|part| append_part(pool, part, whole, keys))
+        .buffer_unordered(PARALLEL_PARTS)
+        .collect()
+        .await;
+    let mut stored = 0;
+    let mut failed = None;
+    for outcome in outcomes {
+        match outcome {
+            Ok(Appended::Stored(n)) => stored += n,
+            Ok(Appended::Duplicate) => {}
+            Err(err) => {
+                failed.get_or_insert(err);
+            }
+        }
+    }
+    match failed {
+        Some(err) => Err(err),
+        None if stored == 0 => Ok(Appended::Duplicate),
+        None => Ok(Appended::Stored(stored)),
+    }
+}
+
+/// Stores one part (or a whole batch) atomically: all its entries, or none.
+///
+/// One transaction, two statements whatever the number of tenants: claim the part's id
+/// (unless `whole`, the id of the batch it came from, is claimed already) and lock every
+/// tenant's chain head (created when new) in tenant-id order, so concurrent requests and
+/// replicas append one after another without forks, gaps or deadlocks; then, after
+/// chaining and signing the entries here, insert them, move the heads and touch the
+/// agents' `last_seen_at`.
+/// Entries are signed with the active key of `keys` (unsigned when it has none).
+async fn append_part(
+    pool: &PgPool,
+    batch: ValidBatch,
+    whole: Uuid,
     keys: &HmacKeyring,
 ) -> Result<Appended, StoreError> {
     let tenant_ids: Vec<Uuid> = batch.tenants.iter().map(|(tenant, _)| *tenant).collect();
@@ -44,7 +99,9 @@ pub async fn append_batch(
     // returns its latest committed values.
     let heads: Vec<(Uuid, i64, String)> = sqlx::query_as(
         "WITH fresh AS (
-            INSERT INTO audit_batches (batch_id, entry_count) VALUES ($1, $2)
+            INSERT INTO audit_batches (batch_id, entry_count)
+            SELECT $1, $2
+            WHERE $5 = $1 OR NOT EXISTS (SELECT 1 FROM audit_batches WHERE batch_id = $5)
             ON CONFLICT (batch_id) DO NOTHING RETURNING batch_id)
          INSERT INTO audit_chain_heads (tenant_id, sequence_number, current_hash)
          SELECT t, 0, $4 FROM fresh, unnest($3::uuid[]) AS t ORDER BY t
@@ -55,6 +112,7 @@ pub async fn append_batch(
     .bind(i32::try_from(batch.entry_count).unwrap_or(i32::MAX))
     .bind(&tenant_ids)
     .bind(hex::encode(chain::GENESIS))
+    .bind(whole)
     .fetch_all(&mut *tx)
     .await?;
     if heads.is_empty() {
