@@ -775,8 +775,9 @@ async fn two_replicas_never_fork_or_gap() {
     let out = verify(&f, &f.cp, tenants[0]).await;
     assert_eq!(out["ok"], true, "{out}");
 
-    // A batch spanning tenants is stored per tenant: the same one to both replicas at once
-    // stores each entry exactly once, whichever replica stores which tenant's part.
+    // A large batch spanning tenants is stored in parts (here one per tenant, 250 entries
+    // each): the same one to both replicas at once stores each entry exactly once,
+    // whichever replica stores which part.
     let counts = || async {
         let mut out = Vec::new();
         for tenant in tenants {
@@ -794,12 +795,12 @@ async fn two_replicas_never_fork_or_gap() {
     };
 
     let before = counts().await;
-    let twice = spanning(&tenants, 9, 0);
+    let twice = spanning(&tenants, 750, 0);
     let (one, two) = tokio::join!(post_batch(&f, &f.cp, &twice), post_batch(&f, &b, &twice));
     assert!(one.0.is_success() && two.0.is_success(), "{one:?} {two:?}");
     assert_eq!(
         one.1["stored"].as_u64().unwrap() + two.1["stored"].as_u64().unwrap(),
-        9,
+        750,
         "{one:?} {two:?}"
     );
     let after: Vec<i64> = counts().await;
@@ -809,11 +810,11 @@ async fn two_replicas_never_fork_or_gap() {
             .zip(&before)
             .map(|(a, b)| a - b)
             .collect::<Vec<_>>(),
-        [3, 3, 3]
+        [250, 250, 250]
     );
     // A retry after only some tenants' parts were stored stores just the rest: here the
     // part of the first tenant is claimed already (as a failed request would leave it).
-    let partial = spanning(&tenants, 6, 0);
+    let partial = spanning(&tenants, 750, 0);
     let batch_id: Uuid = partial["batch_id"].as_str().unwrap().parse().unwrap();
     claim(
         &f.db,
@@ -823,12 +824,12 @@ async fn two_replicas_never_fork_or_gap() {
     let (status, reply) = post_batch(&f, &f.cp, &partial).await;
     assert_eq!(
         (status, reply["stored"].as_u64()),
-        (StatusCode::CREATED, Some(4)),
+        (StatusCode::CREATED, Some(500)),
         "{reply}"
     );
     // Then nothing is left (the other replica) and a batch claimed whole (by a control
     // plane that stored batches whole) is not stored again by parts.
-    let claimed = spanning(&tenants, 6, 0);
+    let claimed = spanning(&tenants, 750, 0);
     claim(
         &f.db,
         claimed["batch_id"].as_str().unwrap().parse().unwrap(),
@@ -848,7 +849,7 @@ async fn two_replicas_never_fork_or_gap() {
             .zip(&after)
             .map(|(a, b)| a - b)
             .collect::<Vec<_>>(),
-        [0, 2, 2]
+        [0, 250, 250]
     );
     for tenant in tenants {
         let out = verify(&f, &f.cp, tenant).await;

@@ -17,25 +17,55 @@ pub struct ValidBatch {
     pub agent_ids: Vec<Uuid>,
 }
 
+/// Entries a part of a spanning batch holds at least (but its last tenants): tenants with
+/// fewer entries share a part, so small batches stay one transaction.
+pub const MIN_PART_ENTRIES: usize = 250;
+
 impl ValidBatch {
-    /// One batch per tenant, each under an id of its own derived from this batch's id and
-    /// the tenant (so a retried batch maps to the same parts). A single-tenant batch is
-    /// its own only part and keeps its id.
+    /// The batch in parts of whole tenants, in tenant order, each of at least
+    /// [`MIN_PART_ENTRIES`] entries except the last (which joins the one before it when
+    /// smaller). A batch that makes one part keeps its id; otherwise each part is claimed
+    /// under an id derived from the batch id and its first tenant, so a resent batch maps
+    /// to the same parts.
     pub fn into_tenant_parts(self) -> Vec<ValidBatch> {
-        if self.tenants.len() <= 1 {
-            return vec![self];
+        let mut groups: Vec<Vec<(Uuid, Vec<ChainEntry>)>> = Vec::new();
+        let mut size = 0;
+        for (tenant, entries) in self.tenants {
+            match groups.last_mut() {
+                Some(group) if size < MIN_PART_ENTRIES => {
+                    size += entries.len();
+                    group.push((tenant, entries));
+                }
+                _ => {
+                    size = entries.len();
+                    groups.push(vec![(tenant, entries)]);
+                }
+            }
         }
+        // A short last part joins the one before it.
+        if groups.len() > 1
+            && size < MIN_PART_ENTRIES
+            && let Some(last) = groups.pop()
+            && let Some(previous) = groups.last_mut()
+        {
+            previous.extend(last);
+        }
+        let single = groups.len() == 1;
         let whole = self.batch_id;
-        self.tenants
+        groups
             .into_iter()
-            .map(|(tenant, entries)| {
-                let mut agent_ids: Vec<Uuid> = entries.iter().filter_map(|e| e.agent_id).collect();
+            .map(|tenants| {
+                let mut agent_ids: Vec<Uuid> = tenants
+                    .iter()
+                    .flat_map(|(_, entries)| entries.iter().filter_map(|e| e.agent_id))
+                    .collect();
                 agent_ids.sort_unstable();
                 agent_ids.dedup();
+                let first = tenants.first().map_or(Uuid::nil(), |(tenant, _)| *tenant);
                 ValidBatch {
-                    batch_id: part_id(whole, tenant),
-                    entry_count: entries.len(),
-                    tenants: vec![(tenant, entries)],
+                    batch_id: if single { whole } else { part_id(whole, first) },
+                    entry_count: tenants.iter().map(|(_, e)| e.len()).sum(),
+                    tenants,
                     agent_ids,
                 }
             })
@@ -179,56 +209,60 @@ mod tests {
     }
 
     #[test]
-    fn a_spanning_batch_splits_into_one_part_per_tenant() {
-        let (a, b) = (Uuid::from_u128(10), Uuid::from_u128(11));
-        let entry = |tenant: Uuid, agent: u128| AuditRecord {
-            tenant_id: Some(tenant.to_string()),
-            agent_id: Some(Uuid::from_u128(agent).to_string()),
-            ..record()
-        };
-        let batch = AuditBatch {
+    fn a_spanning_batch_splits_into_parts_of_whole_tenants() {
+        let tenant = |i: u128| Uuid::from_u128(10 + i);
+        let spanning = |counts: &[usize]| AuditBatch {
             batch_id: Uuid::from_u128(9).to_string(),
-            entries: vec![entry(a, 1), entry(b, 2), entry(a, 3), entry(a, 1)],
+            entries: counts
+                .iter()
+                .enumerate()
+                .flat_map(|(t, &n)| {
+                    (0..n).map(move |k| AuditRecord {
+                        tenant_id: Some(tenant(t as u128).to_string()),
+                        agent_id: Some(
+                            Uuid::from_u128(100 + t as u128 * 10 + (k % 2) as u128).to_string(),
+                        ),
+                        ..record()
+                    })
+                })
+                .collect(),
         };
-        let parts = validate(batch.clone()).unwrap().into_tenant_parts();
-        let shape: Vec<_> = parts
-            .iter()
-            .map(|p| {
-                (
-                    p.batch_id,
-                    p.entry_count,
-                    p.tenants[0].0,
-                    p.agent_ids.clone(),
-                )
-            })
-            .collect();
+        let shape = |counts: &[usize]| -> Vec<(Uuid, usize, Vec<Uuid>, usize)> {
+            validate(spanning(counts))
+                .unwrap()
+                .into_tenant_parts()
+                .into_iter()
+                .map(|p| {
+                    let tenants = p.tenants.iter().map(|(t, _)| *t).collect();
+                    (p.batch_id, p.entry_count, tenants, p.agent_ids.len())
+                })
+                .collect()
+        };
         let id = Uuid::from_u128(9);
+        // 300 | 100 + 200 | 50: the short last part joins the one before it.
         assert_eq!(
-            shape,
+            shape(&[300, 100, 200, 50]),
             [
+                (part_id(id, tenant(0)), 300, vec![tenant(0)], 2),
                 (
-                    part_id(id, a),
-                    3,
-                    a,
-                    vec![Uuid::from_u128(1), Uuid::from_u128(3)]
+                    part_id(id, tenant(1)),
+                    350,
+                    vec![tenant(1), tenant(2), tenant(3)],
+                    6
                 ),
-                (part_id(id, b), 1, b, vec![Uuid::from_u128(2)]),
             ]
         );
-        // Deterministic (a retry maps to the same parts), distinct per tenant and batch.
-        assert_eq!(
-            part_id(id, a),
-            validate(batch).unwrap().into_tenant_parts()[0].batch_id
+        // Deterministic (a resent batch maps to the same parts), distinct per tenant and
+        // batch.
+        assert_eq!(shape(&[300, 100, 200, 50]), shape(&[300, 100, 200, 50]));
+        assert_ne!(part_id(id, tenant(0)), part_id(id, tenant(1)));
+        assert_ne!(
+            part_id(id, tenant(0)),
+            part_id(Uuid::from_u128(8), tenant(0))
         );
-        assert_ne!(part_id(id, a), part_id(id, b));
-        assert_ne!(part_id(id, a), part_id(Uuid::from_u128(8), a));
-        // One tenant: the batch itself, under its own id.
-        let single = AuditBatch {
-            batch_id: id.to_string(),
-            entries: vec![entry(a, 1)],
-        };
-        let parts = validate(single).unwrap().into_tenant_parts();
-        assert_eq!((parts.len(), parts[0].batch_id), (1, id));
+        // Small batches, one tenant or several, stay whole under their own id.
+        assert_eq!(shape(&[3, 1]), [(id, 4, vec![tenant(0), tenant(1)], 3)]);
+        assert_eq!(shape(&[400]), [(id, 400, vec![tenant(0)], 2)]);
     }
 
     #[test]

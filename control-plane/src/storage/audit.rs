@@ -24,20 +24,20 @@ pub enum Appended {
     Duplicate,
 }
 
-/// How many tenants' parts of one batch are appended at once.
+/// How many parts of one batch are appended at once.
 const PARALLEL_PARTS: usize = 4;
 
 /// Stores a validated batch, each tenant's entries atomically and exactly once.
 ///
-/// A batch of one tenant is one transaction, claimed under the batch id. A batch spanning
-/// several tenants is stored as one part per tenant
-/// ([`ValidBatch::into_tenant_parts`]), each a transaction of its own under an id derived
-/// from the batch id and the tenant, appended concurrently: a part locks only its
-/// tenant's chain head, so batches that span the same tenants no longer wait for each
-/// other's whole transaction. If a part fails the error is returned (503) and the filter
-/// resends the batch; the parts already stored are then recognised and skipped. A part is
-/// also skipped when the whole batch id was claimed by a control plane that stored
-/// batches whole.
+/// A batch is stored in parts of whole tenants ([`ValidBatch::into_tenant_parts`]: at
+/// least 250 entries each, so a small batch is one part, claimed under the batch id).
+/// The parts of a large batch spanning tenants are transactions of their own, claimed
+/// under ids derived from the batch id and their first tenant, appended concurrently: a
+/// part locks only its tenants' chain heads, so batches that span the same tenants no
+/// longer wait for each other's whole transaction. If a part fails the error is returned
+/// (503) and the filter resends the batch; the parts already stored are then recognised
+/// and skipped. A part is also skipped when the whole batch id was claimed by a control
+/// plane that stored batches whole.
 pub async fn append_batch(
     pool: &PgPool,
     batch: ValidBatch,
