@@ -56,24 +56,20 @@ pub async fn ingest(
 ) -> Result<(StatusCode, axum::Json<IngestResult>), ApiError> {
     let batch = ingest::validate(batch).map_err(|e| ApiError::BadRequest(e.to_string()))?;
     let batch_id = batch.batch_id;
-    let per_tenant: Vec<(Uuid, i64)> = batch
-        .tenants
-        .iter()
-        .map(|(tenant, entries)| (*tenant, entries.len() as i64))
-        .collect();
     let outcome = store::append_batch(&state.store.pool, batch, &state.audit.hmac)
         .await
         .inspect_err(|e| {
             tracing::warn!(batch_id = %batch_id, error = %e, "audit batch not stored; the filter will retry");
         })?;
     let (status, stored, duplicate) = match outcome {
-        Appended::Stored(n) => {
+        Appended::Stored(per_tenant) => {
+            let n = per_tenant.iter().map(|(_, count)| count).sum();
             for (tenant, count) in per_tenant {
                 super::events::publish(super::events::Event {
                     kind: "audit.appended",
                     tenant_id: tenant,
                     id: None,
-                    version: Some(count),
+                    version: Some(i64::try_from(count).unwrap_or(i64::MAX)),
                     actor: "filter".into(),
                     at: chrono::Utc::now(),
                 });

@@ -18,8 +18,9 @@ use uuid::Uuid;
 /// The outcome of an append.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Appended {
-    /// Stored: how many entries.
-    Stored(usize),
+    /// Stored: how many entries of each tenant (tenants whose part was stored before
+    /// are not listed).
+    Stored(Vec<(Uuid, usize)>),
     /// This batch id was stored before; nothing was written.
     Duplicate,
 }
@@ -59,11 +60,11 @@ pub async fn append_batch(
         .buffer_unordered(PARALLEL_PARTS)
         .collect()
         .await;
-    let mut stored = 0;
+    let mut stored = Vec::new();
     let mut failed = None;
     for outcome in outcomes {
         match outcome {
-            Ok(Appended::Stored(n)) => stored += n,
+            Ok(Appended::Stored(tenants)) => stored.extend(tenants),
             Ok(Appended::Duplicate) => {}
             Err(err) => {
                 failed.get_or_insert(err);
@@ -72,8 +73,11 @@ pub async fn append_batch(
     }
     match failed {
         Some(err) => Err(err),
-        None if stored == 0 => Ok(Appended::Duplicate),
-        None => Ok(Appended::Stored(stored)),
+        None if stored.is_empty() => Ok(Appended::Duplicate),
+        None => {
+            stored.sort_unstable();
+            Ok(Appended::Stored(stored))
+        }
     }
 }
 
@@ -169,7 +173,13 @@ async fn append_part(
     }
     insert_entries(&mut tx, &batch, &sequences, &hexes, key_id, &new_heads).await?;
     tx.commit().await?;
-    Ok(Appended::Stored(batch.entry_count))
+    Ok(Appended::Stored(
+        batch
+            .tenants
+            .iter()
+            .map(|(tenant, entries)| (*tenant, entries.len()))
+            .collect(),
+    ))
 }
 
 fn protocol(message: String) -> StoreError {
