@@ -42,6 +42,8 @@ struct Args {
     policies: usize,
     rounds: usize,
     changes: usize,
+    /// Length of each round's open-loop latency window at 1,000 req/s.
+    latency_seconds: u64,
 }
 
 fn args() -> anyhow::Result<Args> {
@@ -52,6 +54,7 @@ fn args() -> anyhow::Result<Args> {
         policies: 100,
         rounds: 2,
         changes: 100,
+        latency_seconds: 3,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -66,8 +69,9 @@ fn args() -> anyhow::Result<Args> {
             "--policies" => out.policies = value,
             "--rounds" => out.rounds = value,
             "--changes" => out.changes = value,
+            "--latency-seconds" => out.latency_seconds = value as u64,
             other => anyhow::bail!(
-                "unknown flag {other} (--seconds --connections --agents --policies --rounds --changes)"
+                "unknown flag {other} (--seconds --connections --agents --policies --rounds --changes --latency-seconds)"
             ),
         }
     }
@@ -159,7 +163,13 @@ async fn main() -> anyhow::Result<()> {
                 "round {round} {variant}: {requests} requests ({errors} errors), {rps:.0} req/s, {cpu_us:.1} µs Envoy CPU/request, start-to-ready {start_to_ready:?}"
             );
             rows.push((variant.to_owned(), cpu_us, rps, start_to_ready));
-            let (p50, p99, _) = open_loop(&stack, &client, 1_000, Duration::from_secs(3)).await?;
+            let (p50, p99, _) = open_loop(
+                &stack,
+                &client,
+                1_000,
+                Duration::from_secs(args.latency_seconds),
+            )
+            .await?;
             println!(
                 "round {round} {variant}: at 1,000 req/s (open loop) p50 {p50:.3} ms, p99 {p99:.3} ms"
             );
