@@ -152,6 +152,19 @@ impl ControlPlane {
         self.process.pid()
     }
 
+    /// POSTs an audit batch to the ingest endpoint with the filter's credential.
+    pub async fn post_audit_batch(
+        &self,
+        http: &reqwest::Client,
+        batch: &serde_json::Value,
+    ) -> reqwest::Result<reqwest::Response> {
+        http.post(self.url("/api/v1/audit/batches"))
+            .bearer_auth(&self.ingest_token)
+            .json(batch)
+            .send()
+            .await
+    }
+
     /// Stops the process (SIGTERM).
     pub fn stop(&mut self) {
         self.process.stop(std::time::Duration::from_secs(5));

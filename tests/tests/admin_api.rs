@@ -1608,6 +1608,80 @@ async fn websocket_events_are_scoped_to_the_callers_tenant() {
         events_a.next(Duration::from_millis(200)).await.unwrap(),
         None
     );
+
+    // A filter batch with 2 entries of tenant A and 1 of tenant B: each tenant hears of
+    // its own entries; the same batch again stores nothing and announces nothing.
+    let entry = |tenant: &str| {
+        json!({
+            "decision_id": uuid::Uuid::new_v4().to_string(), "timestamp_ns": 1_764_000_000_000_000_000u64,
+            "tenant_id": tenant, "agent_id": null, "agent_fingerprint": "", "agent_subject": "",
+            "domain": "a.example", "method": "GET", "path": "/", "user_agent": "", "source_ip": "10.0.0.1",
+            "decision": "allow", "reason": "domain_allowed", "policy_id": null, "config_version": "1"
+        })
+    };
+    let batch = json!({"batch_id": uuid::Uuid::new_v4().to_string(),
+        "entries": [entry(&a), entry(&b), entry(&a)]});
+    for (attempt, status) in [(0, 201), (1, 200)] {
+        let answer = stack
+            .control_plane
+            .post_audit_batch(&stack.http, &batch)
+            .await
+            .unwrap();
+        assert_eq!(answer.status().as_u16(), status, "attempt {attempt}");
+    }
+    for (stream, tenant, count) in [(&mut events_a, &a, 2), (&mut events_b, &b, 1)] {
+        let appended = stream.next(Duration::from_secs(5)).await.unwrap().unwrap();
+        assert_eq!(appended["kind"], "audit.appended", "{appended}");
+        assert_eq!(appended["tenant_id"], tenant.as_str());
+        assert_eq!(appended["version"], count);
+        assert_eq!(appended["actor"], "filter");
+        assert_eq!(stream.next(Duration::from_millis(300)).await.unwrap(), None);
+    }
+    // A large batch stored in parts (250 entries per tenant) whose first part was stored
+    // already: only the tenant of the part stored now hears of it.
+    let (first, second) = {
+        let (ua, ub): (uuid::Uuid, uuid::Uuid) = (a.parse().unwrap(), b.parse().unwrap());
+        if ua < ub { (&a, &b) } else { (&b, &a) }
+    };
+    let mut entries: Vec<Value> = (0..250).map(|_| entry(first)).collect();
+    entries.extend((0..250).map(|_| entry(second)));
+    let batch_id = uuid::Uuid::new_v4();
+    sqlx::query("INSERT INTO audit_batches (batch_id, entry_count) VALUES ($1, 250)")
+        .bind(control_plane::audit::ingest::part_id(
+            batch_id,
+            first.parse().unwrap(),
+        ))
+        .execute(&stack.db)
+        .await
+        .unwrap();
+    let answer = stack
+        .control_plane
+        .post_audit_batch(
+            &stack.http,
+            &json!({"batch_id": batch_id.to_string(), "entries": entries}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(answer.status().as_u16(), 201);
+    let (mut heard_first, mut heard_second) = if first == &a {
+        (events_a, events_b)
+    } else {
+        (events_b, events_a)
+    };
+    let appended = heard_second
+        .next(Duration::from_secs(5))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (appended["kind"].as_str(), appended["version"].as_i64()),
+        (Some("audit.appended"), Some(250)),
+        "{appended}"
+    );
+    assert_eq!(
+        heard_first.next(Duration::from_millis(300)).await.unwrap(),
+        None
+    );
 }
 
 /// A small deterministic PRNG (xorshift64*), so a failure names its seed.

@@ -908,13 +908,7 @@ async fn ingest_auth_validation_and_idempotency() {
     // a reset instead of the answer now and then. Retried until it reads the answer.
     let mut answer = None;
     for _ in 0..10 {
-        let sent = f
-            .http
-            .post(f.cp.url("/api/v1/audit/batches"))
-            .bearer_auth(&f.cp.ingest_token)
-            .json(&oversized)
-            .send()
-            .await;
+        let sent = f.cp.post_audit_batch(&f.http, &oversized).await;
         if let Ok(response) = sent {
             let (status, headers) = (response.status(), response.headers().clone());
             answer = Some((status, headers, response.text().await.unwrap_or_default()));
