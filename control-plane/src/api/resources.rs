@@ -806,11 +806,9 @@ pub(super) async fn record_admin_change(
     let (pool, audit) = (state.store.pool.clone(), state.audit.clone());
     let (action, tenant) = (change.action.to_owned(), change.tenant);
     let task = tokio::spawn(async move {
-        let pauses = crate::audit::admin::RETRY_PAUSES_MS;
-        for attempt in 0..=pauses.len() {
-            if let Some(pause) = attempt.checked_sub(1).and_then(|i| pauses.get(i)) {
-                tokio::time::sleep(std::time::Duration::from_millis(*pause)).await;
-            }
+        let pauses = std::iter::once(0).chain(crate::audit::admin::RETRY_PAUSES_MS);
+        for (attempt, pause) in pauses.enumerate() {
+            tokio::time::sleep(std::time::Duration::from_millis(pause)).await;
             match crate::storage::audit::append_batch(&pool, entry.clone(), &audit.hmac).await {
                 Ok(_) => return,
                 Err(err) => {

@@ -28,6 +28,10 @@ impl ValidBatch {
     /// under an id derived from the batch id and its first tenant, so a resent batch maps
     /// to the same parts.
     pub fn into_tenant_parts(self) -> Vec<ValidBatch> {
+        // Under two parts' worth, any grouping ends as one part (the short last joins).
+        if self.tenants.len() == 1 || self.entry_count < 2 * MIN_PART_ENTRIES {
+            return vec![self];
+        }
         let mut groups: Vec<Vec<(Uuid, Vec<ChainEntry>)>> = Vec::new();
         let mut size = 0;
         for (tenant, entries) in self.tenants {
@@ -55,22 +59,24 @@ impl ValidBatch {
         groups
             .into_iter()
             .map(|tenants| {
-                let mut agent_ids: Vec<Uuid> = tenants
-                    .iter()
-                    .flat_map(|(_, entries)| entries.iter().filter_map(|e| e.agent_id))
-                    .collect();
-                agent_ids.sort_unstable();
-                agent_ids.dedup();
                 let first = tenants.first().map_or(Uuid::nil(), |(tenant, _)| *tenant);
                 ValidBatch {
                     batch_id: if single { whole } else { part_id(whole, first) },
                     entry_count: tenants.iter().map(|(_, e)| e.len()).sum(),
+                    agent_ids: agent_ids(tenants.iter().flat_map(|(_, e)| e)),
                     tenants,
-                    agent_ids,
                 }
             })
             .collect()
     }
+}
+
+/// The agents of `entries`, sorted, each once.
+fn agent_ids<'a>(entries: impl Iterator<Item = &'a ChainEntry>) -> Vec<Uuid> {
+    let mut ids: Vec<Uuid> = entries.filter_map(|e| e.agent_id).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    ids
 }
 
 /// The id under which a multi-tenant batch's entries of one tenant are claimed.
@@ -108,21 +114,15 @@ pub fn validate(batch: AuditBatch) -> Result<ValidBatch, BatchError> {
     }
     let entry_count = batch.entries.len();
     let mut tenants: std::collections::BTreeMap<Uuid, Vec<ChainEntry>> = Default::default();
-    let mut agent_ids = Vec::new();
     for (index, record) in batch.entries.into_iter().enumerate() {
         let entry = entry(record).map_err(|problem| BatchError::Entry { index, problem })?;
-        if let Some(agent) = entry.agent_id {
-            agent_ids.push(agent);
-        }
         tenants.entry(entry.tenant_id).or_default().push(entry);
     }
-    agent_ids.sort_unstable();
-    agent_ids.dedup();
     Ok(ValidBatch {
         batch_id,
         entry_count,
+        agent_ids: agent_ids(tenants.values().flatten()),
         tenants: tenants.into_iter().collect(),
-        agent_ids,
     })
 }
 

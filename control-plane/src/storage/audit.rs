@@ -46,13 +46,11 @@ pub async fn append_batch(
 ) -> Result<Appended, StoreError> {
     use futures::StreamExt;
     let whole = batch.batch_id;
-    let parts = batch.into_tenant_parts();
-    if parts.len() == 1 {
-        let mut parts = parts;
-        return match parts.pop() {
-            Some(part) => append_part(pool, part, whole, keys).await,
-            None => Ok(Appended::Duplicate),
-        };
+    let mut parts = batch.into_tenant_parts();
+    if parts.len() == 1
+        && let Some(part) = parts.pop()
+    {
+        return append_part(pool, part, whole, keys).await;
     }
     // Every part runs to its end (no part is cancelled half-way because another failed).
     let outcomes: Vec<Result<Appended, StoreError>> = futures::stream::iter(parts)

@@ -93,7 +93,7 @@ impl RequestFacts {
             // memoised (policy.rs).
             (
                 "unix_ns",
-                (self.unix_ns - self.unix_ns % 60_000_000_000).into(),
+                (self.unix_ns - self.unix_ns % crate::time::MINUTE_NS).into(),
             ),
             ("local", Value::from(local)),
         ]);

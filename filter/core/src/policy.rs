@@ -13,7 +13,7 @@ use crate::config::{Bundle, RawBundle, RegoModule};
 use crate::data::{self, Clock, EntryCache, Reads};
 use crate::decision::Decision;
 use crate::input::RequestFacts;
-use crate::time::OffsetTable;
+use crate::time::{MINUTE_NS, OffsetTable};
 use crate::{DECISION_RULE, REGO_LIBRARY};
 use regorus::{Engine, Value};
 use std::collections::{BTreeMap, HashMap};
@@ -120,8 +120,6 @@ fn memo_hash(facts: &RequestFacts, reads: &Reads) -> u64 {
     }
     hash
 }
-
-const MINUTE_NS: u64 = 60_000_000_000;
 
 /// The first instant after `unix_ns` at which a decision taken at `unix_ns` may change
 /// (`u64::MAX` when decisions do not depend on the clock): the start of the next minute
@@ -279,24 +277,18 @@ impl CompiledPolicy {
     ) -> Result<(Arc<Decision>, bool), PolicyError> {
         let hash = memo_hash(facts, &self.reads);
         let now = facts.unix_ns;
-        let found = self.memo.get_mut(&hash).and_then(|bucket| {
-            bucket
-                .iter_mut()
-                .find(|memo| memo.key.matches(facts, &self.reads))
-        });
-        if let Some(memo) = &found
+        // One scan of the bucket: a hit answers; a miss remembers where an expired entry of
+        // the same request sits, to replace it after evaluating.
+        let bucket = self.memo.get(&hash);
+        let slot = bucket.and_then(|b| b.iter().position(|m| m.key.matches(facts, &self.reads)));
+        if let Some(memo) = bucket.zip(slot).and_then(|(b, i)| b.get(i))
             && (memo.from_ns..memo.until_ns).contains(&now)
         {
             return Ok((memo.decision.clone(), true));
         }
         let decision = Arc::new(self.evaluate_fresh(facts)?);
         let until_ns = valid_until(&self.reads.clock, &self.tables, now);
-        // An expired entry of the same request is replaced; otherwise a new one is added.
-        if let Some(memo) = self.memo.get_mut(&hash).and_then(|bucket| {
-            bucket
-                .iter_mut()
-                .find(|memo| memo.key.matches(facts, &self.reads))
-        }) {
+        if let Some(memo) = slot.and_then(|i| self.memo.get_mut(&hash)?.get_mut(i)) {
             memo.from_ns = now;
             memo.until_ns = until_ns;
             memo.decision = decision.clone();

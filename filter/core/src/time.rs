@@ -10,6 +10,9 @@ use std::collections::BTreeMap;
 
 pub const DAYS: [&str; 7] = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"];
 
+/// Time inputs have minute resolution (`input.rs`, the memo in `policy.rs`).
+pub const MINUTE_NS: u64 = 60_000_000_000;
+
 /// UTC offsets of one timezone, sorted by start.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OffsetTable {

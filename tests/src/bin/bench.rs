@@ -301,16 +301,23 @@ async fn memo_churn(
         let into_minute = now.as_millis() % 60_000;
         let wait = (60_000 - into_minute + 57_500) % 60_000;
         tokio::time::sleep(Duration::from_millis(wait as u64)).await;
-        let hits = || async {
-            let v = stack.envoy.stat("wasmcustom.chronoguard.memo_hits").await?;
-            anyhow::Ok(v.and_then(|v| v.parse::<u64>().ok()).unwrap_or(0))
-        };
-        let (h0, sent0) = (hits().await?, stack_requests(stack).await?);
+        const HITS: &[&str] = &["wasmcustom.chronoguard.memo_hits"];
+        const DECIDED: &[&str] = &[
+            "wasmcustom.chronoguard.decisions_allow",
+            "wasmcustom.chronoguard.decisions_deny",
+        ];
+        let (h0, sent0) = (
+            counters(stack, HITS).await?,
+            counters(stack, DECIDED).await?,
+        );
         let (p50, p99, max) =
             open_loop_hosts(stack, &client, 1_000, Duration::from_secs(5), host).await?;
         // The filter hands its stats to Envoy on its tick.
         tokio::time::sleep(Duration::from_millis(600)).await;
-        let (h1, sent1) = (hits().await?, stack_requests(stack).await?);
+        let (h1, sent1) = (
+            counters(stack, HITS).await?,
+            counters(stack, DECIDED).await?,
+        );
         let decided = sent1.saturating_sub(sent0);
         println!(
             "\nmemo churn ({what}; {KEYS} keys, 1,000 req/s open loop for 5 s across a minute boundary): p50 {p50:.3} / p99 {p99:.3} / max {max:.3} ms; {} of {decided} decisions not from the memo",
@@ -320,13 +327,10 @@ async fn memo_churn(
     Ok(())
 }
 
-/// Decisions the filter has counted (allow + deny).
-async fn stack_requests(stack: &Stack) -> anyhow::Result<u64> {
+/// The sum of Envoy counters `names` (0 for one not defined yet).
+async fn counters(stack: &Stack, names: &[&str]) -> anyhow::Result<u64> {
     let mut total = 0;
-    for name in [
-        "wasmcustom.chronoguard.decisions_allow",
-        "wasmcustom.chronoguard.decisions_deny",
-    ] {
+    for name in names {
         total += stack
             .envoy
             .stat(name)
