@@ -73,6 +73,24 @@ async fn rules_custom_rego_and_dry_run() {
 
     let (status, _, _) = send(&stack, &agent, Method::GET, "api.example", "/items").await;
     assert_eq!(status, 200, "dry-run policies never block");
+    // A header value that is not UTF-8 (obs-text, which Envoy passes on) is read lossily,
+    // never a panic of the worker's VM: this request and the next are decided.
+    for _ in 0..2 {
+        let response = agent
+            .get(stack.envoy.url("/items"))
+            .header("host", "api.example")
+            .header(
+                "user-agent",
+                reqwest::header::HeaderValue::from_bytes(b"bot\xff/1").unwrap(),
+            )
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status().as_u16(), 200);
+        assert!(response.headers().contains_key("x-chronoguard-decision-id"));
+    }
+    let (status, _, _) = send(&stack, &agent, Method::DELETE, "api.example", "/x").await;
+    assert_eq!(status, 403, "the worker still decides after such a header");
     let (status, body, _) = send(&stack, &agent, Method::DELETE, "api.example", "/items/1").await;
     assert_eq!(
         (status, body["reason"].as_str(), body["rule_id"].as_str()),
@@ -123,7 +141,8 @@ async fn rules_custom_rego_and_dry_run() {
             .stat("wasmcustom.chronoguard.reason.deny.rule_denied")
             .await
             .ok()??;
-        (denied == "1").then_some(())
+        // The two DELETEs above.
+        (denied == "2").then_some(())
     })
     .await
     .unwrap();

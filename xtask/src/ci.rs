@@ -39,14 +39,7 @@ pub fn ci() -> Result<()> {
         ]))
     })?;
     step("unit-tests", || {
-        run(cargo().args([
-            "test",
-            "--workspace",
-            "--exclude",
-            "integration-tests",
-            "--exclude",
-            "filter-wasm",
-        ]))
+        run(cargo().args(["test", "--workspace", "--exclude", "integration-tests"]))
     })?;
     step("build-filter", || build_filter::build_filter().map(|_| ()))?;
     step("build-control-plane", || {

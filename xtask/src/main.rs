@@ -24,7 +24,9 @@ commands:
   ci             setup, fmt check, clippy (host + wasm), unit tests, build-filter and
                  the end-to-end tests, with per-step timings
   demo           setup + build-filter, then run the interactive chronoguard-demo
-  bench [args]   setup + build-filter (+ stage builds, --stages all|none|a,b), then run chronoguard-bench (other args are forwarded)
+  bench [args]   setup + build-filter (+ stage builds, --stages all|none|a,b), then run
+                 chronoguard-bench (other args are forwarded); --compare name=module.wasm,...
+                 measures other modules (e.g. a previous commit's) in the same run
                  --only audit: chronoguard-audit-bench alone (args forwarded); --only filter:
                  the filter bench alone; default: the audit bench, then the filter bench
   tidy           check that every .rs file starts with a `//!` doc comment

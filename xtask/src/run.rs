@@ -44,9 +44,13 @@ pub fn bench(args: &[String]) -> Result<()> {
         Some("none") => Vec::new(),
         Some(list) => list.split(',').map(str::to_owned).collect(),
     };
+    // `--compare name=module.wasm,...`: other modules (e.g. the previous commit's) measured
+    // in the same run, before the stages.
+    let mut built: Vec<String> = take_value(&mut args, "--compare")
+        .map(|list| list.split(',').map(str::to_owned).collect())
+        .unwrap_or_default();
     setup::setup()?;
     // Stage builds first: the real module, built last, is the one left in place.
-    let mut built = Vec::new();
     for stage in &stages {
         let path = build_filter::build_filter_stage(stage)?;
         built.push(format!("{stage}={}", path.display()));

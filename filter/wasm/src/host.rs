@@ -12,10 +12,88 @@ pub fn property(path: &[&str]) -> Option<String> {
     String::from_utf8(bytes).ok()
 }
 
-/// All request headers in one host call (cheaper than one call per header: every call
-/// and every returned buffer is a trip across the V8 boundary).
-pub fn request_headers() -> Vec<(String, String)> {
-    hostcalls::get_map(MapType::HttpRequestHeaders).unwrap_or_default()
+/// The request headers the filter reads.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct RequestHeaders {
+    pub authority: String,
+    pub method: String,
+    pub path: String,
+    /// The first `user-agent`.
+    pub user_agent: String,
+}
+
+#[link(wasm_import_module = "env")]
+#[allow(unsafe_code)]
+unsafe extern "C" {
+    fn proxy_get_header_map_pairs(
+        map_type: MapType,
+        return_map_data: *mut *mut u8,
+        return_map_size: *mut usize,
+    ) -> proxy_wasm::types::Status;
+}
+
+/// All request headers in one host call (every call and every returned buffer is a trip
+/// across the V8 boundary), parsed in place: only the four headers the filter reads are
+/// copied out. The SDK's `get_map` is not used on the request path: it allocates two
+/// strings per header and panics on a header value that is not UTF-8, which Envoy lets
+/// through (obs-text); here such a value is read lossily.
+#[allow(unsafe_code)]
+pub fn request_headers() -> RequestHeaders {
+    let mut data: *mut u8 = std::ptr::null_mut();
+    let mut size: usize = 0;
+    // SAFETY: the host writes a buffer it allocated through this module's
+    // `proxy_on_memory_allocate` (a `Vec<u8>` of capacity `size`, forgotten), or nothing.
+    let status =
+        unsafe { proxy_get_header_map_pairs(MapType::HttpRequestHeaders, &mut data, &mut size) };
+    if status != proxy_wasm::types::Status::Ok || data.is_null() {
+        return RequestHeaders::default();
+    }
+    // SAFETY: as above; the Vec takes the buffer back and frees it when dropped.
+    let map = unsafe { Vec::from_raw_parts(data, size, size) };
+    parse_request_headers(&map)
+}
+
+/// Reads the proxy-wasm serialized header map (`u32` count, `count` pairs of `u32`
+/// lengths, then each name and value followed by a NUL); a malformed map yields what was
+/// read before the fault.
+fn parse_request_headers(map: &[u8]) -> RequestHeaders {
+    let mut headers = RequestHeaders::default();
+    let u32_at = |at: usize| -> Option<usize> {
+        let bytes = map.get(at..at.checked_add(4)?)?;
+        Some(u32::from_le_bytes(bytes.try_into().ok()?) as usize)
+    };
+    let Some(count) = u32_at(0) else {
+        return headers;
+    };
+    let mut at = count.saturating_mul(8).saturating_add(4);
+    for n in 0..count {
+        let (Some(name_len), Some(value_len)) = (u32_at(4 + n * 8), u32_at(8 + n * 8)) else {
+            break;
+        };
+        let name_end = at.saturating_add(name_len);
+        let value_at = name_end.saturating_add(1);
+        let value_end = value_at.saturating_add(value_len);
+        let (Some(name), Some(value)) = (map.get(at..name_end), map.get(value_at..value_end))
+        else {
+            break;
+        };
+        at = value_end.saturating_add(1);
+        let slot = match name {
+            b":authority" => &mut headers.authority,
+            b":method" => &mut headers.method,
+            b":path" => &mut headers.path,
+            b"user-agent" if headers.user_agent.is_empty() => &mut headers.user_agent,
+            _ => continue,
+        };
+        *slot = String::from_utf8_lossy(value).into_owned();
+    }
+    headers
+}
+
+/// A property holding a `uint` (Envoy passes it as 8 little-endian bytes).
+pub fn property_u64(path: &[&str]) -> Option<u64> {
+    let bytes = hostcalls::get_property(path.to_vec()).ok()??;
+    Some(u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?))
 }
 
 pub fn set_request_header(name: &str, value: &str) {
@@ -122,5 +200,66 @@ pub fn increment(metric: Option<u32>, offset: i64) {
 pub fn record(metric: Option<u32>, value: u64) {
     if let Some(id) = metric {
         let _ = hostcalls::record_metric(id, value);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn serialize(pairs: &[(&str, &[u8])]) -> Vec<u8> {
+        let mut out = (pairs.len() as u32).to_le_bytes().to_vec();
+        for (name, value) in pairs {
+            out.extend((name.len() as u32).to_le_bytes());
+            out.extend((value.len() as u32).to_le_bytes());
+        }
+        for (name, value) in pairs {
+            out.extend(name.as_bytes());
+            out.push(0);
+            out.extend(*value);
+            out.push(0);
+        }
+        out
+    }
+
+    #[test]
+    fn reads_the_four_headers_and_keeps_the_first_user_agent() {
+        let map = serialize(&[
+            (":authority", b"api.example.com:443"),
+            (":path", b"/v1?q=1"),
+            (":method", b"GET"),
+            ("x-other", b"ignored"),
+            ("user-agent", b"first"),
+            ("user-agent", b"second"),
+        ]);
+        assert_eq!(
+            parse_request_headers(&map),
+            RequestHeaders {
+                authority: "api.example.com:443".into(),
+                method: "GET".into(),
+                path: "/v1?q=1".into(),
+                user_agent: "first".into(),
+            }
+        );
+    }
+
+    #[test]
+    fn a_value_that_is_not_utf8_is_read_lossily() {
+        let map = serialize(&[(":authority", b"a.example"), ("user-agent", b"bot\xff/1")]);
+        let headers = parse_request_headers(&map);
+        assert_eq!(headers.authority, "a.example");
+        assert_eq!(headers.user_agent, "bot\u{fffd}/1");
+    }
+
+    #[test]
+    fn a_malformed_map_yields_what_was_read_and_never_panics() {
+        let map = serialize(&[(":authority", b"a.example"), (":path", b"/x")]);
+        for cut in 0..map.len() {
+            let _ = parse_request_headers(&map[..cut]);
+        }
+        let mut lying = map.clone();
+        lying[0] = 200; // claims 200 pairs
+        assert_eq!(parse_request_headers(&lying), RequestHeaders::default());
+        assert_eq!(parse_request_headers(&[]), RequestHeaders::default());
     }
 }

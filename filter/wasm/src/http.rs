@@ -4,12 +4,12 @@
 use crate::metrics::Metrics;
 use crate::ratelimit::{self, Check};
 use crate::root::Active;
-use crate::vm::SubjectCache;
+use crate::vm::{Peer, PeerCache};
 use crate::{host, vm};
 use filter_core::audit::AuditRecord;
 use filter_core::config::Mode;
 use filter_core::decision::{DECISION_ID_HEADER, Decision};
-use filter_core::input::{RequestFacts, normalize_domain, source_ip};
+use filter_core::input::{RequestFacts, normalize_domain};
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::{Action, LogLevel};
 use std::cell::RefCell;
@@ -62,30 +62,25 @@ impl Request {
         Self { active }
     }
 
-    /// Reads the request's facts: all request headers in one host call, the peer
-    /// certificate's digest and the peer address as properties, Envoy's clock. The
-    /// certificate subject (only audited) comes from `subjects`, read once per certificate.
-    fn facts(subjects: &mut SubjectCache) -> RequestFacts {
-        let (mut authority, mut method, mut path, mut user_agent) =
-            (String::new(), String::new(), String::new(), String::new());
-        for (name, value) in host::request_headers() {
-            match name.as_str() {
-                ":authority" => authority = value,
-                ":method" => method = value,
-                ":path" => path = value,
-                "user-agent" if user_agent.is_empty() => user_agent = value,
-                _ => {}
-            }
-        }
+    /// Reads the request's facts: all request headers in one host call, the peer from
+    /// `peers` (one property per request on a kept-alive connection), Envoy's clock.
+    fn facts(peers: &mut PeerCache) -> RequestFacts {
+        let host::RequestHeaders {
+            authority,
+            mut method,
+            mut path,
+            user_agent,
+        } = host::request_headers();
         // Query strings are never evaluated or audited (they carry secrets).
         if let Some(at) = path.find('?') {
             path.truncate(at);
         }
         method.make_ascii_uppercase();
-        let mut fingerprint =
-            host::property(&["connection", "sha256_peer_certificate_digest"]).unwrap_or_default();
-        fingerprint.make_ascii_lowercase();
-        let subject = subjects.subject(&fingerprint);
+        let Peer {
+            fingerprint,
+            subject,
+            source_ip,
+        } = peers.peer();
         RequestFacts {
             fingerprint,
             subject,
@@ -93,7 +88,7 @@ impl Request {
             method,
             path,
             user_agent,
-            source_ip: source_ip(&host::property(&["source", "address"]).unwrap_or_default()),
+            source_ip,
             // The gateway listener is TLS-only (mTLS identity); not read per request.
             scheme: String::from("https"),
             unix_ns: host::now_ns(),
@@ -180,7 +175,7 @@ impl HttpContext for Request {
         }
         let state = vm::state();
         let mut state = state.borrow_mut();
-        let facts = Self::facts(&mut state.subjects);
+        let facts = Self::facts(&mut state.peers);
         if STAGE == Stage::Facts {
             return Action::Continue;
         }

@@ -5,6 +5,7 @@ use crate::metrics::Metrics;
 use filter_core::audit::{AuditBuffer, AuditRecord, IdGenerator};
 use filter_core::config::AuditSink;
 use filter_core::data::EntryCache;
+use filter_core::input::source_ip;
 use proxy_wasm::types::LogLevel;
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -17,38 +18,77 @@ const DEFAULT_CAPACITY: usize = 10_000;
 /// Longest pause between retries of a failing sink.
 const MAX_BACKOFF_NS: u64 = 30_000_000_000;
 
-/// Certificate subjects by fingerprint: a certificate's subject never changes, so it is
-/// read from Envoy once per certificate (and VM), not per request. Bounded: cleared
-/// when full.
+/// What a connection says about its peer: the verified certificate's digest (lower-case
+/// hex; empty without one), its subject, and the peer's IP.
+#[derive(Clone, Default)]
+pub struct Peer {
+    pub fingerprint: String,
+    pub subject: String,
+    pub source_ip: String,
+}
+
+/// Peers by downstream connection id: a connection's peer never changes, so a request on
+/// a kept-alive connection reads one property (`connection.id`, unique per Envoy process)
+/// instead of the digest and the address. Certificate subjects (only audited) are kept by
+/// digest, read once per certificate. Both are bounded: cleared when full.
 #[derive(Default)]
-pub struct SubjectCache(HashMap<String, String>);
+pub struct PeerCache {
+    by_connection: HashMap<u64, Peer>,
+    subjects: HashMap<String, String>,
+}
 
-/// Certificates remembered per VM before the cache starts over.
-const SUBJECT_CACHE_SIZE: usize = 4_096;
+/// Connections (and certificates) remembered per VM before the cache starts over.
+const PEER_CACHE_SIZE: usize = 4_096;
 
-impl SubjectCache {
+impl PeerCache {
+    /// The peer of the connection the current request arrived on.
+    pub fn peer(&mut self) -> Peer {
+        let connection = host::property_u64(&["connection", "id"]);
+        if let Some(peer) = connection.and_then(|id| self.by_connection.get(&id)) {
+            return peer.clone();
+        }
+        let mut fingerprint =
+            host::property(&["connection", "sha256_peer_certificate_digest"]).unwrap_or_default();
+        fingerprint.make_ascii_lowercase();
+        let source_ip = source_ip(&host::property(&["source", "address"]).unwrap_or_default());
+        let subject = self.subject(&fingerprint);
+        let peer = Peer {
+            fingerprint,
+            subject,
+            source_ip,
+        };
+        if let Some(id) = connection {
+            if self.by_connection.len() >= PEER_CACHE_SIZE {
+                self.by_connection.clear();
+            }
+            self.by_connection.insert(id, peer.clone());
+        }
+        peer
+    }
+
     /// The subject of the peer certificate whose digest is `fingerprint` (empty without
     /// a certificate).
-    pub fn subject(&mut self, fingerprint: &str) -> String {
+    fn subject(&mut self, fingerprint: &str) -> String {
         if fingerprint.is_empty() {
             return String::new();
         }
-        if let Some(subject) = self.0.get(fingerprint) {
+        if let Some(subject) = self.subjects.get(fingerprint) {
             return subject.clone();
         }
         let subject =
             host::property(&["connection", "subject_peer_certificate"]).unwrap_or_default();
-        if self.0.len() >= SUBJECT_CACHE_SIZE {
-            self.0.clear();
+        if self.subjects.len() >= PEER_CACHE_SIZE {
+            self.subjects.clear();
         }
-        self.0.insert(fingerprint.to_owned(), subject.clone());
+        self.subjects
+            .insert(fingerprint.to_owned(), subject.clone());
         subject
     }
 }
 
 pub struct VmState {
     pub ids: IdGenerator,
-    pub subjects: SubjectCache,
+    pub peers: PeerCache,
     /// Prepared bundle entries of the last configuration (`filter_core::data::EntryCache`).
     pub entries: EntryCache,
     pub metrics: Metrics,
@@ -76,7 +116,7 @@ impl VmState {
         let prefix = RandomState::new().hash_one(host::now_ns());
         Self {
             ids: IdGenerator::new(prefix),
-            subjects: SubjectCache::default(),
+            peers: PeerCache::default(),
             entries: EntryCache::default(),
             metrics: Metrics::define(),
             audit: AuditBuffer::new(DEFAULT_CAPACITY),

@@ -148,6 +148,19 @@ async fn main() -> anyhow::Result<()> {
             let client = stack.agent_client(Some(&agent))?;
             // Warm up connections and caches.
             load(&stack, &client, args.connections, Duration::from_secs(1)).await;
+            // Optional CPU profile of Envoy over the measured window (`perf record`, for
+            // offline attribution: `CHRONOGUARD_BENCH_PERF=<dir>`).
+            let perf = std::env::var_os("CHRONOGUARD_BENCH_PERF").map(|dir| {
+                let out = std::path::Path::new(&dir).join(format!("{variant}-{round}.data"));
+                Command::new("perf")
+                    .args(["record", "-e", "cpu-clock", "-F", "4000", "-g", "-p"])
+                    .arg(stack.envoy.pid().to_string())
+                    .arg("-o")
+                    .arg(out)
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null())
+                    .spawn()
+            });
             let cpu0 = cpu_ticks(stack.envoy.pid())?;
             let (requests, errors, elapsed) = load(
                 &stack,
@@ -157,6 +170,9 @@ async fn main() -> anyhow::Result<()> {
             )
             .await;
             let cpu1 = cpu_ticks(stack.envoy.pid())?;
+            if let Some(Ok(perf)) = perf {
+                stop(perf);
+            }
             let cpu_us = (cpu1 - cpu0) as f64 * 1e6 / ticks_per_second() / requests.max(1) as f64;
             let rps = requests as f64 / elapsed.as_secs_f64();
             println!(
@@ -738,4 +754,12 @@ fn ticks_per_second() -> f64 {
         .and_then(|o| String::from_utf8(o.stdout).ok())
         .and_then(|s| s.trim().parse().ok())
         .unwrap_or(100.0)
+}
+
+/// Stops a `perf record` child with SIGINT (so it writes its file) and waits for it.
+fn stop(mut child: std::process::Child) {
+    let _ = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status();
+    let _ = child.wait();
 }
