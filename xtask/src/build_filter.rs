@@ -21,25 +21,25 @@ const WASM_OPT_FEATURES: &[&str] = &[
 /// The module's exports Envoy needs. The proxy-wasm SDK exports every callback of the ABI;
 /// Envoy calls a callback for each stream event only if the module exports it, and every
 /// call is a trip into V8. The filter acts on request headers only (Envoy's route copies
-/// the decision id onto responses), so the per-stream callbacks for bodies, trailers,
-/// response headers and access logging are removed: fewer V8 entries per request
-/// (BENCHMARKS.md). `proxy_on_delete` stays (it frees stream contexts), as do the root
-/// callbacks; `proxy_on_done` goes: without it Envoy treats every context as done at
-/// once, which is what the filter's `on_done` answers anyway (the audit buffer is
-/// VM-wide and outlives root contexts).
+/// the decision id onto responses) and keeps no state per stream, so it enters through
+/// its own entry points (`filter/wasm/src/abi.rs`, exported as `chronoguard_on_*`), and
+/// all the SDK's `proxy_on_*` callbacks but the memory allocator are removed, among them
+/// the per-stream `proxy_on_context_create` and `proxy_on_delete`: one V8 entry per
+/// request instead of three (BENCHMARKS.md).
 const KEPT_EXPORTS: &[&str] = &[
     "memory",
     "_initialize",
     "proxy_abi_version_0_2_1",
     "proxy_on_memory_allocate",
-    "proxy_on_vm_start",
-    "proxy_on_configure",
-    "proxy_on_tick",
-    "proxy_on_http_call_response",
-    "proxy_on_context_create",
-    "proxy_on_request_headers",
-    "proxy_on_delete",
+    "chronoguard_on_vm_start",
+    "chronoguard_on_configure",
+    "chronoguard_on_tick",
+    "chronoguard_on_http_call_response",
+    "chronoguard_on_request_headers",
 ];
+
+/// Exports renamed into the ABI's names once the SDK's are gone.
+const RENAMED_PREFIX: (&str, &str) = ("chronoguard_on_", "proxy_on_");
 
 /// Builds and optimises the filter; returns the path of the optimised module.
 pub fn build_filter() -> Result<PathBuf> {
@@ -97,6 +97,11 @@ fn build(stage: Option<&str>) -> Result<PathBuf> {
         .arg(&trimmed)
         .stdout(std::process::Stdio::null()))?;
 
+    println!("==> renaming the filter's entry points into the ABI's names");
+    let module = std::fs::read(&trimmed).context("cannot read the trimmed module")?;
+    let renamed = rename_exports(&module, RENAMED_PREFIX)?;
+    std::fs::write(&trimmed, renamed).context("cannot write the renamed module")?;
+
     println!("==> optimising with wasm-opt -Oz");
     run(Command::new("wasm-opt")
         .args(["-Oz", "--strip-debug", "--strip-producers"])
@@ -132,4 +137,131 @@ fn export_graph() -> String {
     let root = format!(r#"{{"name": "envoy", "root": true, "reaches": [{reaches}]}}"#);
     let nodes: Vec<String> = exports.chain(std::iter::once(root)).collect();
     format!("[{}]", nodes.join(",\n"))
+}
+
+/// `module` with every export named `<from>…` renamed `<to>…` (the export section
+/// rewritten; binaryen has no pass for it). Fails on a malformed module or a name clash.
+fn rename_exports(module: &[u8], (from, to): (&str, &str)) -> Result<Vec<u8>> {
+    let header = module.get(..8).context("not a wasm module")?;
+    let mut out = header.to_vec();
+    let mut at = 8;
+    while at < module.len() {
+        let id = module[at];
+        let (size, body_at) = read_leb(module, at + 1)?;
+        let body = module
+            .get(body_at..body_at + size)
+            .context("truncated wasm section")?;
+        at = body_at + size;
+        if id != 7 {
+            out.push(id);
+            write_leb(&mut out, size);
+            out.extend_from_slice(body);
+            continue;
+        }
+        let (count, mut p) = read_leb(body, 0)?;
+        let mut section = Vec::new();
+        let mut names = std::collections::HashSet::new();
+        write_leb(&mut section, count);
+        for _ in 0..count {
+            let (len, name_at) = read_leb(body, p)?;
+            let name = body
+                .get(name_at..name_at + len)
+                .and_then(|n| std::str::from_utf8(n).ok())
+                .context("bad export name")?;
+            let (_, index_end) = read_leb(body, name_at + len + 1)?;
+            let rest = body
+                .get(name_at + len..index_end)
+                .context("truncated export")?;
+            p = index_end;
+            let name = match name.strip_prefix(from) {
+                Some(tail) => format!("{to}{tail}"),
+                None => name.to_owned(),
+            };
+            anyhow::ensure!(
+                names.insert(name.clone()),
+                "export `{name}` would be defined twice"
+            );
+            write_leb(&mut section, name.len());
+            section.extend_from_slice(name.as_bytes());
+            section.extend_from_slice(rest);
+        }
+        out.push(id);
+        write_leb(&mut out, section.len());
+        out.extend(section);
+    }
+    Ok(out)
+}
+
+/// An unsigned LEB128 at `at`: its value and the offset after it.
+fn read_leb(bytes: &[u8], mut at: usize) -> Result<(usize, usize)> {
+    let mut value = 0usize;
+    for shift in (0..35).step_by(7) {
+        let byte = *bytes.get(at).context("truncated LEB128")?;
+        at += 1;
+        value |= usize::from(byte & 0x7f) << shift;
+        if byte & 0x80 == 0 {
+            return Ok((value, at));
+        }
+    }
+    anyhow::bail!("LEB128 too long")
+}
+
+fn write_leb(out: &mut Vec<u8>, mut value: usize) {
+    loop {
+        let byte = (value & 0x7f) as u8;
+        value >>= 7;
+        if value == 0 {
+            out.push(byte);
+            return;
+        }
+        out.push(byte | 0x80);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A module with one function exported twice, plus a custom section after the exports.
+    fn module(names: &[&str]) -> Vec<u8> {
+        let mut m = b"\0asm\x01\0\0\0".to_vec();
+        m.extend([1, 4, 1, 0x60, 0, 0]); // type section: () -> ()
+        m.extend([3, 2, 1, 0]); // function section: one function of type 0
+        let mut exports = Vec::new();
+        write_leb(&mut exports, names.len());
+        for name in names {
+            write_leb(&mut exports, name.len());
+            exports.extend(name.as_bytes());
+            exports.extend([0, 0]); // function 0
+        }
+        m.push(7);
+        write_leb(&mut m, exports.len());
+        m.extend(exports);
+        m.extend([10, 4, 1, 2, 0, 0x0b]); // code section: an empty body
+        m.extend([0, 3, 1, b'x', 9]); // custom section "x"
+        m
+    }
+
+    #[test]
+    fn renames_the_prefixed_exports_and_keeps_the_rest() {
+        let long = "chronoguard_on_".to_owned() + &"y".repeat(200);
+        let renamed = rename_exports(
+            &module(&["chronoguard_on_tick", "memory_x", &long]),
+            RENAMED_PREFIX,
+        )
+        .unwrap();
+        let expected_long = "proxy_on_".to_owned() + &"y".repeat(200);
+        assert_eq!(
+            renamed,
+            module(&["proxy_on_tick", "memory_x", &expected_long])
+        );
+    }
+
+    #[test]
+    fn refuses_a_clash_and_a_truncated_module() {
+        let clash = module(&["chronoguard_on_tick", "proxy_on_tick"]);
+        assert!(rename_exports(&clash, RENAMED_PREFIX).is_err());
+        let whole = module(&["chronoguard_on_tick"]);
+        assert!(rename_exports(&whole[..whole.len() - 3], RENAMED_PREFIX).is_err());
+    }
 }

@@ -10,7 +10,6 @@ use filter_core::audit::AuditRecord;
 use filter_core::config::Mode;
 use filter_core::decision::{DECISION_ID_HEADER, Decision};
 use filter_core::input::{RequestFacts, normalize_domain};
-use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::{Action, LogLevel};
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -51,17 +50,13 @@ const STAGE: Stage = match option_env!("CHRONOGUARD_FILTER_STAGE") {
     },
 };
 
-pub struct Request {
+struct Request {
     active: Option<Rc<RefCell<Active>>>,
 }
 
 // === impl Request ===
 
 impl Request {
-    pub fn new(active: Option<Rc<RefCell<Active>>>) -> Self {
-        Self { active }
-    }
-
     /// Reads the request's facts: all request headers in one host call, the peer from
     /// `peers` (one property per request on a kept-alive connection), Envoy's clock.
     fn facts(peers: &mut PeerCache) -> RequestFacts {
@@ -166,10 +161,14 @@ impl Request {
     }
 }
 
-impl Context for Request {}
+/// Decides one request from its headers under `active` (the VM's latest configuration),
+/// and acts: lets it through with the decision id, or answers it.
+pub fn on_request_headers(active: Option<Rc<RefCell<Active>>>) -> Action {
+    Request { active }.on_request_headers()
+}
 
-impl HttpContext for Request {
-    fn on_http_request_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
+impl Request {
+    fn on_request_headers(&self) -> Action {
         if STAGE == Stage::Noop {
             return Action::Continue;
         }

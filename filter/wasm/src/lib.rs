@@ -2,8 +2,10 @@
 //!
 //! One VM runs per Envoy worker thread. Per VM there is one [`vm::VmState`] (audit buffer,
 //! id generator, metrics) shared by every root context of that VM, so records survive a
-//! reconfiguration; each root context owns the policy compiled from its configuration.
+//! reconfiguration, and one current configuration, the latest the VM accepted
+//! ([`root::current`]); Envoy enters the module through [`abi`].
 
+mod abi;
 mod host;
 mod http;
 mod metrics;
@@ -24,8 +26,7 @@ mod entry {
         std::panic::set_hook(Box::new(|info| {
             host::log(LogLevel::Critical, &format!("chronoguard panic: {info}"));
         }));
-        proxy_wasm::set_root_context(|context_id| -> Box<dyn RootContext> {
-            Box::new(root::Root::new(context_id))
-        });
+        // Only reached through the SDK's own entry points, i.e. an unprocessed module.
+        proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(root::Unprocessed) });
     }}
 }

@@ -1,11 +1,10 @@
-//! The root context: compiles each configuration once and hands it to HTTP contexts.
+//! Configurations: each is compiled once per VM, and the latest accepted decides requests.
 
-use crate::http::Request;
 use crate::{host, vm};
 use filter_core::config::{AuditSink, Mode, RawPluginConfig};
 use filter_core::policy::CompiledPolicy;
-use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{ContextType, LogLevel};
+use proxy_wasm::traits::{Context, RootContext};
+use proxy_wasm::types::LogLevel;
 use std::cell::RefCell;
 use std::rc::Rc;
 use std::time::Duration;
@@ -18,123 +17,157 @@ pub struct Active {
     pub policy: Option<CompiledPolicy>,
 }
 
-pub struct Root {
-    context_id: u32,
-    active: Option<Rc<RefCell<Active>>>,
+thread_local! {
+    /// The latest configuration this VM accepted: it decides every request (`abi`).
+    static CURRENT: RefCell<Option<Rc<RefCell<Active>>>> = const { RefCell::new(None) };
+    /// The name of the plugin (filter instance) this VM serves, from its first
+    /// configuration that can let requests through.
+    static PLUGIN: RefCell<Serving> = const { RefCell::new(Serving::Nobody) };
 }
 
-// === impl Root ===
+/// The configuration that decides requests now (none before the first one: fail closed).
+pub fn current() -> Option<Rc<RefCell<Active>>> {
+    CURRENT.with(|c| c.borrow().clone())
+}
 
-impl Root {
-    pub fn new(context_id: u32) -> Self {
-        Self {
-            context_id,
-            active: None,
+/// Parses and compiles a configuration; returns it ready for requests, with its audit
+/// sink.
+fn load(bytes: &[u8]) -> Result<(Active, Option<AuditSink>), String> {
+    let config = RawPluginConfig::from_slice(bytes).map_err(|e| e.to_string())?;
+    let policy = match (&config.mode, &config.bundle) {
+        (Mode::Enforce, Some(bundle)) => {
+            // This VM's entries of the previous configuration: a push only parses and
+            // prepares the agents and policies that changed (on_configure runs between
+            // requests on the worker thread).
+            let state = vm::state();
+            let mut state = state.borrow_mut();
+            Some(
+                CompiledPolicy::compile_raw(bundle, &mut state.entries)
+                    .map_err(|e| e.to_string())?,
+            )
         }
-    }
-
-    /// Parses and compiles a configuration; returns it ready for requests, with its
-    /// audit sink.
-    fn load(&self, bytes: &[u8]) -> Result<(Active, Option<AuditSink>), String> {
-        let config = RawPluginConfig::from_slice(bytes).map_err(|e| e.to_string())?;
-        let policy = match (&config.mode, &config.bundle) {
-            (Mode::Enforce, Some(bundle)) => {
-                // This VM's entries of the previous configuration: a push only parses and
-                // prepares the agents and policies that changed (on_configure runs
-                // between requests on the worker thread).
-                let state = vm::state();
-                let mut state = state.borrow_mut();
-                Some(
-                    CompiledPolicy::compile_raw(bundle, &mut state.entries)
-                        .map_err(|e| e.to_string())?,
-                )
-            }
-            _ => None,
-        };
-        let active = Active {
-            version: Rc::from(config.version.as_str()),
-            mode: config.mode,
-            policy,
-        };
-        Ok((active, config.audit))
-    }
+        _ => None,
+    };
+    let active = Active {
+        version: Rc::from(config.version.as_str()),
+        mode: config.mode,
+        policy,
+    };
+    Ok((active, config.audit))
 }
 
-impl Context for Root {
-    fn on_http_call_response(
-        &mut self,
-        token: u32,
-        _headers: usize,
-        _body: usize,
-        _trailers: usize,
-    ) {
-        let state = vm::state();
-        let mut state = state.borrow_mut();
-        if state.owns(token) {
-            state.completed(host::callout_status());
-        }
-    }
-
-    fn on_done(&mut self) -> bool {
-        // The VM-wide buffer outlives this root context; the next root context's ticks (or
-        // this VM's remaining ones) keep flushing it. (The optimised module does not even
-        // export `proxy_on_done`, which Envoy treats as this same answer: `xtask`.)
-        true
-    }
-}
-
-impl RootContext for Root {
-    fn on_configure(&mut self, _size: usize) -> bool {
-        let bytes = host::configuration().unwrap_or_default();
-        let started = host::now_ns();
-        let state = vm::state();
-        match self.load(&bytes) {
-            Ok((active, sink)) => {
-                let elapsed_ms = host::now_ns().saturating_sub(started) / 1_000_000;
-                host::log(
-                    LogLevel::Info,
-                    &format!(
-                        "root {}: configuration {} loaded ({:?}, {} bytes, {elapsed_ms} ms)",
-                        self.context_id,
-                        active.version,
-                        active.mode,
-                        bytes.len()
-                    ),
-                );
-                let mut state = state.borrow_mut();
-                if let Ok(version) = active.version.parse::<u64>() {
-                    host::record(state.metrics.config_version, version);
-                }
-                // The tick flushes stats and audit; without a sink, stats only, once a second.
-                let period = sink.as_ref().map_or(1_000, |a| a.flush_interval_ms);
-                if sink.is_some() {
-                    state.set_sink(sink);
-                }
-                host::set_tick_period(Duration::from_millis(period));
-                self.active = Some(Rc::new(RefCell::new(active)));
-                crate::ratelimit::reset();
+/// Requests carry no root context (`abi`), so one VM serves one filter instance. A
+/// configuration that can let requests through (enforce, allow-all) from another plugin
+/// name than the VM's previous such configuration means two filters share this VM and
+/// would decide each other's requests. The VM then denies every request for the rest of
+/// its life (reason `not_configured`) and ignores every later configuration, with a
+/// critical log telling the operator to give each ChronoGuard filter its own
+/// `vm_config.vm_id`. The configuration is still *accepted*: Envoy 1.40 skips a filter
+/// whose configuration a worker refused, letting its requests through unfiltered; an
+/// accepted one keeps them coming into this VM, which denies them. Deny-all
+/// configurations (the listener's default before the first bundle arrives) are accepted
+/// from any name. Returns whether `mode`'s configuration may decide requests.
+fn admit(mode: &Mode) -> bool {
+    let name = host::property(&["plugin_name"]).unwrap_or_default();
+    PLUGIN.with(|plugin| {
+        let mut plugin = plugin.borrow_mut();
+        match &*plugin {
+            Serving::Conflict => false,
+            _ if *mode == Mode::DenyAll => true,
+            Serving::Nobody => {
+                *plugin = Serving::Plugin(name);
                 true
             }
-            Err(err) => {
-                host::increment(state.borrow().metrics.config_rejected, 1);
+            Serving::Plugin(first) if *first == name => true,
+            Serving::Plugin(first) => {
                 host::log(
                     LogLevel::Critical,
-                    &format!("root {}: configuration refused: {err}", self.context_id),
+                    &format!(
+                        "this VM already serves the filter `{first}`, not `{name}`: every request on it is denied until each ChronoGuard filter has its own vm_config.vm_id"
+                    ),
                 );
+                *plugin = Serving::Conflict;
+                CURRENT.with(|c| *c.borrow_mut() = None);
                 false
             }
         }
-    }
+    })
+}
 
-    fn on_tick(&mut self) {
-        vm::state().borrow_mut().tick();
-    }
+/// Which filter instance (plugin name) this VM serves.
+enum Serving {
+    Nobody,
+    Plugin(String),
+    /// Two filters sent it configurations that let requests through.
+    Conflict,
+}
 
-    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
-        Some(Box::new(Request::new(self.active.clone())))
+/// A root context's `on_configure`: loads the configuration and makes it the one that
+/// decides requests; `false` refuses it (Envoy keeps the previous one, or fails closed).
+pub fn configure(root_context_id: u32) -> bool {
+    let bytes = host::configuration().unwrap_or_default();
+    let started = host::now_ns();
+    let state = vm::state();
+    match load(&bytes) {
+        Ok((active, sink)) => {
+            let elapsed_ms = host::now_ns().saturating_sub(started) / 1_000_000;
+            host::log(
+                LogLevel::Info,
+                &format!(
+                    "root {root_context_id}: configuration {} loaded ({:?}, {} bytes, {elapsed_ms} ms)",
+                    active.version,
+                    active.mode,
+                    bytes.len()
+                ),
+            );
+            let mut state = state.borrow_mut();
+            // The tick flushes stats and audit; without a sink, stats only, once a second.
+            let period = sink.as_ref().map_or(1_000, |a| a.flush_interval_ms);
+            host::set_tick_period(Duration::from_millis(period));
+            if admit(&active.mode) {
+                if let Ok(version) = active.version.parse::<u64>() {
+                    host::record(state.metrics.config_version, version);
+                }
+                if sink.is_some() {
+                    state.set_sink(sink);
+                }
+                CURRENT.with(|c| *c.borrow_mut() = Some(Rc::new(RefCell::new(active))));
+                crate::ratelimit::reset();
+            }
+            true
+        }
+        Err(err) => {
+            host::increment(state.borrow().metrics.config_rejected, 1);
+            host::log(
+                LogLevel::Critical,
+                &format!("root {root_context_id}: configuration refused: {err}"),
+            );
+            false
+        }
     }
+}
 
-    fn get_type(&self) -> Option<ContextType> {
-        Some(ContextType::HttpContext)
+/// The response to an audit callout (any root context's).
+pub fn callout_response(token: u32) {
+    let state = vm::state();
+    let mut state = state.borrow_mut();
+    if state.owns(token) {
+        state.completed(host::callout_status());
+    }
+}
+
+/// The root context the SDK creates if Envoy calls its own entry points: only a module
+/// not processed by `cargo xtask build-filter` (which renames `abi`'s into place) does.
+pub struct Unprocessed;
+
+impl Context for Unprocessed {}
+
+impl RootContext for Unprocessed {
+    fn on_vm_start(&mut self, _size: usize) -> bool {
+        host::log(
+            LogLevel::Critical,
+            "this module was not processed by `cargo xtask build-filter`: load target/filter/chronoguard.wasm",
+        );
+        false
     }
 }
