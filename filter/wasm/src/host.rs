@@ -7,9 +7,12 @@ use proxy_wasm::hostcalls;
 use proxy_wasm::types::{LogLevel, MapType, MetricType};
 use std::time::{Duration, UNIX_EPOCH};
 
+fn property_bytes(path: &[&str]) -> Option<Vec<u8>> {
+    hostcalls::get_property(path.to_vec()).ok()?
+}
+
 pub fn property(path: &[&str]) -> Option<String> {
-    let bytes = hostcalls::get_property(path.to_vec()).ok()??;
-    String::from_utf8(bytes).ok()
+    String::from_utf8(property_bytes(path)?).ok()
 }
 
 /// The request headers the filter reads.
@@ -92,7 +95,7 @@ fn parse_request_headers(map: &[u8]) -> RequestHeaders {
 
 /// A property holding a `uint` (Envoy passes it as 8 little-endian bytes).
 pub fn property_u64(path: &[&str]) -> Option<u64> {
-    let bytes = hostcalls::get_property(path.to_vec()).ok()??;
+    let bytes = property_bytes(path)?;
     Some(u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?))
 }
 

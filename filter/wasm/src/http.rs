@@ -50,6 +50,12 @@ const STAGE: Stage = match option_env!("CHRONOGUARD_FILTER_STAGE") {
     },
 };
 
+/// Decides one request from its headers under `active` (the VM's latest configuration),
+/// and acts: lets it through with the decision id, or answers it.
+pub fn on_request_headers(active: Option<Rc<RefCell<Active>>>) -> Action {
+    Request { active }.on_request_headers()
+}
+
 struct Request {
     active: Option<Rc<RefCell<Active>>>,
 }
@@ -159,15 +165,8 @@ impl Request {
             }
         }
     }
-}
 
-/// Decides one request from its headers under `active` (the VM's latest configuration),
-/// and acts: lets it through with the decision id, or answers it.
-pub fn on_request_headers(active: Option<Rc<RefCell<Active>>>) -> Action {
-    Request { active }.on_request_headers()
-}
-
-impl Request {
+    /// Decides the request and acts: lets it through with the decision id, or answers it.
     fn on_request_headers(&self) -> Action {
         if STAGE == Stage::Noop {
             return Action::Continue;

@@ -68,12 +68,17 @@ fn load(bytes: &[u8]) -> Result<(Active, Option<AuditSink>), String> {
 /// configurations (the listener's default before the first bundle arrives) are accepted
 /// from any name. Returns whether `mode`'s configuration may decide requests.
 fn admit(mode: &Mode) -> bool {
-    let name = host::property(&["plugin_name"]).unwrap_or_default();
     PLUGIN.with(|plugin| {
         let mut plugin = plugin.borrow_mut();
+        if matches!(*plugin, Serving::Conflict) {
+            return false;
+        }
+        if *mode == Mode::DenyAll {
+            return true;
+        }
+        let name = host::property(&["plugin_name"]).unwrap_or_default();
         match &*plugin {
             Serving::Conflict => false,
-            _ if *mode == Mode::DenyAll => true,
             Serving::Nobody => {
                 *plugin = Serving::Plugin(name);
                 true
@@ -103,7 +108,10 @@ enum Serving {
 }
 
 /// A root context's `on_configure`: loads the configuration and makes it the one that
-/// decides requests; `false` refuses it (Envoy keeps the previous one, or fails closed).
+/// decides requests. `false` refuses one that cannot be loaded; that happens first in
+/// Envoy's configuration canary (a fresh VM on the main thread), which makes Envoy NACK
+/// it and keep the previous one before any worker sees it (a refusal on a worker alone
+/// would make Envoy 1.40 skip the filter: see [`admit`]).
 pub fn configure(root_context_id: u32) -> bool {
     let bytes = host::configuration().unwrap_or_default();
     let started = host::now_ns();

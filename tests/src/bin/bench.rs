@@ -161,6 +161,8 @@ async fn main() -> anyhow::Result<()> {
                     .stderr(std::process::Stdio::null())
                     .spawn()
             });
+            // Asked for and not possible (no `perf`): say so rather than run without it.
+            let perf = perf.transpose()?;
             let cpu0 = cpu_ticks(stack.envoy.pid())?;
             let (requests, errors, elapsed) = load(
                 &stack,
@@ -170,7 +172,7 @@ async fn main() -> anyhow::Result<()> {
             )
             .await;
             let cpu1 = cpu_ticks(stack.envoy.pid())?;
-            if let Some(Ok(perf)) = perf {
+            if let Some(perf) = perf {
                 stop(perf);
             }
             let cpu_us = (cpu1 - cpu0) as f64 * 1e6 / ticks_per_second() / requests.max(1) as f64;
