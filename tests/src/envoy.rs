@@ -90,15 +90,30 @@ pub fn render(
     Ok(out)
 }
 
+/// What Envoy logs when a port it was given was taken in the meantime.
+const BIND_RACE: &str = "Address already in use";
+
 // === impl Envoy ===
 
 impl Envoy {
     /// Starts Envoy and waits until its admin endpoint reports ready (listeners warmed,
-    /// i.e. the first ECDS response applied or the fetch timed out).
+    /// i.e. the first ECDS response applied or the fetch timed out). Ports come from
+    /// [`crate::free_port`], which another test may take before Envoy binds them: on
+    /// `Address already in use` it starts again on other ports (three attempts).
     pub async fn start(config: EnvoyConfig<'_>) -> anyhow::Result<Self> {
+        let mut attempt = 1;
+        loop {
+            match Self::start_once(&config).await {
+                Err(err) if attempt < 3 && err.to_string().contains(BIND_RACE) => attempt += 1,
+                result => return result,
+            }
+        }
+    }
+
+    async fn start_once(config: &EnvoyConfig<'_>) -> anyhow::Result<Self> {
         let (listen_port, admin_port) = (crate::free_port(), crate::free_port());
         let bootstrap = config.dir.join(format!("envoy-{}.yaml", config.node_id));
-        std::fs::write(&bootstrap, render(&config, listen_port, admin_port)?)?;
+        std::fs::write(&bootstrap, render(config, listen_port, admin_port)?)?;
         let log = config.dir.join(format!("envoy-{}.log", config.node_id));
         let binary = binary();
         anyhow::ensure!(
@@ -119,7 +134,13 @@ impl Envoy {
             log,
             process,
         };
-        envoy.wait_ready().await?;
+        if let Err(err) = envoy.wait_ready().await {
+            let text = std::fs::read_to_string(&envoy.log).unwrap_or_default();
+            if text.contains(BIND_RACE) {
+                anyhow::bail!("{BIND_RACE} ({err})");
+            }
+            return Err(err);
+        }
         Ok(envoy)
     }
 

@@ -48,12 +48,12 @@ fn dynamic_forward_proxy_example_validates() {
 /// Requests carry no stream context into the module (one V8 entry per request), so the
 /// latest configuration a VM accepted decides its requests: two ChronoGuard filters
 /// sharing a VM would decide each other's requests (here: one filter's allow-all would
-/// let the other's requests through). The VM refuses the second filter's configuration
-/// and denies every request from then on: both fail closed, with a critical log.
+/// let the other's requests through). The VM treats the second filter's configuration as
+/// a conflict and denies every request from then on: both fail closed, with a critical
+/// log.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_filters_cannot_share_a_vm() {
     let dir = integration_tests::postgres::tempdir("chronoguard-shared-vm").unwrap();
-    let ports: Vec<u16> = (0..3).map(|_| integration_tests::free_port()).collect();
     let listener = |name: &str, port: u16| {
         format!(
             r#"
@@ -93,44 +93,54 @@ async fn two_filters_cannot_share_a_vm() {
             wasm = integration_tests::envoy::wasm().display()
         )
     };
-    let bootstrap = format!(
-        "admin:\n  address: {{ socket_address: {{ address: 127.0.0.1, port_value: {} }} }}\nstatic_resources:\n  listeners:{}{}\n",
-        ports[0],
-        listener("first", ports[1]),
-        listener("second", ports[2])
-    );
     let config = dir.join("shared-vm.yaml");
-    std::fs::write(&config, bootstrap).unwrap();
     let log = dir.join("envoy.log");
-    let mut cmd = Command::new(integration_tests::envoy::binary());
-    cmd.arg("-c").arg(&config).args([
-        "--concurrency",
-        "1",
-        "--disable-hot-restart",
-        "--log-level",
-        "info",
-    ]);
-    let _envoy = integration_tests::process::Process::spawn("envoy", cmd, &log).unwrap();
     let client = integration_tests::client::plain_client().unwrap();
-    let statuses =
-        integration_tests::wait_for("both listeners deny", Duration::from_secs(30), || {
-            let client = client.clone();
-            let ports = ports.clone();
-            async move {
-                let mut out = Vec::new();
-                for port in &ports[1..] {
-                    let response = client
-                        .get(format!("http://127.0.0.1:{port}/"))
-                        .send()
-                        .await
-                        .ok()?;
-                    out.push(response.status().as_u16());
+    // The ports may be taken by another test before Envoy binds them: then again, on others.
+    let mut attempt = 1;
+    let (_envoy, statuses) = loop {
+        let ports: Vec<u16> = (0..3).map(|_| integration_tests::free_port()).collect();
+        let bootstrap = format!(
+            "admin:\n  address: {{ socket_address: {{ address: 127.0.0.1, port_value: {} }} }}\nstatic_resources:\n  listeners:{}{}\n",
+            ports[0],
+            listener("first", ports[1]),
+            listener("second", ports[2])
+        );
+        std::fs::write(&config, bootstrap).unwrap();
+        let mut cmd = Command::new(integration_tests::envoy::binary());
+        cmd.arg("-c").arg(&config).args([
+            "--concurrency",
+            "1",
+            "--disable-hot-restart",
+            "--log-level",
+            "info",
+        ]);
+        let envoy = integration_tests::process::Process::spawn("envoy", cmd, &log).unwrap();
+        let statuses =
+            integration_tests::wait_for("both listeners deny", Duration::from_secs(30), || {
+                let client = client.clone();
+                let ports = ports.clone();
+                async move {
+                    let mut out = Vec::new();
+                    for port in &ports[1..] {
+                        let response = client
+                            .get(format!("http://127.0.0.1:{port}/"))
+                            .send()
+                            .await
+                            .ok()?;
+                        out.push(response.status().as_u16());
+                    }
+                    (out == [403, 403]).then_some(out)
                 }
-                (out == [403, 403]).then_some(out)
-            }
-        })
-        .await
-        .unwrap();
+            })
+            .await;
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        match statuses {
+            Ok(statuses) => break (envoy, statuses),
+            Err(_) if attempt < 3 && text.contains("Address already in use") => attempt += 1,
+            Err(err) => panic!("{err}\n{text}"),
+        }
+    };
     let text = std::fs::read_to_string(&log).unwrap();
     assert_eq!(statuses, [403, 403], "{text}");
     assert!(text.contains("this VM already serves the filter"), "{text}");
