@@ -2,13 +2,17 @@
 #
 # Entry point: data.chronoguard.decision (an object, see rego/README.md for the semantics).
 # Data (the policy bundle's data document) is indexed by the control plane's compiler:
-#   data.agents[<sha256 fingerprint>] -> {id, tenant_id, name, status, metadata, policies}
-#   data.policies[<policy id>]        -> {id, tenant_id, priority, status, mode, timezone,
-#                                         windows, rules, rate_limit, custom,
-#                                         allowed_exact, allowed_suffix,
-#                                         blocked_exact, blocked_suffix}
+#   agents[<sha256 fingerprint>] -> {id, tenant_id, name, status, metadata, policies}
+#   policies[<policy id>]        -> {id, tenant_id, priority, status, mode, timezone,
+#                                    windows, rules, rate_limit, custom,
+#                                    allowed_exact, allowed_suffix,
+#                                    blocked_exact, blocked_suffix}
 #   (the domain sets are objects keyed by name: exact names, and the suffixes of
 #   "*.suffix" wildcards without "*.", so a decision looks domains up, never scans lists)
+# The filter core looks the request's agent and its policies up in it and passes them in
+# the input: input.bundle.agent (absent for an unknown fingerprint) and
+# input.bundle.policies[<policy id>]. The engine's own data document stays empty, so a
+# push that changes only agents or policies leaves the compiled modules untouched.
 # Input is built by the filter core (filter/core/src/input.rs): the domain arrives
 # normalised (lower case, no port, no trailing dot), the method upper-cased, and
 # input.time.local[<timezone>] holds the local day and minute for every timezone the
@@ -17,12 +21,12 @@ package chronoguard
 
 import rego.v1
 
-agent := data.agents[input.agent.fingerprint]
+agent := input.bundle.agent
 
 # Active policies attached to the agent.
 active_policies contains p if {
 	some pid in agent.policies
-	p := data.policies[pid]
+	p := input.bundle.policies[pid]
 	p.status == "active"
 }
 

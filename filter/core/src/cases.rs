@@ -223,10 +223,11 @@ fn memoised_decisions_equal_fresh_ones() {
     assert!(checked > 10_000);
 }
 
-/// The entry cache never changes a decision: compiling every case file in turn with one
-/// cache (warm with the previous files' entries, and with the same file's own entries on
-/// a second pass, and after a policy edit) decides every case like a fresh compile — from
-/// parsed bundles (the control plane) and from configuration text (the filter).
+/// The entry cache (entries, and the engine prepared for the same modules) never changes a
+/// decision: compiling every case file in turn with one cache (warm with the previous
+/// files' entries, and with the same file's own entries and engine on a second pass, and
+/// after a policy edit) decides every case like a fresh compile — from parsed bundles (the
+/// control plane) and from configuration text (the filter).
 #[test]
 fn cached_compiles_equal_fresh_ones() {
     let mut cache = crate::data::EntryCache::default();

@@ -11,6 +11,7 @@ use crate::time::{DAYS, OffsetTable, tables_from_json};
 use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
 
 /// Request fields a condition may test; `agent_metadata.<key>` is accepted too.
 pub const FIELDS: &[&str] = &[
@@ -104,24 +105,38 @@ impl Clock {
     }
 }
 
-/// The data document as regorus values, plus what the core needs next to it.
+/// A bundle's agents and policies, validated and converted to regorus values, each with
+/// the hash of the JSON it came from. The compiled policy looks a request's agent and its
+/// policies up here and hands them to Rego in the input (`input.bundle`), so the engine's
+/// data document stays empty and a push never makes regorus re-prepare its modules.
+#[derive(Debug, Default)]
+pub struct Entries {
+    /// Keyed by the lower-case fingerprint.
+    agents: HashMap<String, (u64, regorus::Value)>,
+    policies: HashMap<String, (u64, PolicyFacts, regorus::Value)>,
+}
+
+/// The data document prepared, plus what the core needs next to it.
 #[derive(Debug)]
 pub struct PreparedValues {
-    pub data: regorus::Value,
+    pub entries: Arc<Entries>,
     pub tables: BTreeMap<String, OffsetTable>,
     pub reads: Reads,
     pub custom_keys: BTreeSet<String>,
 }
 
-/// Prepared entries of the previous configuration, kept by a filter VM so that a policy
-/// push only validates and converts the agents and policies that changed: an entry whose
-/// JSON hashes the same as before (keyed by its fingerprint or id) is reused as is. This
-/// is what keeps `on_configure` — which runs on Envoy's worker threads, between requests —
-/// short for large bundles. An empty cache prepares everything.
+/// What the previous configuration prepared, kept by a filter VM so that a policy push
+/// only validates and converts the agents and policies that changed: an entry whose JSON
+/// hashes the same as before (keyed by its fingerprint or id) is reused as is. The
+/// compiled Rego modules are kept too ([`crate::policy::CompiledPolicy`]) and reused while
+/// the bundle's modules stay the same. This is what keeps `on_configure` — which runs on
+/// Envoy's worker threads, between requests — short for large bundles. An empty cache
+/// prepares everything.
 #[derive(Debug, Default)]
 pub struct EntryCache {
-    agents: HashMap<String, (u64, regorus::Value)>,
-    policies: HashMap<String, (u64, PolicyFacts, regorus::Value)>,
+    entries: Arc<Entries>,
+    /// The hash of the modules' names and sources, and an engine prepared with them.
+    pub(crate) engine: Option<(u64, regorus::Engine)>,
 }
 
 /// What a prepared policy contributes besides its value.
@@ -130,6 +145,40 @@ struct PolicyFacts {
     reads: Reads,
     custom: Option<String>,
     timezone: String,
+}
+
+// === impl Entries ===
+
+impl Entries {
+    /// The agent with this (lower-case) fingerprint.
+    pub fn agent(&self, fingerprint: &str) -> Option<&regorus::Value> {
+        self.agents.get(fingerprint).map(|(_, value)| value)
+    }
+
+    pub fn policy(&self, id: &str) -> Option<&regorus::Value> {
+        self.policies.get(id).map(|(_, _, value)| value)
+    }
+
+    /// The entries as the bundle's data document (`{agents, policies}`), for comparisons.
+    pub fn document(&self) -> regorus::Value {
+        let agents: BTreeMap<_, _> = self
+            .agents
+            .iter()
+            .map(|(k, (_, v))| (regorus::Value::from(k.as_str()), v.clone()))
+            .collect();
+        let policies: BTreeMap<_, _> = self
+            .policies
+            .iter()
+            .map(|(k, (_, _, v))| (regorus::Value::from(k.as_str()), v.clone()))
+            .collect();
+        regorus::Value::from(BTreeMap::from([
+            (regorus::Value::from("agents"), regorus::Value::from(agents)),
+            (
+                regorus::Value::from("policies"),
+                regorus::Value::from(policies),
+            ),
+        ]))
+    }
 }
 
 /// Validates and normalises `data` into regorus values (the error names the agent,
@@ -146,27 +195,25 @@ pub fn prepare_raw(data: &RawData<'_>, cache: &mut EntryCache) -> Result<Prepare
 }
 
 fn prepare_doc(doc: Doc<'_>, cache: &mut EntryCache) -> Result<PreparedValues, String> {
-    let mut next = EntryCache::default();
-    let mut agents = BTreeMap::new();
-    let mut policies = BTreeMap::new();
+    let old = &cache.entries;
+    let mut next = Entries {
+        agents: HashMap::with_capacity(old.agents.len()),
+        policies: HashMap::with_capacity(old.policies.len()),
+    };
     let tables = prepare_entries(doc, |entry| {
         match entry {
             Entry::Agent(fingerprint, raw) => {
                 let hash = raw.hash();
-                let value = match cache.agents.get(fingerprint) {
+                let key = fingerprint.to_ascii_lowercase();
+                let value = match old.agents.get(&key) {
                     Some((h, value)) if *h == hash => value.clone(),
                     _ => to_regorus(raw.with_value(prepare_agent)?)?,
                 };
-                next.agents
-                    .insert(fingerprint.to_owned(), (hash, value.clone()));
-                agents.insert(
-                    regorus::Value::from(fingerprint.to_ascii_lowercase()),
-                    value,
-                );
+                next.agents.insert(key, (hash, value));
             }
             Entry::Policy(id, raw, tables) => {
                 let hash = raw.hash();
-                let (facts, value) = match cache.policies.get(id) {
+                let (facts, value) = match old.policies.get(id) {
                     // The timezone's table may have gone from the bundle since.
                     Some((h, facts, value))
                         if *h == hash && tables.contains_key(&facts.timezone) =>
@@ -178,22 +225,16 @@ fn prepare_doc(doc: Doc<'_>, cache: &mut EntryCache) -> Result<PreparedValues, S
                         (facts, to_regorus(value)?)
                     }
                 };
-                policies.insert(regorus::Value::from(id), value.clone());
                 next.policies.insert(id.to_owned(), (hash, facts, value));
             }
         }
         Ok(())
     })?;
     let (reads, custom_keys) = gather(next.policies.values().map(|(_, facts, _)| facts));
-    *cache = next;
-    let mut out = BTreeMap::new();
-    out.insert(regorus::Value::from("agents"), regorus::Value::from(agents));
-    out.insert(
-        regorus::Value::from("policies"),
-        regorus::Value::from(policies),
-    );
+    let entries = Arc::new(next);
+    cache.entries = entries.clone();
     Ok(PreparedValues {
-        data: regorus::Value::from(out),
+        entries,
         tables,
         reads,
         custom_keys,
@@ -728,7 +769,7 @@ mod tests {
     fn prepare(data: &Value) -> Result<Prepared, String> {
         let prepared = prepare_values(data, &mut EntryCache::default())?;
         Ok(Prepared {
-            data: serde_json::to_value(&prepared.data).map_err(|e| e.to_string())?,
+            data: serde_json::to_value(prepared.entries.document()).map_err(|e| e.to_string())?,
             reads: prepared.reads,
         })
     }
@@ -841,27 +882,28 @@ mod tests {
         ]}));
         let want = prepare_values(&data, &mut EntryCache::default())
             .unwrap()
-            .data;
+            .entries
+            .document();
         let mut cache = EntryCache::default();
         let first = prepare_values(&data, &mut cache).unwrap();
-        assert_eq!(first.data, want);
+        assert_eq!(first.entries.document(), want);
         assert!(first.reads.method);
-        assert_eq!(cache.policies.len(), 1);
+        assert_eq!(cache.entries.policies.len(), 1);
         // Same document: served from the cache, same result.
         let again = prepare_values(&data, &mut cache).unwrap();
-        assert_eq!(again.data, want);
+        assert_eq!(again.entries.document(), want);
         assert!(again.reads.method);
         // A changed policy is prepared again; a broken one leaves the cache as it was.
         let mut changed = data.clone();
         changed["policies"]["p"]["priority"] = json!(7);
         let got = prepare_values(&changed, &mut cache).unwrap();
         assert_eq!(
-            got.data["policies"]["p"]["priority"],
+            got.entries.policy("p").unwrap()["priority"],
             regorus::Value::from(7i64)
         );
         let mut broken = data.clone();
         broken["policies"]["p"]["mode"] = json!("sometimes");
         assert!(prepare_values(&broken, &mut cache).is_err());
-        assert_eq!(cache.policies.len(), 1);
+        assert_eq!(cache.entries.policies.len(), 1);
     }
 }

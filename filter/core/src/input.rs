@@ -3,8 +3,11 @@
 //! The document's shape is a contract (`docs/contracts.md`):
 //! `{agent: {fingerprint, subject}, request: {domain, method, path, user_agent, source_ip,
 //! scheme}, time: {unix_ns, local: {<timezone>: {day, prev_day, minute, hour,
-//! minute_of_hour}}}}`.
+//! minute_of_hour}}}, bundle: {agent?, policies: {<id>: policy}}}`: `bundle` holds the
+//! bundle's entry for the request's agent (absent when the fingerprint is unknown) and
+//! the entries of the policies it names, looked up by the core.
 
+use crate::data::Entries;
 use crate::time::OffsetTable;
 use regorus::Value;
 use std::collections::BTreeMap;
@@ -59,8 +62,9 @@ pub fn source_ip(address: &str) -> String {
 
 impl RequestFacts {
     /// Builds the Rego input directly as a regorus value (no JSON text on the request
-    /// path), with the local time in every timezone of `tables`.
-    pub fn to_value(&self, tables: &BTreeMap<String, OffsetTable>) -> Value {
+    /// path), with the local time in every timezone of `tables` and the request's agent
+    /// and its policies from `entries` (shared values, not copies).
+    pub fn to_value(&self, tables: &BTreeMap<String, OffsetTable>, entries: &Entries) -> Value {
         let agent = object([
             ("fingerprint", self.fingerprint.as_str().into()),
             ("subject", self.subject.as_str().into()),
@@ -97,7 +101,25 @@ impl RequestFacts {
             ),
             ("local", Value::from(local)),
         ]);
-        object([("agent", agent), ("request", request), ("time", time)])
+        let mut bundle = BTreeMap::new();
+        let mut policies = BTreeMap::new();
+        if let Some(record) = entries.agent(&self.fingerprint) {
+            if let Ok(ids) = record["policies"].as_array() {
+                for id in ids {
+                    if let Some(policy) = id.as_string().ok().and_then(|id| entries.policy(id)) {
+                        policies.insert(id.clone(), policy.clone());
+                    }
+                }
+            }
+            bundle.insert(Value::from("agent"), record.clone());
+        }
+        bundle.insert(Value::from("policies"), Value::from(policies));
+        object([
+            ("agent", agent),
+            ("request", request),
+            ("time", time),
+            ("bundle", Value::from(bundle)),
+        ])
     }
 }
 
@@ -145,12 +167,36 @@ mod tests {
             ..RequestFacts::default()
         };
         let tables = crate::time::tables_from_json(None).unwrap();
-        let json = serde_json::to_value(facts.to_value(&tables)).unwrap();
+        let entries = crate::data::prepare_values(
+            &serde_json::json!({
+                "agents": {"AB": {"id": "a", "tenant_id": "t", "name": "n", "status": "active", "policies": ["p", "gone"]}},
+                "policies": {
+                    "p": {"id": "p", "priority": 1, "status": "active"},
+                    "q": {"id": "q", "priority": 1, "status": "active"}
+                }
+            }),
+            &mut crate::data::EntryCache::default(),
+        )
+        .unwrap()
+        .entries;
+        let json = serde_json::to_value(facts.to_value(&tables, &entries)).unwrap();
         assert_eq!(json["agent"]["fingerprint"], "ab");
         assert_eq!(json["request"]["domain"], "example.com");
         // Minute resolution: the start of the minute.
         assert_eq!(json["time"]["unix_ns"], 120_000_000_000_u64);
         assert_eq!(json["time"]["local"]["UTC"]["day"], "thu");
         assert_eq!(json["time"]["local"]["UTC"]["prev_day"], "wed");
+        // The agent's entry (fingerprints are matched in lower case) and the policies it
+        // names that exist; other policies are not there.
+        assert_eq!(json["bundle"]["agent"]["id"], "a");
+        let policies = json["bundle"]["policies"].as_object().unwrap();
+        assert_eq!(policies.keys().collect::<Vec<_>>(), ["p"]);
+        // An unknown agent: no entry, no policies.
+        let stranger = RequestFacts {
+            fingerprint: "cd".into(),
+            ..facts
+        };
+        let json = serde_json::to_value(stranger.to_value(&tables, &entries)).unwrap();
+        assert_eq!(json["bundle"], serde_json::json!({"policies": {}}));
     }
 }

@@ -10,7 +10,7 @@
 //! audit stay outside the memo.
 
 use crate::config::{Bundle, RawBundle, RegoModule};
-use crate::data::{self, Clock, EntryCache, Reads};
+use crate::data::{self, Clock, Entries, EntryCache, Reads};
 use crate::decision::Decision;
 use crate::input::RequestFacts;
 use crate::time::{MINUTE_NS, OffsetTable};
@@ -162,7 +162,9 @@ fn valid_until(clock: &Clock, tables: &BTreeMap<String, OffsetTable>, unix_ns: u
 /// A bundle compiled once per configuration; evaluation never parses or compiles.
 #[derive(Debug, Clone)]
 pub struct CompiledPolicy {
+    /// Holds the modules only; its data document stays empty (see [`Entries`]).
     engine: Engine,
+    entries: Arc<Entries>,
     tables: BTreeMap<String, OffsetTable>,
     reads: Reads,
     memo: HashMap<u64, Vec<Memo>>,
@@ -185,7 +187,7 @@ impl CompiledPolicy {
         // Entries are keyed by their content, so those of a bundle that fails later (a
         // module that does not compile) are still right to reuse.
         let prepared = data::prepare_values(&bundle.data, cache).map_err(PolicyError::Data)?;
-        Self::build(&bundle.modules, prepared)
+        Self::build(&bundle.modules, prepared, cache)
     }
 
     /// [`CompiledPolicy::compile_with`] for the filter's configuration, whose agents and
@@ -195,59 +197,47 @@ impl CompiledPolicy {
         cache: &mut EntryCache,
     ) -> Result<Self, PolicyError> {
         let prepared = data::prepare_raw(&bundle.data, cache).map_err(PolicyError::Data)?;
-        Self::build(&bundle.modules, prepared)
+        Self::build(&bundle.modules, prepared, cache)
     }
 
-    /// Compiles `modules` against the prepared data and checks the decision rule by
-    /// evaluating it once on an empty request.
-    fn build(modules: &[RegoModule], prepared: data::PreparedValues) -> Result<Self, PolicyError> {
-        let mut engine = Engine::new();
-        engine.set_rego_v0(false);
-        let mut custom_modules = Vec::new();
-        for module in modules {
-            let package = engine
-                .add_policy(module.name.clone(), module.source.clone())
-                .map_err(|e| PolicyError::Compile {
-                    module: module.name.clone(),
-                    message: e.to_string(),
-                })?;
-            let expected = match custom_key(&module.name) {
-                Some(key) => {
-                    custom_modules.push(key.to_owned());
-                    format!("data.chronoguard.custom.{key}")
-                }
-                None => "data.chronoguard".to_owned(),
-            };
-            if package != expected {
-                return Err(PolicyError::Package {
-                    module: module.name.clone(),
-                    expected: expected.trim_start_matches("data.").to_owned(),
-                    found: package.trim_start_matches("data.").to_owned(),
-                });
-            }
-        }
+    /// Compiles `modules` (or takes the engine `cache` prepared for the same modules) and
+    /// checks the decision rule by evaluating it once on an empty request.
+    fn build(
+        modules: &[RegoModule],
+        prepared: data::PreparedValues,
+        cache: &mut EntryCache,
+    ) -> Result<Self, PolicyError> {
+        let custom_modules: Vec<&str> =
+            modules.iter().filter_map(|m| custom_key(&m.name)).collect();
         if let Some(missing) = prepared
             .custom_keys
             .iter()
-            .find(|k| !custom_modules.contains(k))
+            .find(|k| !custom_modules.contains(&k.as_str()))
         {
             return Err(PolicyError::Data(format!(
                 "a policy refers to custom module {missing:?} but the bundle has no module custom/{missing}.rego"
             )));
         }
-        // Prepared straight into regorus values: no JSON text round trip (on_configure
-        // time is part of every policy push).
-        engine
-            .add_data(prepared.data)
-            .map_err(|e| PolicyError::Data(e.to_string()))?;
+        let key = modules_hash(modules);
+        // The agents and policies reach Rego in the input, so an engine prepared for the
+        // same modules (regorus analyses them on the first evaluation) serves a new
+        // configuration as is: a push that changes only data costs no Rego work.
+        let (engine, reused) = match &cache.engine {
+            Some((k, engine)) if *k == key => (engine.clone(), true),
+            _ => (engine_for(modules)?, false),
+        };
         let mut compiled = Self {
             engine,
+            entries: prepared.entries,
             tables: prepared.tables,
             reads: prepared.reads,
             memo: HashMap::new(),
             memo_len: 0,
         };
         compiled.evaluate_fresh(&RequestFacts::default())?;
+        if !reused {
+            cache.engine = Some((key, compiled.engine.clone()));
+        }
         Ok(compiled)
     }
 
@@ -310,7 +300,8 @@ impl CompiledPolicy {
 
     /// Evaluates one request with regorus, bypassing the memo.
     pub fn evaluate_fresh(&mut self, facts: &RequestFacts) -> Result<Decision, PolicyError> {
-        self.engine.set_input(facts.to_value(&self.tables));
+        self.engine
+            .set_input(facts.to_value(&self.tables, &self.entries));
         let value = self
             .engine
             .eval_rule(DECISION_RULE.to_owned())
@@ -334,6 +325,43 @@ impl CompiledPolicy {
             .min()
             .unwrap_or(i64::MAX)
     }
+}
+
+/// A new engine with `modules`, each checked to declare its package: the library's
+/// `chronoguard`, a custom module `chronoguard.custom.<key>`.
+fn engine_for(modules: &[RegoModule]) -> Result<Engine, PolicyError> {
+    let mut engine = Engine::new();
+    engine.set_rego_v0(false);
+    for module in modules {
+        let package = engine
+            .add_policy(module.name.clone(), module.source.clone())
+            .map_err(|e| PolicyError::Compile {
+                module: module.name.clone(),
+                message: e.to_string(),
+            })?;
+        let expected = match custom_key(&module.name) {
+            Some(key) => format!("data.chronoguard.custom.{key}"),
+            None => "data.chronoguard".to_owned(),
+        };
+        if package != expected {
+            return Err(PolicyError::Package {
+                module: module.name.clone(),
+                expected: expected.trim_start_matches("data.").to_owned(),
+                found: package.trim_start_matches("data.").to_owned(),
+            });
+        }
+    }
+    Ok(engine)
+}
+
+/// The [`EntryCache`] key of a bundle's modules.
+fn modules_hash(modules: &[RegoModule]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    for module in modules {
+        (&module.name, &module.source).hash(&mut h);
+    }
+    h.finish()
 }
 
 /// `custom/<key>.rego` → `<key>`.
