@@ -262,6 +262,91 @@ async fn rate_limit_holds_across_workers() {
     }
 }
 
+/// A push keeps the memoised decisions of the agents it left alone (agent, policies,
+/// modules and timezones unchanged) and decides again for the agents it changed
+/// (`CompiledPolicy::inherit_memo`): counted by the filter's `memo_hits`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_keeps_the_decisions_it_did_not_change() {
+    // One worker, so every request meets the same VM and its memo.
+    let stack = Stack::start(StackOptions {
+        concurrency: 1,
+        ..StackOptions::default()
+    })
+    .await
+    .unwrap();
+    let tenant = stack.create_tenant("acme").await.unwrap();
+    let kept = stack
+        .create_policy(&tenant, "kept", &["a.example"], &[])
+        .await
+        .unwrap();
+    let changed = stack
+        .create_policy(&tenant, "changed", &["b.example"], &[])
+        .await
+        .unwrap();
+    let (_, one) = stack
+        .create_active_agent(&tenant, "one", &[&kept])
+        .await
+        .unwrap();
+    let (_, two) = stack
+        .create_active_agent(&tenant, "two", &[&changed])
+        .await
+        .unwrap();
+    let (one, two) = (
+        stack.agent_client(Some(&one)).unwrap(),
+        stack.agent_client(Some(&two)).unwrap(),
+    );
+    for (client, domain) in [(&one, "a.example"), (&two, "b.example")] {
+        let (status, _, _) = send(&stack, client, Method::GET, domain, "/").await;
+        assert_eq!(status, 200);
+    }
+    // Policy `changed` also allows c.example now: a push that changes agent two's policy.
+    stack
+        .admin(
+            Method::PUT,
+            &format!("/api/v1/policies/{changed}"),
+            Some(json!({"name": "changed", "priority": 100, "allowed_domains": ["b.example", "c.example"]})),
+        )
+        .await
+        .unwrap();
+    integration_tests::wait_for(
+        "the push on the worker",
+        Duration::from_secs(15),
+        || async {
+            let (status, _, _) = send(&stack, &two, Method::GET, "c.example", "/").await;
+            (status == 200).then_some(())
+        },
+    )
+    .await
+    .unwrap();
+    // The filter hands its stats to Envoy on its tick (every 100 ms here).
+    let hits = || async {
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        let hits = stack.envoy.stat("wasmcustom.chronoguard.memo_hits").await;
+        hits.unwrap()
+            .unwrap_or_default()
+            .parse::<u64>()
+            .unwrap_or(0)
+    };
+    let before = hits().await;
+    let (status, _, _) = send(&stack, &one, Method::GET, "a.example", "/").await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        hits().await,
+        before + 1,
+        "agent one's decision survives the push"
+    );
+    let (status, _, _) = send(&stack, &two, Method::GET, "b.example", "/").await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        hits().await,
+        before + 1,
+        "agent two's policy changed: decided again"
+    );
+    let (status, _, _) = send(&stack, &two, Method::GET, "b.example", "/").await;
+    assert_eq!(status, 200);
+    assert_eq!(hits().await, before + 2, "and memoised again");
+}
+
 fn chrono_minute() -> i64 {
     let secs = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

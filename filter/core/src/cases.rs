@@ -227,12 +227,14 @@ fn memoised_decisions_equal_fresh_ones() {
 /// decision: compiling every case file in turn with one cache (warm with the previous
 /// files' entries, and with the same file's own entries and engine on a second pass, and
 /// after a policy edit) decides every case like a fresh compile — from parsed bundles (the
-/// control plane) and from configuration text (the filter).
+/// control plane) and from configuration text (the filter); and so do memoised decisions
+/// inherited from the previous compile ([`CompiledPolicy::inherit_memo`]).
 #[test]
 fn cached_compiles_equal_fresh_ones() {
     let mut cache = crate::data::EntryCache::default();
     let mut raw_cache = crate::data::EntryCache::default();
-    let mut checked = 0;
+    let mut previous: Option<CompiledPolicy> = None;
+    let (mut checked, mut inherited) = (0, 0);
     for pass in 0..2 {
         for file in case_files() {
             let (mut bundle, cases) = load_bundle(&file);
@@ -261,12 +263,19 @@ fn cached_compiles_equal_fresh_ones() {
                 let mut cached = CompiledPolicy::compile_with(&bundle, &mut cache).unwrap();
                 let mut from_text =
                     CompiledPolicy::compile_raw(raw_bundle, &mut raw_cache).unwrap();
+                let mut inheriting = CompiledPolicy::compile_with(&bundle, &mut cache).unwrap();
+                if let Some(previous) = previous.as_mut() {
+                    inheriting.inherit_memo(previous);
+                }
                 for case in &cases {
                     let facts = facts(&case.request);
                     let want = fresh.evaluate_fresh(&facts).unwrap();
+                    let (memoised, hit) = inheriting.evaluate_memo(&facts).unwrap();
+                    inherited += usize::from(hit);
                     for (path, got) in [
                         ("cached", cached.evaluate_fresh(&facts).unwrap()),
                         ("text", from_text.evaluate_fresh(&facts).unwrap()),
+                        ("inherited", (*memoised).clone()),
                     ] {
                         assert_eq!(
                             got,
@@ -278,8 +287,10 @@ fn cached_compiles_equal_fresh_ones() {
                     }
                     checked += 1;
                 }
+                previous = Some(inheriting);
             }
         }
     }
     assert!(checked > 300);
+    assert!(inherited > 100, "{inherited} decisions inherited");
 }

@@ -159,6 +159,25 @@ impl Entries {
         self.policies.get(id).map(|(_, _, value)| value)
     }
 
+    /// What a decision about this agent depends on in the bundle, as one hash: its entry
+    /// and the entries of the policies it names (`None` for an unknown fingerprint). Two
+    /// configurations with the same modules, timezones and read fields decide the agent's
+    /// requests alike when its signatures are equal.
+    pub fn signature(&self, fingerprint: &str) -> Option<u64> {
+        use std::hash::{Hash, Hasher};
+        let (hash, value) = self.agents.get(fingerprint)?;
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        hash.hash(&mut h);
+        for id in value["policies"].as_array().into_iter().flatten() {
+            let policy = id
+                .as_string()
+                .ok()
+                .and_then(|id| self.policies.get(id.as_ref()));
+            policy.map(|(hash, _, _)| *hash).hash(&mut h);
+        }
+        Some(h.finish())
+    }
+
     /// The entries as the bundle's data document (`{agents, policies}`), for comparisons.
     pub fn document(&self) -> regorus::Value {
         let agents: BTreeMap<_, _> = self

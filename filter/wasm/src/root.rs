@@ -117,7 +117,7 @@ pub fn configure(root_context_id: u32) -> bool {
     let started = host::now_ns();
     let state = vm::state();
     match load(&bytes) {
-        Ok((active, sink)) => {
+        Ok((mut active, sink)) => {
             let elapsed_ms = host::now_ns().saturating_sub(started) / 1_000_000;
             host::log(
                 LogLevel::Info,
@@ -138,6 +138,14 @@ pub fn configure(root_context_id: u32) -> bool {
                 }
                 if sink.is_some() {
                     state.set_sink(sink);
+                }
+                // Decisions about agents the push left alone stay memoised.
+                let previous = current();
+                if let (Some(policy), Some(previous)) = (active.policy.as_mut(), previous)
+                    && let Ok(mut previous) = previous.try_borrow_mut()
+                    && let Some(old) = previous.policy.as_mut()
+                {
+                    policy.inherit_memo(old);
                 }
                 CURRENT.with(|c| *c.borrow_mut() = Some(Rc::new(RefCell::new(active))));
                 crate::ratelimit::reset();

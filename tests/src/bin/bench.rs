@@ -181,11 +181,11 @@ async fn main() -> anyhow::Result<()> {
                 "round {round} {variant}: {requests} requests ({errors} errors), {rps:.0} req/s, {cpu_us:.1} µs Envoy CPU/request, start-to-ready {start_to_ready:?}"
             );
             rows.push((variant.to_owned(), cpu_us, rps, start_to_ready));
-            let (p50, p99, _) = open_loop(
+            let (p50, p99, _) = open_loop_dump(
                 &stack,
                 &client,
-                1_000,
                 Duration::from_secs(args.latency_seconds),
+                &format!("{variant}-{round}"),
             )
             .await?;
             println!(
@@ -629,14 +629,31 @@ async fn open_loop(
     rate: u64,
     duration: Duration,
 ) -> anyhow::Result<(f64, f64, f64)> {
-    let host = |i: u64| {
-        if i.is_multiple_of(10) {
-            "blocked-0.example".to_owned()
-        } else {
-            "allowed-0.example".to_owned()
-        }
-    };
-    open_loop_hosts(stack, client, rate, duration, host).await
+    open_loop_hosts(stack, client, rate, duration, mixed_host).await
+}
+
+/// The load's mix: every tenth request to a blocked domain, the others allowed.
+fn mixed_host(i: u64) -> String {
+    if i.is_multiple_of(10) {
+        "blocked-0.example".to_owned()
+    } else {
+        "allowed-0.example".to_owned()
+    }
+}
+
+/// [`open_loop`] at 1,000 req/s that also writes every request's send time and latency
+/// (µs since the window began, µs) to `<dir>/latency-<name>.tsv` when
+/// `CHRONOGUARD_BENCH_LATENCY=<dir>` is set: to see when the slow requests happen (e.g. in
+/// step with the filter's tick).
+async fn open_loop_dump(
+    stack: &Stack,
+    client: &reqwest::Client,
+    duration: Duration,
+    name: &str,
+) -> anyhow::Result<(f64, f64, f64)> {
+    let dump = std::env::var_os("CHRONOGUARD_BENCH_LATENCY")
+        .map(|dir| std::path::Path::new(&dir).join(format!("latency-{name}.tsv")));
+    open_loop_samples(stack, client, 1_000, duration, mixed_host, dump.as_deref()).await
 }
 
 /// [`open_loop`] with the `host` of the i-th request chosen by the caller.
@@ -646,6 +663,18 @@ async fn open_loop_hosts(
     rate: u64,
     duration: Duration,
     host: impl Fn(u64) -> String,
+) -> anyhow::Result<(f64, f64, f64)> {
+    open_loop_samples(stack, client, rate, duration, host, None).await
+}
+
+/// [`open_loop_hosts`], writing the samples to `dump` if given.
+async fn open_loop_samples(
+    stack: &Stack,
+    client: &reqwest::Client,
+    rate: u64,
+    duration: Duration,
+    host: impl Fn(u64) -> String,
+    dump: Option<&std::path::Path>,
 ) -> anyhow::Result<(f64, f64, f64)> {
     let url = stack.envoy.url("/v1/objects/abc");
     let mut interval = tokio::time::interval(Duration::from_nanos(1_000_000_000 / rate.max(1)));
@@ -663,15 +692,23 @@ async fn open_loop_hosts(
                 Ok(r) => r.bytes().await.is_ok(),
                 Err(_) => false,
             };
-            ok.then(|| sent.elapsed())
+            ok.then(|| (sent.duration_since(started), sent.elapsed()))
         }));
     }
-    let mut samples = Vec::with_capacity(tasks.len());
+    let mut timed = Vec::with_capacity(tasks.len());
     for task in tasks {
-        if let Ok(Some(latency)) = task.await {
-            samples.push(latency);
+        if let Ok(Some(sample)) = task.await {
+            timed.push(sample);
         }
     }
+    if let Some(path) = dump {
+        let lines: String = timed
+            .iter()
+            .map(|(at, latency)| format!("{}\t{}\n", at.as_micros(), latency.as_micros()))
+            .collect();
+        std::fs::write(path, lines)?;
+    }
+    let mut samples: Vec<Duration> = timed.into_iter().map(|(_, latency)| latency).collect();
     samples.sort();
     let at = |p: f64| {
         let i = ((samples.len() as f64 - 1.0) * p).round() as usize;
