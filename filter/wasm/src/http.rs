@@ -188,7 +188,8 @@ impl Request {
         if STAGE == Stage::Limit {
             return Action::Continue;
         }
-        let mut record = AuditRecord::from_facts(id.clone(), facts, &decision, &version);
+        let mut record = AuditRecord::of(&id, &facts, &decision, &version);
+        let dry_run_reason;
         if let Some(dry_run) = decision
             .dry_run
             .as_ref()
@@ -196,10 +197,11 @@ impl Request {
         {
             // The request went through; the record says which dry-run policy would have
             // blocked it and why.
-            record.reason = format!("dry_run_deny:{}", dry_run.reason);
-            record.policy_id.clone_from(&dry_run.policy_id);
+            dry_run_reason = format!("dry_run_deny:{}", dry_run.reason);
+            record.reason = &dry_run_reason;
+            record.policy_id = dry_run.policy_id.as_deref();
         }
-        state.record(record);
+        state.record(&record);
         drop(state);
         if STAGE == Stage::Audit {
             return Action::Continue;

@@ -140,7 +140,7 @@ impl VmState {
         self.sink = sink;
     }
 
-    pub fn record(&mut self, record: AuditRecord) {
+    pub fn record(&mut self, record: &AuditRecord<&str>) {
         let dropped = self.audit.push(record);
         self.metrics.add(self.metrics.audit_buffered, 1);
         if dropped > 0 {
@@ -187,12 +187,8 @@ impl VmState {
         let Some(batch) = self.audit.next_batch(sink.batch_size, || ids.next_id()) else {
             return;
         };
-        // Sized for typical records (≈ 550 bytes of JSON each), so a batch of 1,000 is
-        // written without growing (and copying) the buffer ten times over.
-        let mut body = Vec::with_capacity(64 + batch.entries.len() * 640);
-        if serde_json::to_writer(&mut body, batch).is_err() {
-            return;
-        }
+        // The records were serialised when queued: this only joins them.
+        let body = batch.body();
         let timeout = Duration::from_millis(sink.timeout_ms);
         match host::dispatch_post(
             &sink.cluster,
