@@ -254,6 +254,28 @@ async fn main() -> anyhow::Result<()> {
         );
         previous = c;
     }
+    // The same comparison paired by round (each variant against plain Envoy measured
+    // minutes apart in the same round): steadier than the difference of medians when the
+    // machine's speed drifts between rounds.
+    let paired = |variant: &str, value: &dyn Fn(usize) -> Option<f64>| {
+        let mut d: Vec<f64> = (0..args.rounds)
+            .filter_map(|round| {
+                let at = |name: &str| variants.iter().position(|(n, _)| n == name);
+                let (v, p) = (at(variant)?, at("plain")?);
+                let n = variants.len();
+                Some(value(round * n + v)? - value(round * n + p)?)
+            })
+            .collect();
+        d.sort_by(|a, b| a.total_cmp(b));
+        d.get(d.len() / 2).copied().unwrap_or(0.0)
+    };
+    for (variant, _) in variants.iter().filter(|(n, _)| n != "plain") {
+        let cpu = paired(variant, &|i| rows.get(i).map(|r| r.1));
+        let p99 = paired(variant, &|i| latencies.get(i).map(|l| l.2));
+        println!(
+            "{variant}, paired by round (median of the per-round differences to plain): {cpu:+.1} µs/request, p99 at 1,000 req/s {p99:+.3} ms"
+        );
+    }
     let wasm = std::fs::metadata(integration_tests::envoy::wasm())?.len();
     println!(
         "\nagents in bundle: {bundle_bytes}; policies: {}; module after wasm-opt: {wasm} bytes; medians of {} rounds of {} s",
