@@ -287,6 +287,20 @@ async fn main() -> anyhow::Result<()> {
     propagation(&stack, &agent, policy0, &args).await
 }
 
+/// Memo keys of the load's agent in `memo_churn` and `memo_across_pushes`: one domain each.
+const KEYS: u64 = 400;
+
+fn host(i: u64) -> String {
+    format!("k{}.churn.example", i % KEYS)
+}
+
+/// Asks for every key once (500 req/s), so each has a memoised decision.
+async fn warm_keys(stack: &Stack, client: &reqwest::Client) -> anyhow::Result<()> {
+    let window = Duration::from_millis(KEYS * 2 + 200);
+    open_loop_hosts(stack, client, 500, window, host).await?;
+    Ok(())
+}
+
 /// Many memo keys across a UTC minute boundary: 1,000 req/s over `KEYS` distinct domains
 /// (each a key of the decision memo), warmed first, measured for 5 s around the start of
 /// a minute. Twice: with a policy that reads the minute (every minute is then a boundary,
@@ -298,9 +312,7 @@ async fn memo_churn(
     agent: &integration_tests::certs::AgentCert,
     policy0: uuid::Uuid,
 ) -> anyhow::Result<()> {
-    const KEYS: u64 = 400;
     let client = stack.agent_client(Some(agent))?;
-    let host = |i: u64| format!("k{}.churn.example", i % KEYS);
     for (what, minute_rule) in [
         (
             "a policy reads the minute: every minute is a boundary",
@@ -328,36 +340,16 @@ async fn memo_churn(
             )
             .await?;
         tokio::time::sleep(Duration::from_millis(500)).await;
-        // Warm: every key once.
-        open_loop_hosts(
-            stack,
-            &client,
-            500,
-            Duration::from_millis(KEYS * 2 + 200),
-            host,
-        )
-        .await?;
+        warm_keys(stack, &client).await?;
         // Start 2.5 s before the next minute.
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?;
         let into_minute = now.as_millis() % 60_000;
         let wait = (60_000 - into_minute + 57_500) % 60_000;
         tokio::time::sleep(Duration::from_millis(wait as u64)).await;
-        let (h0, sent0) = (
-            counters(stack, HITS).await?,
-            counters(stack, DECIDED).await?,
-        );
-        let (p50, p99, max) =
-            open_loop_hosts(stack, &client, 1_000, Duration::from_secs(5), host).await?;
-        // The filter hands its stats to Envoy on its tick.
-        tokio::time::sleep(Duration::from_millis(600)).await;
-        let (h1, sent1) = (
-            counters(stack, HITS).await?,
-            counters(stack, DECIDED).await?,
-        );
-        let decided = sent1.saturating_sub(sent0);
+        let (p50, p99, max, misses, decided) =
+            memo_misses(stack, &client, Duration::from_secs(5), host).await?;
         println!(
-            "\nmemo churn ({what}; {KEYS} keys, 1,000 req/s open loop for 5 s across a minute boundary): p50 {p50:.3} / p99 {p99:.3} / max {max:.3} ms; {} of {decided} decisions not from the memo",
-            decided.saturating_sub(h1.saturating_sub(h0))
+            "\nmemo churn ({what}; {KEYS} keys, 1,000 req/s open loop for 5 s across a minute boundary): p50 {p50:.3} / p99 {p99:.3} / max {max:.3} ms; {misses} of {decided} decisions not from the memo"
         );
     }
     Ok(())
@@ -381,9 +373,7 @@ async fn memo_across_pushes(
     agent: &integration_tests::certs::AgentCert,
     policy0: uuid::Uuid,
 ) -> anyhow::Result<()> {
-    const KEYS: u64 = 400;
     let client = stack.agent_client(Some(agent))?;
-    let host = |i: u64| format!("k{}.churn.example", i % KEYS);
     // `seed` puts agent 0 (the load's) on p0, p7 and p14: p1 is another agents' policy.
     let other: uuid::Uuid = sqlx::query_scalar("SELECT id FROM policies WHERE name = 'p1'")
         .fetch_one(&stack.db)
@@ -406,14 +396,7 @@ async fn memo_across_pushes(
         json!({"name": "p0", "priority": 0, "allowed_domains": ["*.churn.example"]}),
     )
     .await?;
-    open_loop_hosts(
-        stack,
-        &client,
-        500,
-        Duration::from_millis(KEYS * 2 + 200),
-        host,
-    )
-    .await?;
+    warm_keys(stack, &client).await?;
     for (what, id, body) in [
         (
             "a push that changes another agents' policy",
@@ -427,25 +410,42 @@ async fn memo_across_pushes(
         ),
     ] {
         put(id, body).await?;
-        let (h0, d0) = (
-            counters(stack, HITS).await?,
-            counters(stack, DECIDED).await?,
-        );
-        let (p50, p99, max) =
-            open_loop_hosts(stack, &client, 1_000, Duration::from_secs(1), host).await?;
-        // The filter hands its stats to Envoy on its tick.
-        tokio::time::sleep(Duration::from_millis(600)).await;
-        let (h1, d1) = (
-            counters(stack, HITS).await?,
-            counters(stack, DECIDED).await?,
-        );
-        let decided = d1.saturating_sub(d0);
+        let (p50, p99, max, misses, decided) =
+            memo_misses(stack, &client, Duration::from_secs(1), host).await?;
         println!(
-            "\nmemo across a push ({what}; {KEYS} keys memoised before it, 1,000 req/s for 1 s after it): {} of {decided} decisions not from the memo; p50 {p50:.3} / p99 {p99:.3} / max {max:.3} ms",
-            decided.saturating_sub(h1.saturating_sub(h0))
+            "\nmemo across a push ({what}; {KEYS} keys memoised before it, 1,000 req/s for 1 s after it): {misses} of {decided} decisions not from the memo; p50 {p50:.3} / p99 {p99:.3} / max {max:.3} ms"
         );
     }
     Ok(())
+}
+
+/// Open-loop load at 1,000 req/s over `host`'s domains for `duration`: p50, p99 and max
+/// latency (ms), then how many decisions did not come from the memo, of how many.
+async fn memo_misses(
+    stack: &Stack,
+    client: &reqwest::Client,
+    duration: Duration,
+    host: impl Fn(u64) -> String,
+) -> anyhow::Result<(f64, f64, f64, u64, u64)> {
+    let (h0, d0) = (
+        counters(stack, HITS).await?,
+        counters(stack, DECIDED).await?,
+    );
+    let (p50, p99, max) = open_loop_hosts(stack, client, 1_000, duration, host).await?;
+    // The filter hands its stats to Envoy on its tick.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let (h1, d1) = (
+        counters(stack, HITS).await?,
+        counters(stack, DECIDED).await?,
+    );
+    let decided = d1.saturating_sub(d0);
+    Ok((
+        p50,
+        p99,
+        max,
+        decided.saturating_sub(h1.saturating_sub(h0)),
+        decided,
+    ))
 }
 
 async fn counters(stack: &Stack, names: &[&str]) -> anyhow::Result<u64> {
