@@ -110,8 +110,10 @@ enum Serving {
 /// A root context's `on_configure`: loads the configuration and makes it the one that
 /// decides requests. `false` refuses one that cannot be loaded; that happens first in
 /// Envoy's configuration canary (a fresh VM on the main thread), which makes Envoy NACK
-/// it and keep the previous one before any worker sees it (a refusal on a worker alone
-/// would make Envoy 1.40 skip the filter: see [`admit`]).
+/// it and keep the previous one before any worker sees it. A VM that already decides
+/// requests never refuses: it keeps its configuration, logs at critical level and counts
+/// `config_rejected` (a refusal on a worker alone would make Envoy 1.40 skip the filter:
+/// see [`admit`]).
 pub fn configure(root_context_id: u32) -> bool {
     let bytes = host::configuration().unwrap_or_default();
     let started = host::now_ns();
@@ -154,6 +156,22 @@ pub fn configure(root_context_id: u32) -> bool {
         }
         Err(err) => {
             host::increment(state.borrow().metrics.config_rejected, 1);
+            // A VM that already decides requests keeps its configuration and says it
+            // accepted the new one: a refusal on a worker alone would make Envoy 1.40 skip
+            // the filter there (fail open). Only a VM that has never accepted one refuses:
+            // Envoy's configuration canary is such a fresh VM, and its refusal is what
+            // makes Envoy NACK a bad configuration before any worker sees it.
+            if let Some(kept) = current() {
+                let kept = kept.try_borrow().map(|a| a.version.clone()).ok();
+                host::log(
+                    LogLevel::Critical,
+                    &format!(
+                        "root {root_context_id}: configuration refused: {err}; this VM keeps deciding under configuration {}",
+                        kept.as_deref().unwrap_or("?")
+                    ),
+                );
+                return true;
+            }
             host::log(
                 LogLevel::Critical,
                 &format!("root {root_context_id}: configuration refused: {err}"),
