@@ -113,8 +113,12 @@ impl Clock {
 pub struct Entries {
     /// Keyed by the lower-case fingerprint.
     agents: HashMap<String, (u64, regorus::Value)>,
-    policies: HashMap<String, (u64, PolicyFacts, regorus::Value)>,
+    policies: HashMap<String, PolicyEntry>,
 }
+
+/// A prepared policy: the hash of its JSON, what it contributes besides its value, and
+/// its value.
+pub(crate) type PolicyEntry = (u64, PolicyFacts, regorus::Value);
 
 /// The data document prepared, plus what the core needs next to it.
 #[derive(Debug)]
@@ -141,7 +145,7 @@ pub struct EntryCache {
 
 /// What a prepared policy contributes besides its value.
 #[derive(Debug, Clone, Default)]
-struct PolicyFacts {
+pub(crate) struct PolicyFacts {
     reads: Reads,
     custom: Option<String>,
     timezone: String,
@@ -155,10 +159,6 @@ impl Entries {
         self.agents.get(fingerprint).map(|(_, value)| value)
     }
 
-    pub fn policy(&self, id: &str) -> Option<&regorus::Value> {
-        self.policies.get(id).map(|(_, _, value)| value)
-    }
-
     /// What a decision about this agent depends on in the bundle, as one hash: its entry
     /// and the entries of the policies it names (`None` for an unknown fingerprint). Two
     /// configurations with the same modules, timezones and read fields decide the agent's
@@ -168,18 +168,33 @@ impl Entries {
         let (hash, value) = self.agents.get(fingerprint)?;
         let mut h = std::collections::hash_map::DefaultHasher::new();
         hash.hash(&mut h);
-        for id in value["policies"].as_array().into_iter().flatten() {
-            let policy = id
-                .as_string()
-                .ok()
-                .and_then(|id| self.policies.get(id.as_ref()));
+        for (_, policy) in self.named_policies(value) {
             policy.map(|(hash, _, _)| *hash).hash(&mut h);
         }
         Some(h.finish())
     }
 
+    /// The ids an agent's entry names, each with the bundle's entry for it (if any).
+    pub(crate) fn named_policies<'a>(
+        &'a self,
+        agent: &'a regorus::Value,
+    ) -> impl Iterator<Item = (&'a regorus::Value, Option<&'a PolicyEntry>)> {
+        agent["policies"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|id| {
+                let entry = id
+                    .as_string()
+                    .ok()
+                    .and_then(|id| self.policies.get(id.as_ref()));
+                (id, entry)
+            })
+    }
+
     /// The entries as the bundle's data document (`{agents, policies}`), for comparisons.
-    pub fn document(&self) -> regorus::Value {
+    #[cfg(test)]
+    fn document(&self) -> regorus::Value {
         let agents: BTreeMap<_, _> = self
             .agents
             .iter()
@@ -917,7 +932,7 @@ mod tests {
         changed["policies"]["p"]["priority"] = json!(7);
         let got = prepare_values(&changed, &mut cache).unwrap();
         assert_eq!(
-            got.entries.policy("p").unwrap()["priority"],
+            got.entries.document()["policies"]["p"]["priority"],
             regorus::Value::from(7i64)
         );
         let mut broken = data.clone();

@@ -104,11 +104,9 @@ impl RequestFacts {
         let mut bundle = BTreeMap::new();
         let mut policies = BTreeMap::new();
         if let Some(record) = entries.agent(&self.fingerprint) {
-            if let Ok(ids) = record["policies"].as_array() {
-                for id in ids {
-                    if let Some(policy) = id.as_string().ok().and_then(|id| entries.policy(id)) {
-                        policies.insert(id.clone(), policy.clone());
-                    }
+            for (id, entry) in entries.named_policies(record) {
+                if let Some((_, _, policy)) = entry {
+                    policies.insert(id.clone(), policy.clone());
                 }
             }
             bundle.insert(Value::from("agent"), record.clone());
