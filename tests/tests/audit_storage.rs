@@ -363,6 +363,61 @@ async fn plain_migration_keeps_rows_and_maintenance_takes_turns() {
     assert_eq!(count, 3);
 }
 
+/// A read of `audit_entries` that runs while maintenance moves rows out of the default
+/// partition sees every row. PostgreSQL plans a query with the partitions it saw when it
+/// locked the parent but reads with a snapshot taken after the locks it waited for: a
+/// read that queued behind the move planned without the new partition and then found the
+/// moved rows deleted from the default one, so verification reported the chain
+/// `truncated` and an export missed rows. The reader is made to queue exactly there: a
+/// session holding the default partition keeps the move waiting at its `ATTACH`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_during_a_partition_move_sees_every_row() {
+    let postgres = Postgres::shared().await.unwrap();
+    let url = postgres.fresh_database().await.unwrap();
+    let pool = sqlx::PgPool::connect(&url).await.unwrap();
+    control_plane::storage::MIGRATOR.run(&pool).await.unwrap();
+    let tenant = Uuid::new_v4();
+    let old = Utc::now() - Duration::days(200);
+    let times: Vec<DateTime<Utc>> = (0..3).map(|i| old + Duration::seconds(i)).collect();
+    insert_chain(&pool, tenant, 1, [0; 32], &times).await;
+    let count = |pool: sqlx::PgPool| async move {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM audit_entries WHERE tenant_id = $1")
+            .bind(tenant)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+    };
+    let in_default: i64 = sqlx::query_scalar("SELECT count(*) FROM audit_entries_default")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(in_default, 3, "old rows land in the default partition");
+
+    let mut holder = control_plane::storage::begin(&pool).await.unwrap();
+    sqlx::query("SELECT count(*) FROM audit_entries_default")
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let keys = CpKeys::from_settings(&control_plane::config::Audit::default()).unwrap();
+    let policy = Policy {
+        retention: None,
+        partitions_ahead: 0,
+    };
+    let maintenance = tokio::spawn({
+        let pool = pool.clone();
+        async move { retention::maintain(&pool, &keys, policy, Utc::now()).await }
+    });
+    let pause = std::time::Duration::from_millis(400);
+    tokio::time::sleep(pause).await;
+    let reader = tokio::spawn(count(pool.clone()));
+    tokio::time::sleep(pause).await;
+    holder.commit().await.unwrap();
+    let report = maintenance.await.unwrap().unwrap();
+    assert_eq!(report.rows_moved, 3, "{report:?}");
+    assert_eq!(reader.await.unwrap(), 3, "the read during the move");
+    assert_eq!(count(pool.clone()).await, 3, "after the move");
+}
+
 /// The real control plane on plain PostgreSQL: partitions ahead, retention anchored on
 /// signed checkpoints, verification from the anchor (API and offline), tampering after
 /// the drop caught, a broken chain never dropped.

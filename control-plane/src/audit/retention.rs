@@ -145,11 +145,18 @@ async fn maintain_locked(
             .collect();
         weeks.extend(sql::default_partition_weeks(conn).await?);
         for week in weeks {
-            if let Some(moved) = sql::ensure_week(conn, week).await? {
-                report.partitions_created += 1;
-                report.rows_moved += moved;
-                tracing::info!(partition = %sql::partition_name(week), rows_moved = moved,
-                    "audit partition created");
+            match sql::ensure_week(conn, week).await {
+                Ok(Some(moved)) => {
+                    report.partitions_created += 1;
+                    report.rows_moved += moved;
+                    tracing::info!(partition = %sql::partition_name(week), rows_moved = moved,
+                        "audit partition created");
+                }
+                Ok(None) => {}
+                Err(err) if is_lock_timeout(&err) => tracing::info!(
+                    partition = %sql::partition_name(week),
+                    "audit table busy past the lock timeout; partition created next run"),
+                Err(err) => return Err(err),
             }
         }
     }
@@ -244,13 +251,15 @@ async fn retire(
         Ok(true) => Ok(Retired::Dropped),
         Ok(false) => Ok(Retired::Busy),
         // The range stayed busy past the lock timeout: next run.
-        Err(StoreError::Database(sqlx::Error::Database(db)))
-            if db.code().as_deref() == Some("55P03") =>
-        {
-            Ok(Retired::Busy)
-        }
+        Err(err) if is_lock_timeout(&err) => Ok(Retired::Busy),
         Err(err) => Err(err),
     }
+}
+
+/// `lock_not_available`: a `lock_timeout` ran out; the maintenance step is retried.
+fn is_lock_timeout(err: &StoreError) -> bool {
+    matches!(err, StoreError::Database(sqlx::Error::Database(db))
+        if db.code().as_deref() == Some("55P03"))
 }
 
 /// Runs maintenance now (start-up) and then every `interval` (`None`: only now), until the

@@ -103,7 +103,9 @@ pub async fn ensure_week(
     let end = start + Duration::days(7);
     let name = partition_name(start);
     let mut tx = conn.begin().await?;
-    sqlx::query("SET LOCAL lock_timeout = '10s'")
+    // The lock below holds back every reader and writer: give up soon (the caller retries
+    // at the next run) rather than stall the API behind a long export.
+    sqlx::query("SET LOCAL lock_timeout = '2s'")
         .execute(&mut *tx)
         .await?;
     let exists: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
@@ -115,12 +117,16 @@ pub async fn ensure_week(
         return Ok(None);
     }
     let relation = quote_ident(&name);
-    // No insert may run between moving the week's rows and attaching its partition: an
-    // insert routed to the default partition before the attach would fail afterwards
-    // ("violates partition constraint") or leave a row the attach refuses. Inserts take
-    // ROW EXCLUSIVE on the parent; this waits for those in flight and holds new ones
-    // back until the commit (they then route to the new partition).
-    sqlx::query("LOCK TABLE audit_entries IN SHARE ROW EXCLUSIVE MODE")
+    // Nothing may touch the table while rows move:
+    // - an insert routed to the default partition before the attach would fail afterwards
+    //   ("violates partition constraint") or leave a row the attach refuses;
+    // - a read that queued behind the move would be planned with the partitions it saw
+    //   (not the new one) but read with a snapshot taken after the commit (the rows gone
+    //   from the default one): it would miss the moved rows, and verification would call
+    //   the chain truncated.
+    // ACCESS EXCLUSIVE on the parent waits for the statements in flight and holds new
+    // ones back until the commit; they then plan with the new partition.
+    sqlx::query("LOCK TABLE audit_entries IN ACCESS EXCLUSIVE MODE")
         .execute(&mut *tx)
         .await?;
     // Created detached, filled from the default partition, then attached: attaching
