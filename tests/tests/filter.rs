@@ -268,13 +268,7 @@ async fn rate_limit_holds_across_workers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_push_keeps_the_decisions_it_did_not_change() {
     // One worker, so every request meets the same VM and its memo.
-    let stack = Stack::start(StackOptions {
-        concurrency: 1,
-        ..StackOptions::default()
-    })
-    .await
-    .unwrap();
-    let tenant = stack.create_tenant("acme").await.unwrap();
+    let (stack, tenant) = stack_with_workers(1).await;
     let kept = stack
         .create_policy(&tenant, "kept", &["a.example"], &[])
         .await
@@ -283,18 +277,8 @@ async fn a_push_keeps_the_decisions_it_did_not_change() {
         .create_policy(&tenant, "changed", &["b.example"], &[])
         .await
         .unwrap();
-    let (_, one) = stack
-        .create_active_agent(&tenant, "one", &[&kept])
-        .await
-        .unwrap();
-    let (_, two) = stack
-        .create_active_agent(&tenant, "two", &[&changed])
-        .await
-        .unwrap();
-    let (one, two) = (
-        stack.agent_client(Some(&one)).unwrap(),
-        stack.agent_client(Some(&two)).unwrap(),
-    );
+    let one = agent(&stack, &tenant, "one", &kept).await;
+    let two = agent(&stack, &tenant, "two", &changed).await;
     for (client, domain) in [(&one, "a.example"), (&two, "b.example")] {
         let (status, _, _) = send(&stack, client, Method::GET, domain, "/").await;
         assert_eq!(status, 200);
@@ -345,6 +329,88 @@ async fn a_push_keeps_the_decisions_it_did_not_change() {
     let (status, _, _) = send(&stack, &two, Method::GET, "b.example", "/").await;
     assert_eq!(status, 200);
     assert_eq!(hits().await, before + 2, "and memoised again");
+}
+
+/// Envoy loads each configuration first in a fresh VM on its main thread (the canary),
+/// then in its long-lived VMs. The canary validates only the agents no VM validated
+/// before and publishes them; the workers then validate none and prepare agents on first
+/// use: a new agent's requests are still decided by its own entry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_trust_the_agents_the_canary_validated() {
+    let (stack, tenant) = stack_with_workers(2).await;
+    let policy = stack
+        .create_policy(&tenant, "p", &["a.example"], &[])
+        .await
+        .unwrap();
+    let one = agent(&stack, &tenant, "one", &policy).await;
+    let (status, _, _) = send(&stack, &one, Method::GET, "a.example", "/").await;
+    assert_eq!(status, 200);
+    let two = agent(&stack, &tenant, "two", &policy).await;
+    integration_tests::wait_for("agent two decided", Duration::from_secs(15), || async {
+        let (status, _, _) = send(&stack, &two, Method::GET, "a.example", "/").await;
+        (status == 200).then_some(())
+    })
+    .await
+    .unwrap();
+    let (status, body, _) = send(&stack, &two, Method::GET, "b.example", "/").await;
+    assert_eq!(status, 403, "{body}");
+    assert_eq!(body["reason"], "no_matching_policy", "{body}");
+
+    // `root R: configuration V loaded (Enforce, B bytes, A agents validated here, M ms)`.
+    let log = std::fs::read_to_string(&stack.envoy.log).unwrap();
+    let loads: Vec<(u32, u64, u64)> = log
+        .lines()
+        .filter_map(|l| {
+            let (head, tail) = l.split_once("root ")?.1.split_once(": configuration ")?;
+            let (version, tail) = tail.split_once(" loaded (Enforce, ")?;
+            let validated = tail.split_once(" bytes, ")?.1;
+            let validated = validated.split_once(" agents validated here")?.0;
+            Some((
+                head.parse().ok()?,
+                version.parse().ok()?,
+                validated.parse().ok()?,
+            ))
+        })
+        .collect();
+    let last = loads.iter().map(|(_, v, _)| *v).max().unwrap();
+    let of_last: Vec<(u32, u64)> = loads
+        .iter()
+        .filter(|(_, v, _)| *v == last)
+        .map(|(root, _, validated)| (*root, *validated))
+        .collect();
+    // The canary (root context 1 of a fresh VM) validated agent two's new entry only;
+    // the main thread's and both workers' long-lived VMs validated nothing.
+    assert!(
+        of_last.iter().any(|&(root, n)| root == 1 && n == 1),
+        "{of_last:?}"
+    );
+    let long_lived: Vec<u64> = of_last
+        .iter()
+        .filter(|(root, _)| *root != 1)
+        .map(|(_, n)| *n)
+        .collect();
+    assert_eq!(long_lived, [0, 0, 0], "{of_last:?}");
+}
+
+/// A stack whose Envoy runs `concurrency` workers, and a tenant on it.
+async fn stack_with_workers(concurrency: u32) -> (Stack, String) {
+    let stack = Stack::start(StackOptions {
+        concurrency,
+        ..StackOptions::default()
+    })
+    .await
+    .unwrap();
+    let tenant = stack.create_tenant("acme").await.unwrap();
+    (stack, tenant)
+}
+
+/// An active agent on `policy`, and a client presenting its certificate.
+async fn agent(stack: &Stack, tenant: &str, name: &str, policy: &str) -> reqwest::Client {
+    let (_, cert) = stack
+        .create_active_agent(tenant, name, &[policy])
+        .await
+        .unwrap();
+    stack.agent_client(Some(&cert)).unwrap()
 }
 
 fn chrono_minute() -> i64 {

@@ -227,8 +227,10 @@ fn memoised_decisions_equal_fresh_ones() {
 /// decision: compiling every case file in turn with one cache (warm with the previous
 /// files' entries, and with the same file's own entries and engine on a second pass, and
 /// after a policy edit) decides every case like a fresh compile — from parsed bundles (the
-/// control plane) and from configuration text (the filter); and so do memoised decisions
-/// inherited from the previous compile ([`CompiledPolicy::inherit_memo`]).
+/// control plane) and from configuration text (the filter), also with every agent
+/// prepared on first use because another VM validated it ([`crate::data::ValidatedAgents`]);
+/// and so do memoised decisions inherited from the previous compile
+/// ([`CompiledPolicy::inherit_memo`]).
 #[test]
 fn cached_compiles_equal_fresh_ones() {
     let mut cache = crate::data::EntryCache::default();
@@ -261,8 +263,21 @@ fn cached_compiles_equal_fresh_ones() {
             let raw_bundle = raw.bundle.as_ref().unwrap();
             for _ in 0..2 {
                 let mut cached = CompiledPolicy::compile_with(&bundle, &mut cache).unwrap();
-                let mut from_text =
-                    CompiledPolicy::compile_raw(raw_bundle, &mut raw_cache).unwrap();
+                let mut from_text = CompiledPolicy::compile_raw(
+                    raw_bundle,
+                    &mut raw_cache,
+                    &crate::data::ValidatedAgents::default(),
+                )
+                .unwrap();
+                // Another VM of this Envoy validated every agent: none is prepared now.
+                let validated = crate::data::ValidatedAgents::decode(&from_text.validated_agents());
+                let mut deferred = CompiledPolicy::compile_raw(
+                    raw_bundle,
+                    &mut crate::data::EntryCache::default(),
+                    &validated,
+                )
+                .unwrap();
+                assert_eq!(deferred.agents_validated(), 0, "{}", file.display());
                 let mut inheriting = CompiledPolicy::compile_with(&bundle, &mut cache).unwrap();
                 if let Some(previous) = previous.as_mut() {
                     inheriting.inherit_memo(previous);
@@ -275,6 +290,7 @@ fn cached_compiles_equal_fresh_ones() {
                     for (path, got) in [
                         ("cached", cached.evaluate_fresh(&facts).unwrap()),
                         ("text", from_text.evaluate_fresh(&facts).unwrap()),
+                        ("deferred", deferred.evaluate_fresh(&facts).unwrap()),
                         ("inherited", (*memoised).clone()),
                     ] {
                         assert_eq!(

@@ -11,7 +11,7 @@ use crate::time::{DAYS, OffsetTable, tables_from_json};
 use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 /// Request fields a condition may test; `agent_metadata.<key>` is accepted too.
 pub const FIELDS: &[&str] = &[
@@ -112,9 +112,31 @@ impl Clock {
 #[derive(Debug, Default)]
 pub struct Entries {
     /// Keyed by the lower-case fingerprint.
-    agents: HashMap<String, (u64, regorus::Value)>,
+    agents: HashMap<String, Arc<AgentEntry>>,
     policies: HashMap<String, PolicyEntry>,
 }
+
+/// An agent: the hash of its JSON and its value. The value is prepared when the
+/// configuration is loaded, or, when a VM of this Envoy validated the same JSON text
+/// already ([`ValidatedAgents`]), on first use from the text kept here. Shared by the
+/// configurations of one VM that carry the same JSON, so it is prepared once per VM.
+#[derive(Debug)]
+pub(crate) struct AgentEntry {
+    hash: u64,
+    value: OnceLock<Result<regorus::Value, String>>,
+    /// The JSON of an entry prepared on first use.
+    text: Option<Box<str>>,
+}
+
+/// The agents' JSON texts (by [`EntryCache`] hash) that a VM of this Envoy has
+/// validated: a VM loading a configuration validates only the agents not in it and
+/// prepares the others on first use. Envoy loads every configuration first in a fresh VM
+/// on its main thread (its configuration canary, which refuses a bad one); the canary
+/// publishes the set (the filter keeps it in proxy-wasm shared data), so the worker VMs
+/// that load the same configuration next validate nothing again, and the next canary
+/// validates only what the push changed. Validating an agent depends on its text alone.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ValidatedAgents(Vec<u64>);
 
 /// A prepared policy: the hash of its JSON, what it contributes besides its value, and
 /// its value.
@@ -127,6 +149,8 @@ pub struct PreparedValues {
     pub tables: BTreeMap<String, OffsetTable>,
     pub reads: Reads,
     pub custom_keys: BTreeSet<String>,
+    /// Agents this call validated itself (not reused, not in [`ValidatedAgents`]).
+    pub agents_validated: usize,
 }
 
 /// What the previous configuration prepared, kept by a filter VM so that a policy push
@@ -154,9 +178,26 @@ pub(crate) struct PolicyFacts {
 // === impl Entries ===
 
 impl Entries {
-    /// The agent with this (lower-case) fingerprint.
+    /// The agent with this (lower-case) fingerprint; `None` for an unknown one, and for
+    /// one whose entry failed to prepare on first use ([`Entries::agent_problem`]).
     pub fn agent(&self, fingerprint: &str) -> Option<&regorus::Value> {
-        self.agents.get(fingerprint).map(|(_, value)| value)
+        self.agents.get(fingerprint)?.value().ok()
+    }
+
+    /// Why this agent's entry, prepared on first use, is unusable; `None` for a usable
+    /// or an unknown agent. Cannot happen while [`ValidatedAgents`] only names texts that
+    /// validated; a request for such an agent is an evaluation error, never a decision
+    /// about an unknown agent.
+    pub fn agent_problem(&self, fingerprint: &str) -> Option<&str> {
+        self.agents.get(fingerprint)?.value().err()
+    }
+
+    /// The hashes of the agents' JSON texts (for [`ValidatedAgents::encode`]).
+    pub fn agent_hashes(&self) -> impl Iterator<Item = u64> + '_ {
+        self.agents
+            .values()
+            .filter(|entry| entry.value.get().is_none_or(Result::is_ok))
+            .map(|entry| entry.hash)
     }
 
     /// What a decision about this agent depends on in the bundle, as one hash: its entry
@@ -165,11 +206,13 @@ impl Entries {
     /// requests alike when its signatures are equal.
     pub fn signature(&self, fingerprint: &str) -> Option<u64> {
         use std::hash::{Hash, Hasher};
-        let (hash, value) = self.agents.get(fingerprint)?;
+        let entry = self.agents.get(fingerprint)?;
         let mut h = std::collections::hash_map::DefaultHasher::new();
-        hash.hash(&mut h);
-        for (_, policy) in self.named_policies(value) {
-            policy.map(|(hash, _, _)| *hash).hash(&mut h);
+        entry.hash.hash(&mut h);
+        if let Ok(value) = entry.value() {
+            for (_, policy) in self.named_policies(value) {
+                policy.map(|(hash, _, _)| *hash).hash(&mut h);
+            }
         }
         Some(h.finish())
     }
@@ -198,7 +241,12 @@ impl Entries {
         let agents: BTreeMap<_, _> = self
             .agents
             .iter()
-            .map(|(k, (_, v))| (regorus::Value::from(k.as_str()), v.clone()))
+            .filter_map(|(k, entry)| {
+                Some((
+                    regorus::Value::from(k.as_str()),
+                    entry.value().ok()?.clone(),
+                ))
+            })
             .collect();
         let policies: BTreeMap<_, _> = self
             .policies
@@ -215,20 +263,97 @@ impl Entries {
     }
 }
 
+// === impl AgentEntry ===
+
+impl AgentEntry {
+    fn prepared(hash: u64, value: regorus::Value) -> Self {
+        Self {
+            hash,
+            value: OnceLock::from(Ok(value)),
+            text: None,
+        }
+    }
+
+    fn deferred(hash: u64, text: &str) -> Self {
+        Self {
+            hash,
+            value: OnceLock::new(),
+            text: Some(text.into()),
+        }
+    }
+
+    /// The value, prepared now if it was deferred.
+    fn value(&self) -> Result<&regorus::Value, &str> {
+        self.value
+            .get_or_init(|| {
+                let text = self.text.as_deref().unwrap_or("null");
+                let value: Value = serde_json::from_str(text).map_err(|e| e.to_string())?;
+                to_regorus(prepare_agent(&value)?)
+            })
+            .as_ref()
+            .map_err(String::as_str)
+    }
+}
+
+// === impl ValidatedAgents ===
+
+impl ValidatedAgents {
+    /// Reads the shared form (little-endian hashes; trailing bytes ignored).
+    pub fn decode(bytes: &[u8]) -> Self {
+        let mut hashes: Vec<u64> = bytes
+            .chunks_exact(8)
+            .filter_map(|c| c.try_into().ok().map(u64::from_le_bytes))
+            .collect();
+        hashes.sort_unstable();
+        hashes.dedup();
+        Self(hashes)
+    }
+
+    /// The shared form of a set of hashes.
+    pub fn encode(hashes: impl Iterator<Item = u64>) -> Vec<u8> {
+        let mut hashes: Vec<u64> = hashes.collect();
+        hashes.sort_unstable();
+        hashes.dedup();
+        hashes.iter().flat_map(|h| h.to_le_bytes()).collect()
+    }
+
+    pub fn contains(&self, hash: u64) -> bool {
+        self.0.binary_search(&hash).is_ok()
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
 /// Validates and normalises `data` into regorus values (the error names the agent,
 /// policy or rule at fault), reusing unchanged entries from `cache`. On success `cache`
 /// holds this document's entries; on failure it is left as it was.
 pub fn prepare_values(data: &Value, cache: &mut EntryCache) -> Result<PreparedValues, String> {
-    prepare_doc(Doc::object(data)?, cache)
+    prepare_doc(Doc::object(data)?, cache, &ValidatedAgents::default())
 }
 
 /// [`prepare_values`] for a document whose entries are still JSON text (the filter's
-/// `on_configure`): an entry whose text is unchanged is neither parsed nor prepared.
-pub fn prepare_raw(data: &RawData<'_>, cache: &mut EntryCache) -> Result<PreparedValues, String> {
-    prepare_doc(Doc::Raw(data), cache)
+/// `on_configure`): an entry whose text is unchanged is neither parsed nor prepared, and
+/// an agent whose text is in `validated` is prepared on first use.
+pub fn prepare_raw(
+    data: &RawData<'_>,
+    cache: &mut EntryCache,
+    validated: &ValidatedAgents,
+) -> Result<PreparedValues, String> {
+    prepare_doc(Doc::Raw(data), cache, validated)
 }
 
-fn prepare_doc(doc: Doc<'_>, cache: &mut EntryCache) -> Result<PreparedValues, String> {
+fn prepare_doc(
+    doc: Doc<'_>,
+    cache: &mut EntryCache,
+    validated: &ValidatedAgents,
+) -> Result<PreparedValues, String> {
+    let mut agents_validated = 0;
     let old = &cache.entries;
     let mut next = Entries {
         agents: HashMap::with_capacity(old.agents.len()),
@@ -239,11 +364,18 @@ fn prepare_doc(doc: Doc<'_>, cache: &mut EntryCache) -> Result<PreparedValues, S
             Entry::Agent(fingerprint, raw) => {
                 let hash = raw.hash();
                 let key = fingerprint.to_ascii_lowercase();
-                let value = match old.agents.get(&key) {
-                    Some((h, value)) if *h == hash => value.clone(),
-                    _ => to_regorus(raw.with_value(prepare_agent)?)?,
+                let entry = match (old.agents.get(&key), raw) {
+                    (Some(entry), _) if entry.hash == hash => entry.clone(),
+                    (_, Json::Text(text)) if validated.contains(hash) => {
+                        Arc::new(AgentEntry::deferred(hash, text.get()))
+                    }
+                    _ => {
+                        agents_validated += 1;
+                        let value = to_regorus(raw.with_value(prepare_agent)?)?;
+                        Arc::new(AgentEntry::prepared(hash, value))
+                    }
                 };
-                next.agents.insert(key, (hash, value));
+                next.agents.insert(key, entry);
             }
             Entry::Policy(id, raw, tables) => {
                 let hash = raw.hash();
@@ -272,6 +404,7 @@ fn prepare_doc(doc: Doc<'_>, cache: &mut EntryCache) -> Result<PreparedValues, S
         tables,
         reads,
         custom_keys,
+        agents_validated,
     })
 }
 
@@ -294,12 +427,7 @@ impl Json<'_> {
     fn hash(self) -> u64 {
         match self {
             Json::Value(value) => json_hash(value),
-            Json::Text(text) => {
-                use std::hash::{Hash, Hasher};
-                let mut h = std::collections::hash_map::DefaultHasher::new();
-                (6u8, text.get()).hash(&mut h);
-                h.finish()
-            }
+            Json::Text(text) => text_hash(text),
         }
     }
 
@@ -313,6 +441,14 @@ impl Json<'_> {
             }
         }
     }
+}
+
+/// The [`EntryCache`] (and [`ValidatedAgents`]) hash of an entry's JSON text.
+pub fn text_hash(text: &RawValue) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (6u8, text.get()).hash(&mut h);
+    h.finish()
 }
 
 /// A data document to prepare.
@@ -907,6 +1043,63 @@ mod tests {
             assert!(err.contains(needle), "{extra}: {err}");
             assert!(err.starts_with("policy p"), "{err}");
         }
+    }
+
+    /// An agent whose text another VM validated is prepared on first use, and prepared
+    /// like an eager one; one that then fails to prepare (the set named a text that does
+    /// not validate) is a problem on use, not an unknown agent, and is not published.
+    #[test]
+    fn agents_validated_elsewhere_are_prepared_on_first_use() {
+        let text = r#"{"agents": {
+            "AB": {"status": "active", "name": "a", "policies": ["p"]},
+            "cd": {"status": "sometimes", "name": "c"}
+        }, "policies": {}}"#;
+        let data: RawData<'_> = serde_json::from_str(text).unwrap();
+        let hash = |fp: &str| {
+            let (_, raw) = data.agents.iter().find(|(k, _)| k.as_ref() == fp).unwrap();
+            text_hash(raw)
+        };
+        let (good, bad) = (hash("AB"), hash("cd"));
+
+        let nothing = ValidatedAgents::default();
+        let err = prepare_raw(&data, &mut EntryCache::default(), &nothing).unwrap_err();
+        assert!(err.starts_with("agent cd: unknown status"), "{err}");
+
+        let validated = ValidatedAgents::decode(&ValidatedAgents::encode([good, bad].into_iter()));
+        assert_eq!(validated.len(), 2);
+        let prepared = prepare_raw(&data, &mut EntryCache::default(), &validated).unwrap();
+        assert_eq!(prepared.agents_validated, 0);
+        let entries = &prepared.entries;
+        assert!(
+            entries.agents["ab"].value.get().is_none(),
+            "not prepared yet"
+        );
+        let eager = {
+            let only_good =
+                r#"{"agents": {"AB": {"status": "active", "name": "a", "policies": ["p"]}}}"#;
+            let data: RawData<'_> = serde_json::from_str(only_good).unwrap();
+            let prepared = prepare_raw(&data, &mut EntryCache::default(), &nothing).unwrap();
+            assert_eq!(prepared.agents_validated, 1);
+            prepared.entries.agent("ab").cloned()
+        };
+        assert_eq!(entries.agent("ab").cloned(), eager);
+        assert!(eager.is_some());
+        assert_eq!(entries.agent_problem("ab"), None);
+        assert_eq!(entries.agent("cd"), None);
+        assert!(
+            entries
+                .agent_problem("cd")
+                .unwrap()
+                .contains("unknown status"),
+            "{:?}",
+            entries.agent_problem("cd")
+        );
+        assert_eq!(
+            entries.agent_problem("ef"),
+            None,
+            "unknown agents are no problem"
+        );
+        assert_eq!(entries.agent_hashes().collect::<Vec<_>>(), [good]);
     }
 
     #[test]

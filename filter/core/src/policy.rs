@@ -12,7 +12,7 @@
 //! policies. Rate limits and audit stay outside the memo.
 
 use crate::config::{Bundle, RawBundle, RegoModule};
-use crate::data::{self, Clock, Entries, EntryCache, Reads};
+use crate::data::{self, Clock, Entries, EntryCache, Reads, ValidatedAgents};
 use crate::decision::Decision;
 use crate::input::RequestFacts;
 use crate::time::{MINUTE_NS, OffsetTable};
@@ -185,6 +185,8 @@ pub struct CompiledPolicy {
     /// each moves into `memo` when its request comes again and its agent's signature is
     /// unchanged, or is dropped.
     inherited: MemoMap,
+    /// Agents validated while compiling (not reused, not known as validated already).
+    agents_validated: usize,
 }
 
 // === impl MemoMap ===
@@ -243,12 +245,15 @@ impl CompiledPolicy {
     }
 
     /// [`CompiledPolicy::compile_with`] for the filter's configuration, whose agents and
-    /// policies are still JSON text: unchanged entries are not even parsed.
+    /// policies are still JSON text: unchanged entries are not even parsed, and agents
+    /// whose text another VM of this Envoy validated are prepared on first use.
     pub fn compile_raw(
         bundle: &RawBundle<'_>,
         cache: &mut EntryCache,
+        validated: &ValidatedAgents,
     ) -> Result<Self, PolicyError> {
-        let prepared = data::prepare_raw(&bundle.data, cache).map_err(PolicyError::Data)?;
+        let prepared =
+            data::prepare_raw(&bundle.data, cache, validated).map_err(PolicyError::Data)?;
         Self::build(&bundle.modules, prepared, cache)
     }
 
@@ -274,6 +279,7 @@ impl CompiledPolicy {
         // The agents and policies reach Rego in the input, so an engine prepared for the
         // same modules (regorus analyses them on the first evaluation) serves a new
         // configuration as is: a push that changes only data costs no Rego work.
+        let agents_validated = prepared.agents_validated;
         let (engine, reused) = match &cache.engine {
             Some((k, engine)) if *k == key => (engine.clone(), true),
             _ => (engine_for(modules)?, false),
@@ -286,6 +292,7 @@ impl CompiledPolicy {
             modules_key: key,
             memo: MemoMap::default(),
             inherited: MemoMap::default(),
+            agents_validated,
         };
         compiled.evaluate_fresh(&RequestFacts::default())?;
         if !reused {
@@ -390,6 +397,12 @@ impl CompiledPolicy {
 
     /// Evaluates one request with regorus, bypassing the memo.
     pub fn evaluate_fresh(&mut self, facts: &RequestFacts) -> Result<Decision, PolicyError> {
+        if let Some(problem) = self.entries.agent_problem(&facts.fingerprint) {
+            return Err(PolicyError::Data(format!(
+                "agent {}: {problem}",
+                facts.fingerprint
+            )));
+        }
         self.engine
             .set_input(facts.to_value(&self.tables, &self.entries));
         let value = self
@@ -397,6 +410,18 @@ impl CompiledPolicy {
             .eval_rule(DECISION_RULE.to_owned())
             .map_err(|e| PolicyError::Eval(e.to_string()))?;
         decision_from_value(&value)
+    }
+
+    /// How many agents compiling this configuration validated itself: neither unchanged
+    /// since the previous configuration nor in the [`ValidatedAgents`] it was given.
+    pub fn agents_validated(&self) -> usize {
+        self.agents_validated
+    }
+
+    /// The validated agents' texts of this configuration, in their shared form
+    /// ([`ValidatedAgents::decode`]).
+    pub fn validated_agents(&self) -> Vec<u8> {
+        ValidatedAgents::encode(self.entries.agent_hashes())
     }
 
     /// Memoised decisions currently held (not counting inherited ones not yet used).
@@ -654,6 +679,43 @@ mod tests {
         let b = bundle(serde_json::json!({"policies": {"p": {"id": "p", "custom": "gone"}}}));
         let err = CompiledPolicy::compile(&b).unwrap_err().to_string();
         assert!(err.contains("custom module \"gone\""), "{err}");
+    }
+
+    /// An agent prepared on first use that does not prepare (the validated set named a
+    /// text that does not validate) makes its requests evaluation errors, not decisions
+    /// about an unknown agent; other agents are decided as usual.
+    #[test]
+    fn an_agent_that_fails_on_first_use_is_an_evaluation_error() {
+        let mut b = two_agents("y.example");
+        b.data["agents"]["bb"]["status"] = serde_json::json!("sometimes");
+        let config = crate::config::PluginConfig {
+            version: "1".into(),
+            mode: crate::config::Mode::Enforce,
+            bundle: Some(b),
+            audit: None,
+        };
+        let text = serde_json::to_vec(&config).unwrap();
+        let raw = crate::config::RawPluginConfig::from_slice(&text).unwrap();
+        let bundle = raw.bundle.as_ref().unwrap();
+        let mut cache = EntryCache::default();
+        let refused = CompiledPolicy::compile_raw(bundle, &mut cache, &ValidatedAgents::default());
+        assert!(refused.is_err());
+        // Every agent's text "validated", the bad one too.
+        let all = ValidatedAgents::encode(bundle.data.agents.values().map(|r| data::text_hash(r)));
+        let mut policy =
+            CompiledPolicy::compile_raw(bundle, &mut cache, &ValidatedAgents::decode(&all))
+                .unwrap();
+        assert_eq!(policy.agents_validated(), 0);
+        let err = policy.evaluate(&request("bb", 0)).unwrap_err();
+        assert!(
+            matches!(&err, PolicyError::Data(m) if m.contains("agent bb: unknown status")),
+            "{err}"
+        );
+        assert!(policy.evaluate(&request("aa", 0)).unwrap().allow);
+        assert_eq!(
+            policy.evaluate(&request("zz", 0)).unwrap().reason,
+            "unknown_agent"
+        );
     }
 
     /// Two agents on their own policies, each allowing one domain.

@@ -5,6 +5,7 @@
 //! ECDS resource's `configuration` (e.g. taken from Envoy's `/config_dump`).
 
 use filter_core::config::{PluginConfig, RawPluginConfig};
+use filter_core::data::{EntryCache, ValidatedAgents};
 use filter_core::policy::CompiledPolicy;
 use std::time::Instant;
 
@@ -15,8 +16,8 @@ fn configure_timing() {
         return;
     };
     let bytes = std::fs::read(path).unwrap();
-    let mut cache = filter_core::data::EntryCache::default();
-    let mut raw_cache = filter_core::data::EntryCache::default();
+    let mut cache = EntryCache::default();
+    let mut raw_cache = EntryCache::default();
     for round in 0..5 {
         let started = Instant::now();
         let mut config = PluginConfig::from_slice(&bytes).unwrap();
@@ -45,14 +46,37 @@ fn configure_timing() {
             ..config.clone()
         })
         .unwrap();
+        let nothing = ValidatedAgents::default();
         let raw = RawPluginConfig::from_slice(&unchanged).unwrap();
-        drop(CompiledPolicy::compile_raw(raw.bundle.as_ref().unwrap(), &mut raw_cache).unwrap());
+        let previous =
+            CompiledPolicy::compile_raw(raw.bundle.as_ref().unwrap(), &mut raw_cache, &nothing)
+                .unwrap();
         let text = Instant::now();
         let raw = RawPluginConfig::from_slice(&changed).unwrap();
-        drop(CompiledPolicy::compile_raw(raw.bundle.as_ref().unwrap(), &mut raw_cache).unwrap());
+        drop(
+            CompiledPolicy::compile_raw(raw.bundle.as_ref().unwrap(), &mut raw_cache, &nothing)
+                .unwrap(),
+        );
         let text = text.elapsed();
+        // Envoy's configuration canary: a fresh VM, from text, every agent validated by
+        // the previous configuration's canary or by none.
+        let canary = |validated: &ValidatedAgents| {
+            let started = Instant::now();
+            let raw = RawPluginConfig::from_slice(&changed).unwrap();
+            drop(
+                CompiledPolicy::compile_raw(
+                    raw.bundle.as_ref().unwrap(),
+                    &mut EntryCache::default(),
+                    validated,
+                )
+                .unwrap(),
+            );
+            started.elapsed()
+        };
+        let alone = canary(&nothing);
+        let shared = canary(&ValidatedAgents::decode(&previous.validated_agents()));
         println!(
-            "{} bytes: parse {parsed:?}, compile {cold:?}, compile after a one-policy change with the entry cache {warm:?}; from text (parse + compile) after that change {text:?}",
+            "{} bytes: parse {parsed:?}, compile {cold:?}, compile after a one-policy change with the entry cache {warm:?}; from text (parse + compile) after that change {text:?}; a fresh VM from text {alone:?}, with the agents validated elsewhere {shared:?}",
             bytes.len()
         );
     }

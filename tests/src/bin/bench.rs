@@ -605,22 +605,27 @@ async fn propagation(
     // context is 1), then in the main thread's and the worker's long-lived VMs.
     let log = std::fs::read_to_string(&stack.envoy.log).unwrap_or_default();
     let loads = configure_loads(&log);
-    let summary = |what: &str, mut v: Vec<u64>| {
-        v.sort();
-        if let (Some(median), Some(max)) = (v.get(v.len() / 2), v.last()) {
+    let summary = |what: &str, loads: Vec<&Load>| {
+        let mut ms: Vec<u64> = loads.iter().map(|l| l.ms).collect();
+        let mut validated: Vec<u64> = loads.iter().map(|l| l.validated).collect();
+        ms.sort();
+        validated.sort();
+        if let (Some(median), Some(max)) = (ms.get(ms.len() / 2), ms.last()) {
             println!(
-                "on_configure, {what}, over {} loads: median {median} ms, max {max} ms",
-                v.len()
+                "on_configure, {what}, over {} loads: median {median} ms, max {max} ms; agents validated per load: median {}, max {}",
+                ms.len(),
+                validated[validated.len() / 2],
+                validated.last().unwrap_or(&0),
             );
         }
     };
     summary(
         "canary (fresh VM)",
-        loads.iter().filter(|l| l.root == 1).map(|l| l.ms).collect(),
+        loads.iter().filter(|l| l.root == 1).collect(),
     );
     summary(
         "long-lived VMs",
-        loads.iter().filter(|l| l.root != 1).map(|l| l.ms).collect(),
+        loads.iter().filter(|l| l.root != 1).collect(),
     );
     if let Some(l) = loads.iter().max_by_key(|l| l.bytes) {
         println!("configuration size {} bytes", l.bytes);
@@ -631,10 +636,13 @@ async fn propagation(
 struct Load {
     root: u32,
     bytes: u64,
+    /// Agents the VM validated itself (the others it reused or another VM validated).
+    validated: u64,
     ms: u64,
 }
 
-/// The filter's `root N: configuration V loaded (Enforce, B bytes, M ms)` log lines.
+/// The filter's `root N: configuration V loaded (Enforce, B bytes, A agents validated
+/// here, M ms)` log lines.
 fn configure_loads(log: &str) -> Vec<Load> {
     log.lines()
         .filter_map(|l| {
@@ -647,10 +655,12 @@ fn configure_loads(log: &str) -> Vec<Load> {
                 .parse()
                 .ok()?;
             let (bytes, rest) = tail.split_once(" bytes, ")?;
+            let (validated, rest) = rest.split_once(" agents validated here, ")?;
             let ms = rest.trim_end_matches(" ms)").parse().ok()?;
             Some(Load {
                 root,
                 bytes: bytes.parse().ok()?,
+                validated: validated.parse().ok()?,
                 ms,
             })
         })
