@@ -332,9 +332,10 @@ async fn a_push_keeps_the_decisions_it_did_not_change() {
 }
 
 /// Envoy loads each configuration first in a fresh VM on its main thread (the canary),
-/// then in its long-lived VMs. The canary validates only the agents no VM validated
-/// before and publishes them; the workers then validate none and prepare agents on first
-/// use: a new agent's requests are still decided by its own entry.
+/// then in its long-lived VMs. The canary validates only the agents and policies no VM
+/// validated before and publishes them; the workers then validate none and prepare
+/// entries on first use: a new agent's requests are still decided by its own entry and a
+/// changed policy's by the new one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workers_trust_the_agents_the_canary_validated() {
     let (stack, tenant) = stack_with_workers(2).await;
@@ -356,40 +357,59 @@ async fn workers_trust_the_agents_the_canary_validated() {
     assert_eq!(status, 403, "{body}");
     assert_eq!(body["reason"], "no_matching_policy", "{body}");
 
-    // `root R: configuration V loaded (Enforce, B bytes, A agents validated here, M ms)`.
+    // The canary (root context 1 of a fresh VM) validated agent two's new entry only;
+    // the main thread's and both workers' long-lived VMs validated nothing.
+    let (canary, long_lived) = validated_by_the_last_loads(&stack);
+    assert_eq!(canary, [(1, 0)]);
+    assert_eq!(long_lived, [(0, 0); 3]);
+
+    // Policy p now also allows c.example: the canary validates that policy only.
+    stack
+        .admin(
+            Method::PUT,
+            &format!("/api/v1/policies/{policy}"),
+            Some(json!({"name": "p", "allowed_domains": ["a.example", "c.example"]})),
+        )
+        .await
+        .unwrap();
+    integration_tests::wait_for("the changed policy", Duration::from_secs(15), || async {
+        let (status, _, _) = send(&stack, &one, Method::GET, "c.example", "/").await;
+        (status == 200).then_some(())
+    })
+    .await
+    .unwrap();
+    let (status, _, _) = send(&stack, &two, Method::GET, "c.example", "/").await;
+    assert_eq!(status, 200);
+    let (canary, long_lived) = validated_by_the_last_loads(&stack);
+    assert_eq!(canary, [(0, 1)]);
+    assert_eq!(long_lived, [(0, 0); 3]);
+}
+
+/// Agents and policies validated by one load.
+type Counts = (u64, u64);
+
+/// The agents and policies each VM validated itself when loading the latest
+/// configuration, from the filter's `root R: configuration V loaded (Enforce, B bytes, A
+/// agents and P policies validated here, M ms)` lines: the canary's (root context 1 of a
+/// fresh VM), and the long-lived VMs'.
+fn validated_by_the_last_loads(stack: &Stack) -> (Vec<Counts>, Vec<Counts>) {
     let log = std::fs::read_to_string(&stack.envoy.log).unwrap();
-    let loads: Vec<(u32, u64, u64)> = log
+    let loads: Vec<(u32, u64, Counts)> = log
         .lines()
         .filter_map(|l| {
-            let (head, tail) = l.split_once("root ")?.1.split_once(": configuration ")?;
+            let (root, tail) = l.split_once("root ")?.1.split_once(": configuration ")?;
             let (version, tail) = tail.split_once(" loaded (Enforce, ")?;
-            let validated = tail.split_once(" bytes, ")?.1;
-            let validated = validated.split_once(" agents validated here")?.0;
-            Some((
-                head.parse().ok()?,
-                version.parse().ok()?,
-                validated.parse().ok()?,
-            ))
+            let (agents, tail) = tail.split_once(" bytes, ")?.1.split_once(" agents and ")?;
+            let policies = tail.split_once(" policies validated here")?.0;
+            let validated = (agents.parse().ok()?, policies.parse().ok()?);
+            Some((root.parse().ok()?, version.parse().ok()?, validated))
         })
         .collect();
     let last = loads.iter().map(|(_, v, _)| *v).max().unwrap();
-    let of_last: Vec<(u32, u64)> = loads
-        .iter()
-        .filter(|(_, v, _)| *v == last)
-        .map(|(root, _, validated)| (*root, *validated))
-        .collect();
-    // The canary (root context 1 of a fresh VM) validated agent two's new entry only;
-    // the main thread's and both workers' long-lived VMs validated nothing.
-    assert!(
-        of_last.iter().any(|&(root, n)| root == 1 && n == 1),
-        "{of_last:?}"
-    );
-    let long_lived: Vec<u64> = of_last
-        .iter()
-        .filter(|(root, _)| *root != 1)
-        .map(|(_, n)| *n)
-        .collect();
-    assert_eq!(long_lived, [0, 0, 0], "{of_last:?}");
+    let of_last = loads.iter().filter(|(_, v, _)| *v == last);
+    let (canary, long_lived): (Vec<_>, Vec<_>) = of_last.partition(|(root, _, _)| *root == 1);
+    let validated = |loads: Vec<&(u32, u64, Counts)>| loads.iter().map(|l| l.2).collect();
+    (validated(canary), validated(long_lived))
 }
 
 /// A stack whose Envoy runs `concurrency` workers, and a tenant on it.

@@ -228,7 +228,8 @@ fn memoised_decisions_equal_fresh_ones() {
 /// files' entries, and with the same file's own entries and engine on a second pass, and
 /// after a policy edit) decides every case like a fresh compile — from parsed bundles (the
 /// control plane) and from configuration text (the filter), also with every agent
-/// prepared on first use because another VM validated it ([`crate::data::ValidatedAgents`]);
+/// and policy prepared on first use because another VM validated it
+/// ([`crate::data::Validated`]);
 /// and so do memoised decisions inherited from the previous compile
 /// ([`CompiledPolicy::inherit_memo`]).
 #[test]
@@ -266,18 +267,18 @@ fn cached_compiles_equal_fresh_ones() {
                 let mut from_text = CompiledPolicy::compile_raw(
                     raw_bundle,
                     &mut raw_cache,
-                    &crate::data::ValidatedAgents::default(),
+                    &crate::data::Validated::default(),
                 )
                 .unwrap();
                 // Another VM of this Envoy validated every agent: none is prepared now.
-                let validated = crate::data::ValidatedAgents::decode(&from_text.validated_agents());
+                let validated = crate::data::Validated::decode(&from_text.validated());
                 let mut deferred = CompiledPolicy::compile_raw(
                     raw_bundle,
                     &mut crate::data::EntryCache::default(),
                     &validated,
                 )
                 .unwrap();
-                assert_eq!(deferred.agents_validated(), 0, "{}", file.display());
+                assert_eq!(deferred.validated_here(), (0, 0), "{}", file.display());
                 let mut inheriting = CompiledPolicy::compile_with(&bundle, &mut cache).unwrap();
                 if let Some(previous) = previous.as_mut() {
                     inheriting.inherit_memo(previous);

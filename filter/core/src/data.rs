@@ -8,6 +8,7 @@
 
 use crate::config::RawData;
 use crate::time::{DAYS, OffsetTable, tables_from_json};
+use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -41,7 +42,7 @@ pub const OPERATORS: &[&str] = &[
 /// Which request facts decisions depend on (besides identity and domain): the
 /// memoisation key holds exactly these, and a memoised decision lasts until [`Clock`]
 /// says the time inputs may change it.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Reads {
     pub method: bool,
     pub path: bool,
@@ -55,7 +56,7 @@ pub struct Reads {
 /// minute), and the library reads them only through windows and time conditions, so a
 /// decision holds until the next local minute at which a window opens or closes, a day
 /// or hour condition can flip, or the timezone's UTC offset changes.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Clock {
     /// Any minute may change a decision (a `minute` condition, or custom Rego, which may
     /// read any time input).
@@ -113,34 +114,50 @@ impl Clock {
 pub struct Entries {
     /// Keyed by the lower-case fingerprint.
     agents: HashMap<String, Arc<AgentEntry>>,
-    policies: HashMap<String, PolicyEntry>,
+    policies: HashMap<String, Arc<PolicyEntry>>,
 }
 
-/// An agent: the hash of its JSON and its value. The value is prepared when the
-/// configuration is loaded, or, when a VM of this Envoy validated the same JSON text
-/// already ([`ValidatedAgents`]), on first use from the text kept here. Shared by the
-/// configurations of one VM that carry the same JSON, so it is prepared once per VM.
+/// An entry's regorus value: prepared when the configuration is loaded, or, when a VM of
+/// this Envoy validated the same JSON text already ([`Validated`]), on first use from
+/// the text kept here. Entries are shared by the configurations of one VM that carry the
+/// same JSON, so each is prepared at most once per VM.
 #[derive(Debug)]
-pub(crate) struct AgentEntry {
-    hash: u64,
+struct Lazy {
     value: OnceLock<Result<regorus::Value, String>>,
     /// The JSON of an entry prepared on first use.
     text: Option<Box<str>>,
 }
 
-/// The agents' JSON texts (by [`EntryCache`] hash) that a VM of this Envoy has
-/// validated: a VM loading a configuration validates only the agents not in it and
-/// prepares the others on first use. Envoy loads every configuration first in a fresh VM
-/// on its main thread (its configuration canary, which refuses a bad one); the canary
-/// publishes the set (the filter keeps it in proxy-wasm shared data), so the worker VMs
-/// that load the same configuration next validate nothing again, and the next canary
-/// validates only what the push changed. Validating an agent depends on its text alone.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct ValidatedAgents(Vec<u64>);
+/// An agent: the hash of its JSON and its value.
+#[derive(Debug)]
+pub(crate) struct AgentEntry {
+    hash: u64,
+    value: Lazy,
+}
 
-/// A prepared policy: the hash of its JSON, what it contributes besides its value, and
-/// its value.
-pub(crate) type PolicyEntry = (u64, PolicyFacts, regorus::Value);
+/// A policy: the hash of its JSON, what it contributes besides its value, and its value.
+#[derive(Debug)]
+pub(crate) struct PolicyEntry {
+    hash: u64,
+    facts: PolicyFacts,
+    id: Box<str>,
+    value: Lazy,
+}
+
+/// The agents' and policies' JSON texts (by [`EntryCache`] hash) that a VM of this Envoy
+/// has validated, with each policy's [`PolicyFacts`]: a VM loading a configuration
+/// validates only the entries not in it and prepares the others on first use. Envoy
+/// loads every configuration first in a fresh VM on its main thread (its configuration
+/// canary, which refuses a bad one); the canary publishes the set (the filter keeps it in
+/// proxy-wasm shared data), so the worker VMs that load the same configuration next
+/// validate nothing again, and the next canary validates only what the push changed.
+/// Validating an entry depends on its text alone (and, for a policy, on its timezone
+/// having an offset table, which is checked on every load).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Validated {
+    agents: Vec<u64>,
+    policies: HashMap<u64, PolicyFacts>,
+}
 
 /// The data document prepared, plus what the core needs next to it.
 #[derive(Debug)]
@@ -149,8 +166,8 @@ pub struct PreparedValues {
     pub tables: BTreeMap<String, OffsetTable>,
     pub reads: Reads,
     pub custom_keys: BTreeSet<String>,
-    /// Agents this call validated itself (not reused, not in [`ValidatedAgents`]).
-    pub agents_validated: usize,
+    /// Agents and policies this call validated itself (not reused, not in [`Validated`]).
+    pub validated_here: (usize, usize),
 }
 
 /// What the previous configuration prepared, kept by a filter VM so that a policy push
@@ -168,7 +185,7 @@ pub struct EntryCache {
 }
 
 /// What a prepared policy contributes besides its value.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct PolicyFacts {
     reads: Reads,
     custom: Option<String>,
@@ -179,25 +196,52 @@ pub(crate) struct PolicyFacts {
 
 impl Entries {
     /// The agent with this (lower-case) fingerprint; `None` for an unknown one, and for
-    /// one whose entry failed to prepare on first use ([`Entries::agent_problem`]).
+    /// one whose entry failed to prepare on first use ([`Entries::problem`]).
     pub fn agent(&self, fingerprint: &str) -> Option<&regorus::Value> {
         self.agents.get(fingerprint)?.value().ok()
     }
 
-    /// Why this agent's entry, prepared on first use, is unusable; `None` for a usable
-    /// or an unknown agent. Cannot happen while [`ValidatedAgents`] only names texts that
-    /// validated; a request for such an agent is an evaluation error, never a decision
-    /// about an unknown agent.
-    pub fn agent_problem(&self, fingerprint: &str) -> Option<&str> {
-        self.agents.get(fingerprint)?.value().err()
+    /// Why the entry of this agent or of a policy it names, prepared on first use, is
+    /// unusable; `None` when all are usable, and for an unknown agent. Cannot happen
+    /// while [`Validated`] only names texts that validated; a request of such an agent is
+    /// an evaluation error, never a decision without the entry.
+    pub fn problem(&self, fingerprint: &str) -> Option<String> {
+        let agent = self.agents.get(fingerprint)?;
+        let value = match agent.value() {
+            Ok(value) => value,
+            Err(e) => return Some(format!("agent {fingerprint}: {e}")),
+        };
+        self.named_policies(value).find_map(|(_, policy)| {
+            let policy = policy?;
+            let e = policy.value().err()?;
+            Some(format!("policy {}: {e}", policy.id))
+        })
     }
 
-    /// The hashes of the agents' JSON texts (for [`ValidatedAgents::encode`]).
-    pub fn agent_hashes(&self) -> impl Iterator<Item = u64> + '_ {
-        self.agents
+    /// This configuration's entries as validated, in their shared form
+    /// ([`Validated::decode`]); entries that failed on first use are left out.
+    pub fn validated(&self) -> Vec<u8> {
+        let usable = |value: &Lazy| value.value.get().is_none_or(Result::is_ok);
+        let mut agents: Vec<u64> = self
+            .agents
             .values()
-            .filter(|entry| entry.value.get().is_none_or(Result::is_ok))
+            .filter(|entry| usable(&entry.value))
             .map(|entry| entry.hash)
+            .collect();
+        agents.sort_unstable();
+        agents.dedup();
+        let policies: Vec<(u64, &PolicyFacts)> = self
+            .policies
+            .values()
+            .filter(|entry| usable(&entry.value))
+            .map(|entry| (entry.hash, &entry.facts))
+            .collect();
+        let mut bytes = Vec::with_capacity(4 + agents.len() * 8 + policies.len() * 64);
+        bytes.extend_from_slice(&u32::try_from(agents.len()).unwrap_or(0).to_le_bytes());
+        bytes.extend(agents.iter().flat_map(|h| h.to_le_bytes()));
+        // Facts always serialise; an empty tail reads as no validated policies.
+        bytes.extend(serde_json::to_vec(&policies).unwrap_or_default());
+        bytes
     }
 
     /// What a decision about this agent depends on in the bundle, as one hash: its entry
@@ -211,7 +255,7 @@ impl Entries {
         entry.hash.hash(&mut h);
         if let Ok(value) = entry.value() {
             for (_, policy) in self.named_policies(value) {
-                policy.map(|(hash, _, _)| *hash).hash(&mut h);
+                policy.map(|p| p.hash).hash(&mut h);
             }
         }
         Some(h.finish())
@@ -230,7 +274,8 @@ impl Entries {
                 let entry = id
                     .as_string()
                     .ok()
-                    .and_then(|id| self.policies.get(id.as_ref()));
+                    .and_then(|id| self.policies.get(id.as_ref()))
+                    .map(Arc::as_ref);
                 (id, entry)
             })
     }
@@ -251,7 +296,12 @@ impl Entries {
         let policies: BTreeMap<_, _> = self
             .policies
             .iter()
-            .map(|(k, (_, _, v))| (regorus::Value::from(k.as_str()), v.clone()))
+            .filter_map(|(k, entry)| {
+                Some((
+                    regorus::Value::from(k.as_str()),
+                    entry.value().ok()?.clone(),
+                ))
+            })
             .collect();
         regorus::Value::from(BTreeMap::from([
             (regorus::Value::from("agents"), regorus::Value::from(agents)),
@@ -263,70 +313,87 @@ impl Entries {
     }
 }
 
-// === impl AgentEntry ===
+// === impl Lazy ===
 
-impl AgentEntry {
-    fn prepared(hash: u64, value: regorus::Value) -> Self {
+impl Lazy {
+    fn prepared(value: regorus::Value) -> Self {
         Self {
-            hash,
             value: OnceLock::from(Ok(value)),
             text: None,
         }
     }
 
-    fn deferred(hash: u64, text: &str) -> Self {
+    fn deferred(text: &str) -> Self {
         Self {
-            hash,
             value: OnceLock::new(),
             text: Some(text.into()),
         }
     }
 
-    /// The value, prepared now if it was deferred.
-    fn value(&self) -> Result<&regorus::Value, &str> {
+    /// The value, prepared now with `prepare` if it was deferred.
+    fn get(
+        &self,
+        prepare: impl FnOnce(&Value) -> Result<Value, String>,
+    ) -> Result<&regorus::Value, &str> {
         self.value
             .get_or_init(|| {
                 let text = self.text.as_deref().unwrap_or("null");
                 let value: Value = serde_json::from_str(text).map_err(|e| e.to_string())?;
-                to_regorus(prepare_agent(&value)?)
+                to_regorus(prepare(&value)?)
             })
             .as_ref()
             .map_err(String::as_str)
     }
 }
 
-// === impl ValidatedAgents ===
+impl AgentEntry {
+    fn value(&self) -> Result<&regorus::Value, &str> {
+        self.value.get(prepare_agent)
+    }
+}
 
-impl ValidatedAgents {
-    /// Reads the shared form (little-endian hashes; trailing bytes ignored).
+impl PolicyEntry {
+    pub(crate) fn value(&self) -> Result<&regorus::Value, &str> {
+        // Its timezone's table was checked when the configuration was loaded.
+        self.value
+            .get(|v| prepare_policy(&self.id, v, &|_| true).map(|(value, _)| value))
+    }
+}
+
+// === impl Validated ===
+
+impl Validated {
+    /// Reads the shared form ([`Entries::validated`]); what cannot be read counts as not
+    /// validated.
     pub fn decode(bytes: &[u8]) -> Self {
-        let mut hashes: Vec<u64> = bytes
+        let Some((count, rest)) = bytes.split_first_chunk::<4>() else {
+            return Self::default();
+        };
+        let count = u32::from_le_bytes(*count) as usize;
+        let Some((agents, policies)) = rest.split_at_checked(count.saturating_mul(8)) else {
+            return Self::default();
+        };
+        let mut agents: Vec<u64> = agents
             .chunks_exact(8)
             .filter_map(|c| c.try_into().ok().map(u64::from_le_bytes))
             .collect();
-        hashes.sort_unstable();
-        hashes.dedup();
-        Self(hashes)
+        agents.sort_unstable();
+        agents.dedup();
+        let policies: Vec<(u64, PolicyFacts)> =
+            serde_json::from_slice(policies).unwrap_or_default();
+        Self {
+            agents,
+            policies: policies.into_iter().collect(),
+        }
     }
 
-    /// The shared form of a set of hashes.
-    pub fn encode(hashes: impl Iterator<Item = u64>) -> Vec<u8> {
-        let mut hashes: Vec<u64> = hashes.collect();
-        hashes.sort_unstable();
-        hashes.dedup();
-        hashes.iter().flat_map(|h| h.to_le_bytes()).collect()
+    fn agent(&self, hash: u64) -> bool {
+        self.agents.binary_search(&hash).is_ok()
     }
 
-    pub fn contains(&self, hash: u64) -> bool {
-        self.0.binary_search(&hash).is_ok()
-    }
-
-    pub fn len(&self) -> usize {
-        self.0.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+    /// How many agents and policies.
+    pub fn len(&self) -> (usize, usize) {
+        (self.agents.len(), self.policies.len())
     }
 }
 
@@ -334,16 +401,16 @@ impl ValidatedAgents {
 /// policy or rule at fault), reusing unchanged entries from `cache`. On success `cache`
 /// holds this document's entries; on failure it is left as it was.
 pub fn prepare_values(data: &Value, cache: &mut EntryCache) -> Result<PreparedValues, String> {
-    prepare_doc(Doc::object(data)?, cache, &ValidatedAgents::default())
+    prepare_doc(Doc::object(data)?, cache, &Validated::default())
 }
 
 /// [`prepare_values`] for a document whose entries are still JSON text (the filter's
 /// `on_configure`): an entry whose text is unchanged is neither parsed nor prepared, and
-/// an agent whose text is in `validated` is prepared on first use.
+/// an entry whose text is in `validated` is prepared on first use.
 pub fn prepare_raw(
     data: &RawData<'_>,
     cache: &mut EntryCache,
-    validated: &ValidatedAgents,
+    validated: &Validated,
 ) -> Result<PreparedValues, String> {
     prepare_doc(Doc::Raw(data), cache, validated)
 }
@@ -351,9 +418,9 @@ pub fn prepare_raw(
 fn prepare_doc(
     doc: Doc<'_>,
     cache: &mut EntryCache,
-    validated: &ValidatedAgents,
+    validated: &Validated,
 ) -> Result<PreparedValues, String> {
-    let mut agents_validated = 0;
+    let mut validated_here = (0, 0);
     let old = &cache.entries;
     let mut next = Entries {
         agents: HashMap::with_capacity(old.agents.len()),
@@ -366,37 +433,58 @@ fn prepare_doc(
                 let key = fingerprint.to_ascii_lowercase();
                 let entry = match (old.agents.get(&key), raw) {
                     (Some(entry), _) if entry.hash == hash => entry.clone(),
-                    (_, Json::Text(text)) if validated.contains(hash) => {
-                        Arc::new(AgentEntry::deferred(hash, text.get()))
-                    }
+                    (_, Json::Text(text)) if validated.agent(hash) => Arc::new(AgentEntry {
+                        hash,
+                        value: Lazy::deferred(text.get()),
+                    }),
                     _ => {
-                        agents_validated += 1;
+                        validated_here.0 += 1;
                         let value = to_regorus(raw.with_value(prepare_agent)?)?;
-                        Arc::new(AgentEntry::prepared(hash, value))
+                        Arc::new(AgentEntry {
+                            hash,
+                            value: Lazy::prepared(value),
+                        })
                     }
                 };
                 next.agents.insert(key, entry);
             }
             Entry::Policy(id, raw, tables) => {
                 let hash = raw.hash();
-                let (facts, value) = match old.policies.get(id) {
-                    // The timezone's table may have gone from the bundle since.
-                    Some((h, facts, value))
-                        if *h == hash && tables.contains_key(&facts.timezone) =>
+                // The timezone's table may have gone from the bundle since.
+                let has_table = |tz: &str| tables.contains_key(tz);
+                let entry = match (old.policies.get(id), raw) {
+                    (Some(entry), _) if entry.hash == hash && has_table(&entry.facts.timezone) => {
+                        entry.clone()
+                    }
+                    (_, Json::Text(text))
+                        if let Some(facts) = validated.policies.get(&hash)
+                            && has_table(&facts.timezone) =>
                     {
-                        (facts.clone(), value.clone())
+                        Arc::new(PolicyEntry {
+                            hash,
+                            facts: facts.clone(),
+                            id: id.into(),
+                            value: Lazy::deferred(text.get()),
+                        })
                     }
                     _ => {
-                        let (value, facts) = raw.with_value(|v| prepare_policy(id, v, tables))?;
-                        (facts, to_regorus(value)?)
+                        validated_here.1 += 1;
+                        let (value, facts) =
+                            raw.with_value(|v| prepare_policy(id, v, &has_table))?;
+                        Arc::new(PolicyEntry {
+                            hash,
+                            facts,
+                            id: id.into(),
+                            value: Lazy::prepared(to_regorus(value)?),
+                        })
                     }
                 };
-                next.policies.insert(id.to_owned(), (hash, facts, value));
+                next.policies.insert(id.to_owned(), entry);
             }
         }
         Ok(())
     })?;
-    let (reads, custom_keys) = gather(next.policies.values().map(|(_, facts, _)| facts));
+    let (reads, custom_keys) = gather(next.policies.values().map(|entry| &entry.facts));
     let entries = Arc::new(next);
     cache.entries = entries.clone();
     Ok(PreparedValues {
@@ -404,7 +492,7 @@ fn prepare_doc(
         tables,
         reads,
         custom_keys,
-        agents_validated,
+        validated_here,
     })
 }
 
@@ -590,10 +678,11 @@ fn prepare_agent(agent: &Value) -> Result<Value, String> {
     }))
 }
 
+/// `has_table` tells whether the bundle has an offset table for a timezone.
 fn prepare_policy(
     id: &str,
     policy: &Value,
-    tables: &BTreeMap<String, OffsetTable>,
+    has_table: &dyn Fn(&str) -> bool,
 ) -> Result<(Value, PolicyFacts), String> {
     let mut facts = PolicyFacts::default();
     let reads = &mut facts.reads;
@@ -619,7 +708,7 @@ fn prepare_policy(
         return Err(format!("unknown mode {mode:?}"));
     }
     let timezone = p.get("timezone").and_then(Value::as_str).unwrap_or("UTC");
-    if !tables.contains_key(timezone) {
+    if !has_table(timezone) {
         return Err(format!(
             "timezone {timezone:?} has no offset table in the bundle"
         ));
@@ -1045,61 +1134,101 @@ mod tests {
         }
     }
 
-    /// An agent whose text another VM validated is prepared on first use, and prepared
-    /// like an eager one; one that then fails to prepare (the set named a text that does
-    /// not validate) is a problem on use, not an unknown agent, and is not published.
+    /// Entries whose text another VM validated are prepared on first use, and prepared
+    /// like eager ones; one that then fails to prepare (the set named a text that does
+    /// not validate) is a problem for the requests of the agents it concerns, not an
+    /// unknown agent or policy, and is not published again.
     #[test]
-    fn agents_validated_elsewhere_are_prepared_on_first_use() {
+    fn entries_validated_elsewhere_are_prepared_on_first_use() {
         let text = r#"{"agents": {
             "AB": {"status": "active", "name": "a", "policies": ["p"]},
-            "cd": {"status": "sometimes", "name": "c"}
-        }, "policies": {}}"#;
+            "cd": {"status": "sometimes", "name": "c"},
+            "ef": {"status": "active", "name": "e", "policies": ["q"]}
+        }, "policies": {
+            "p": {"id": "p", "rules": [{"id": "r", "action": "deny", "conditions": [{"field": "method", "operator": "equals", "value": "DELETE"}]}]},
+            "q": {"id": "q", "mode": "sometimes"}
+        }}"#;
         let data: RawData<'_> = serde_json::from_str(text).unwrap();
-        let hash = |fp: &str| {
-            let (_, raw) = data.agents.iter().find(|(k, _)| k.as_ref() == fp).unwrap();
-            text_hash(raw)
-        };
-        let (good, bad) = (hash("AB"), hash("cd"));
-
-        let nothing = ValidatedAgents::default();
+        let nothing = Validated::default();
         let err = prepare_raw(&data, &mut EntryCache::default(), &nothing).unwrap_err();
         assert!(err.starts_with("agent cd: unknown status"), "{err}");
 
-        let validated = ValidatedAgents::decode(&ValidatedAgents::encode([good, bad].into_iter()));
-        assert_eq!(validated.len(), 2);
+        // What a VM publishes after validating everything but the two broken entries, and
+        // the broken ones "validated" too.
+        let hash = |entries: &BTreeMap<std::borrow::Cow<'_, str>, &RawValue>, key: &str| {
+            text_hash(entries.iter().find(|(k, _)| k.as_ref() == key).unwrap().1)
+        };
+        let (p, q) = (hash(&data.policies, "p"), hash(&data.policies, "q"));
+        let p_facts = PolicyFacts {
+            reads: Reads {
+                method: true,
+                ..Reads::default()
+            },
+            timezone: "UTC".into(),
+            ..PolicyFacts::default()
+        };
+        let q_facts = PolicyFacts {
+            timezone: "UTC".into(),
+            ..PolicyFacts::default()
+        };
+        let validated = Validated {
+            agents: ["AB", "cd", "ef"]
+                .map(|k| hash(&data.agents, k))
+                .into_iter()
+                .collect::<BTreeSet<_>>()
+                .into_iter()
+                .collect(),
+            policies: HashMap::from([(p, p_facts.clone()), (q, q_facts)]),
+        };
         let prepared = prepare_raw(&data, &mut EntryCache::default(), &validated).unwrap();
-        assert_eq!(prepared.agents_validated, 0);
+        assert_eq!(prepared.validated_here, (0, 0));
+        assert!(prepared.reads.method, "facts from the set");
         let entries = &prepared.entries;
         assert!(
-            entries.agents["ab"].value.get().is_none(),
+            entries.agents["ab"].value.value.get().is_none(),
             "not prepared yet"
         );
-        let eager = {
-            let only_good =
-                r#"{"agents": {"AB": {"status": "active", "name": "a", "policies": ["p"]}}}"#;
-            let data: RawData<'_> = serde_json::from_str(only_good).unwrap();
-            let prepared = prepare_raw(&data, &mut EntryCache::default(), &nothing).unwrap();
-            assert_eq!(prepared.agents_validated, 1);
-            prepared.entries.agent("ab").cloned()
-        };
-        assert_eq!(entries.agent("ab").cloned(), eager);
-        assert!(eager.is_some());
-        assert_eq!(entries.agent_problem("ab"), None);
-        assert_eq!(entries.agent("cd"), None);
         assert!(
-            entries
-                .agent_problem("cd")
-                .unwrap()
-                .contains("unknown status"),
-            "{:?}",
-            entries.agent_problem("cd")
+            entries.policies["p"].value.value.get().is_none(),
+            "not prepared yet"
         );
+
+        let eager = prepare_values(
+            &serde_json::from_str(
+                text.replace("\"sometimes\"", "\"active\"")
+                    .replace("\"mode\": \"active\"", "\"mode\": \"enforce\"")
+                    .as_str(),
+            )
+            .unwrap(),
+            &mut EntryCache::default(),
+        )
+        .unwrap();
+        assert_eq!(eager.entries.policies["p"].facts, p_facts);
+        assert_eq!(entries.agent("ab"), eager.entries.agent("ab"));
+        assert!(entries.agent("ab").is_some());
         assert_eq!(
-            entries.agent_problem("ef"),
-            None,
-            "unknown agents are no problem"
+            entries.policies["p"].value(),
+            eager.entries.policies["p"].value()
         );
-        assert_eq!(entries.agent_hashes().collect::<Vec<_>>(), [good]);
+        assert_eq!(entries.problem("ab"), None);
+
+        assert_eq!(entries.agent("cd"), None);
+        let problem = entries.problem("cd").unwrap();
+        assert!(problem.starts_with("agent cd: unknown status"), "{problem}");
+        let problem = entries.problem("ef").unwrap();
+        assert!(problem.starts_with("policy q: unknown mode"), "{problem}");
+        assert_eq!(entries.problem("gh"), None, "unknown agents are no problem");
+
+        let published = Validated::decode(&entries.validated());
+        assert_eq!(published.len(), (2, 1), "{published:?}");
+        assert!(
+            published.agent(hash(&data.agents, "AB")) && !published.agent(hash(&data.agents, "cd"))
+        );
+        assert_eq!(published.policies.get(&p), Some(&p_facts));
+        assert_eq!(
+            Validated::decode(b"\x02\x00\x00\x00short"),
+            Validated::default()
+        );
     }
 
     #[test]

@@ -105,7 +105,7 @@ impl RequestFacts {
         let mut policies = BTreeMap::new();
         if let Some(record) = entries.agent(&self.fingerprint) {
             for (id, entry) in entries.named_policies(record) {
-                if let Some((_, _, policy)) = entry {
+                if let Some(policy) = entry.and_then(|p| p.value().ok()) {
                     policies.insert(id.clone(), policy.clone());
                 }
             }

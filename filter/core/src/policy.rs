@@ -12,7 +12,7 @@
 //! policies. Rate limits and audit stay outside the memo.
 
 use crate::config::{Bundle, RawBundle, RegoModule};
-use crate::data::{self, Clock, Entries, EntryCache, Reads, ValidatedAgents};
+use crate::data::{self, Clock, Entries, EntryCache, Reads, Validated};
 use crate::decision::Decision;
 use crate::input::RequestFacts;
 use crate::time::{MINUTE_NS, OffsetTable};
@@ -185,8 +185,9 @@ pub struct CompiledPolicy {
     /// each moves into `memo` when its request comes again and its agent's signature is
     /// unchanged, or is dropped.
     inherited: MemoMap,
-    /// Agents validated while compiling (not reused, not known as validated already).
-    agents_validated: usize,
+    /// Agents and policies validated while compiling (not reused, not known as validated
+    /// already).
+    validated_here: (usize, usize),
 }
 
 // === impl MemoMap ===
@@ -245,12 +246,12 @@ impl CompiledPolicy {
     }
 
     /// [`CompiledPolicy::compile_with`] for the filter's configuration, whose agents and
-    /// policies are still JSON text: unchanged entries are not even parsed, and agents
+    /// policies are still JSON text: unchanged entries are not even parsed, and entries
     /// whose text another VM of this Envoy validated are prepared on first use.
     pub fn compile_raw(
         bundle: &RawBundle<'_>,
         cache: &mut EntryCache,
-        validated: &ValidatedAgents,
+        validated: &Validated,
     ) -> Result<Self, PolicyError> {
         let prepared =
             data::prepare_raw(&bundle.data, cache, validated).map_err(PolicyError::Data)?;
@@ -279,7 +280,7 @@ impl CompiledPolicy {
         // The agents and policies reach Rego in the input, so an engine prepared for the
         // same modules (regorus analyses them on the first evaluation) serves a new
         // configuration as is: a push that changes only data costs no Rego work.
-        let agents_validated = prepared.agents_validated;
+        let validated_here = prepared.validated_here;
         let (engine, reused) = match &cache.engine {
             Some((k, engine)) if *k == key => (engine.clone(), true),
             _ => (engine_for(modules)?, false),
@@ -292,7 +293,7 @@ impl CompiledPolicy {
             modules_key: key,
             memo: MemoMap::default(),
             inherited: MemoMap::default(),
-            agents_validated,
+            validated_here,
         };
         compiled.evaluate_fresh(&RequestFacts::default())?;
         if !reused {
@@ -397,11 +398,8 @@ impl CompiledPolicy {
 
     /// Evaluates one request with regorus, bypassing the memo.
     pub fn evaluate_fresh(&mut self, facts: &RequestFacts) -> Result<Decision, PolicyError> {
-        if let Some(problem) = self.entries.agent_problem(&facts.fingerprint) {
-            return Err(PolicyError::Data(format!(
-                "agent {}: {problem}",
-                facts.fingerprint
-            )));
+        if let Some(problem) = self.entries.problem(&facts.fingerprint) {
+            return Err(PolicyError::Data(problem));
         }
         self.engine
             .set_input(facts.to_value(&self.tables, &self.entries));
@@ -412,16 +410,17 @@ impl CompiledPolicy {
         decision_from_value(&value)
     }
 
-    /// How many agents compiling this configuration validated itself: neither unchanged
-    /// since the previous configuration nor in the [`ValidatedAgents`] it was given.
-    pub fn agents_validated(&self) -> usize {
-        self.agents_validated
+    /// How many agents and policies compiling this configuration validated itself:
+    /// neither unchanged since the previous configuration nor in the [`Validated`] it
+    /// was given.
+    pub fn validated_here(&self) -> (usize, usize) {
+        self.validated_here
     }
 
-    /// The validated agents' texts of this configuration, in their shared form
-    /// ([`ValidatedAgents::decode`]).
-    pub fn validated_agents(&self) -> Vec<u8> {
-        ValidatedAgents::encode(self.entries.agent_hashes())
+    /// This configuration's validated entries, in their shared form
+    /// ([`Validated::decode`]).
+    pub fn validated(&self) -> Vec<u8> {
+        self.entries.validated()
     }
 
     /// Memoised decisions currently held (not counting inherited ones not yet used).
@@ -698,14 +697,25 @@ mod tests {
         let raw = crate::config::RawPluginConfig::from_slice(&text).unwrap();
         let bundle = raw.bundle.as_ref().unwrap();
         let mut cache = EntryCache::default();
-        let refused = CompiledPolicy::compile_raw(bundle, &mut cache, &ValidatedAgents::default());
+        let refused = CompiledPolicy::compile_raw(bundle, &mut cache, &Validated::default());
         assert!(refused.is_err());
-        // Every agent's text "validated", the bad one too.
-        let all = ValidatedAgents::encode(bundle.data.agents.values().map(|r| data::text_hash(r)));
+        // Every agent's text "validated", the bad one too (the shared form: a count, the
+        // hashes, the policies' facts).
+        let agents = &bundle.data.agents;
+        let mut all = (agents.len() as u32).to_le_bytes().to_vec();
+        all.extend(
+            agents
+                .values()
+                .flat_map(|r| data::text_hash(r).to_le_bytes()),
+        );
+        all.extend(b"[]");
         let mut policy =
-            CompiledPolicy::compile_raw(bundle, &mut cache, &ValidatedAgents::decode(&all))
-                .unwrap();
-        assert_eq!(policy.agents_validated(), 0);
+            CompiledPolicy::compile_raw(bundle, &mut cache, &Validated::decode(&all)).unwrap();
+        assert_eq!(
+            policy.validated_here(),
+            (0, 2),
+            "the policies were not in the set"
+        );
         let err = policy.evaluate(&request("bb", 0)).unwrap_err();
         assert!(
             matches!(&err, PolicyError::Data(m) if m.contains("agent bb: unknown status")),

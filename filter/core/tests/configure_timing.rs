@@ -5,7 +5,7 @@
 //! ECDS resource's `configuration` (e.g. taken from Envoy's `/config_dump`).
 
 use filter_core::config::{PluginConfig, RawPluginConfig};
-use filter_core::data::{EntryCache, ValidatedAgents};
+use filter_core::data::{EntryCache, Validated};
 use filter_core::policy::CompiledPolicy;
 use std::time::Instant;
 
@@ -46,7 +46,7 @@ fn configure_timing() {
             ..config.clone()
         })
         .unwrap();
-        let nothing = ValidatedAgents::default();
+        let nothing = Validated::default();
         let raw = RawPluginConfig::from_slice(&unchanged).unwrap();
         let previous =
             CompiledPolicy::compile_raw(raw.bundle.as_ref().unwrap(), &mut raw_cache, &nothing)
@@ -58,9 +58,9 @@ fn configure_timing() {
                 .unwrap(),
         );
         let text = text.elapsed();
-        // Envoy's configuration canary: a fresh VM, from text, every agent validated by
+        // Envoy's configuration canary: a fresh VM, from text, every entry validated by
         // the previous configuration's canary or by none.
-        let canary = |validated: &ValidatedAgents| {
+        let canary = |validated: &Validated| {
             let started = Instant::now();
             let raw = RawPluginConfig::from_slice(&changed).unwrap();
             drop(
@@ -74,9 +74,9 @@ fn configure_timing() {
             started.elapsed()
         };
         let alone = canary(&nothing);
-        let shared = canary(&ValidatedAgents::decode(&previous.validated_agents()));
+        let shared = canary(&Validated::decode(&previous.validated()));
         println!(
-            "{} bytes: parse {parsed:?}, compile {cold:?}, compile after a one-policy change with the entry cache {warm:?}; from text (parse + compile) after that change {text:?}; a fresh VM from text {alone:?}, with the agents validated elsewhere {shared:?}",
+            "{} bytes: parse {parsed:?}, compile {cold:?}, compile after a one-policy change with the entry cache {warm:?}; from text (parse + compile) after that change {text:?}; a fresh VM from text {alone:?}, with the entries validated elsewhere {shared:?}",
             bytes.len()
         );
     }

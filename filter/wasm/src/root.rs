@@ -2,7 +2,7 @@
 
 use crate::{host, vm};
 use filter_core::config::{AuditSink, Mode, RawPluginConfig};
-use filter_core::data::ValidatedAgents;
+use filter_core::data::Validated;
 use filter_core::policy::CompiledPolicy;
 use proxy_wasm::traits::{Context, RootContext};
 use proxy_wasm::types::LogLevel;
@@ -31,10 +31,10 @@ pub fn current() -> Option<Rc<RefCell<Active>>> {
     CURRENT.with(|c| c.borrow().clone())
 }
 
-/// The proxy-wasm shared-data key of the agents validated by this Envoy's VMs
-/// (`filter_core::data::ValidatedAgents`). Validation is this module's code, so the key
+/// The proxy-wasm shared-data key of the agents and policies validated by this Envoy's
+/// VMs (`filter_core::data::Validated`). Validation is this module's code, so the key
 /// names the filter's version: VMs of another version validate for themselves.
-const VALIDATED_AGENTS: &str = concat!("chronoguard.validated_agents.", env!("CARGO_PKG_VERSION"));
+const VALIDATED: &str = concat!("chronoguard.validated.", env!("CARGO_PKG_VERSION"));
 
 /// Parses and compiles a configuration; returns it ready for requests, with its audit
 /// sink.
@@ -47,20 +47,20 @@ fn load(bytes: &[u8]) -> Result<(Active, Option<AuditSink>), String> {
             // requests on the worker thread).
             let state = vm::state();
             let mut state = state.borrow_mut();
-            // Agents another VM validated are prepared on first use: the canary (a fresh
+            // Entries another VM validated are prepared on first use: the canary (a fresh
             // VM per push) validates what changed, the workers nothing.
-            let validated = match host::shared_get(VALIDATED_AGENTS) {
-                Ok((Some(bytes), _)) => ValidatedAgents::decode(&bytes),
-                _ => ValidatedAgents::default(),
+            let validated = match host::shared_get(VALIDATED) {
+                Ok((Some(bytes), _)) => Validated::decode(&bytes),
+                _ => Validated::default(),
             };
             let policy = CompiledPolicy::compile_raw(bundle, &mut state.entries, &validated)
                 .map_err(|e| e.to_string())?;
-            if policy.agents_validated() > 0
-                && host::shared_set(VALIDATED_AGENTS, &policy.validated_agents(), None).is_err()
+            if policy.validated_here() != (0, 0)
+                && host::shared_set(VALIDATED, &policy.validated(), None).is_err()
             {
                 host::log(
                     LogLevel::Warn,
-                    "could not publish the validated agents; other VMs validate them again",
+                    "could not publish the validated entries; other VMs validate them again",
                 );
             }
             Some(policy)
@@ -140,14 +140,14 @@ pub fn configure(root_context_id: u32) -> bool {
     match load(&bytes) {
         Ok((mut active, sink)) => {
             let elapsed_ms = host::now_ns().saturating_sub(started) / 1_000_000;
-            let validated = active
+            let (agents, policies) = active
                 .policy
                 .as_ref()
-                .map_or(0, CompiledPolicy::agents_validated);
+                .map_or((0, 0), CompiledPolicy::validated_here);
             host::log(
                 LogLevel::Info,
                 &format!(
-                    "root {root_context_id}: configuration {} loaded ({:?}, {} bytes, {validated} agents validated here, {elapsed_ms} ms)",
+                    "root {root_context_id}: configuration {} loaded ({:?}, {} bytes, {agents} agents and {policies} policies validated here, {elapsed_ms} ms)",
                     active.version,
                     active.mode,
                     bytes.len()

@@ -607,15 +607,19 @@ async fn propagation(
     let loads = configure_loads(&log);
     let summary = |what: &str, loads: Vec<&Load>| {
         let mut ms: Vec<u64> = loads.iter().map(|l| l.ms).collect();
-        let mut validated: Vec<u64> = loads.iter().map(|l| l.validated).collect();
+        let mut agents: Vec<u64> = loads.iter().map(|l| l.validated.0).collect();
+        let mut policies: Vec<u64> = loads.iter().map(|l| l.validated.1).collect();
         ms.sort();
-        validated.sort();
+        agents.sort();
+        policies.sort();
         if let (Some(median), Some(max)) = (ms.get(ms.len() / 2), ms.last()) {
             println!(
-                "on_configure, {what}, over {} loads: median {median} ms, max {max} ms; agents validated per load: median {}, max {}",
+                "on_configure, {what}, over {} loads: median {median} ms, max {max} ms; validated per load, median / max: agents {} / {}, policies {} / {}",
                 ms.len(),
-                validated[validated.len() / 2],
-                validated.last().unwrap_or(&0),
+                agents[agents.len() / 2],
+                agents.last().unwrap_or(&0),
+                policies[policies.len() / 2],
+                policies.last().unwrap_or(&0),
             );
         }
     };
@@ -636,13 +640,14 @@ async fn propagation(
 struct Load {
     root: u32,
     bytes: u64,
-    /// Agents the VM validated itself (the others it reused or another VM validated).
-    validated: u64,
+    /// Agents and policies the VM validated itself (the others it reused or another VM
+    /// validated).
+    validated: (u64, u64),
     ms: u64,
 }
 
-/// The filter's `root N: configuration V loaded (Enforce, B bytes, A agents validated
-/// here, M ms)` log lines.
+/// The filter's `root N: configuration V loaded (Enforce, B bytes, A agents and P
+/// policies validated here, M ms)` log lines.
 fn configure_loads(log: &str) -> Vec<Load> {
     log.lines()
         .filter_map(|l| {
@@ -655,12 +660,13 @@ fn configure_loads(log: &str) -> Vec<Load> {
                 .parse()
                 .ok()?;
             let (bytes, rest) = tail.split_once(" bytes, ")?;
-            let (validated, rest) = rest.split_once(" agents validated here, ")?;
+            let (agents, rest) = rest.split_once(" agents and ")?;
+            let (policies, rest) = rest.split_once(" policies validated here, ")?;
             let ms = rest.trim_end_matches(" ms)").parse().ok()?;
             Some(Load {
                 root,
                 bytes: bytes.parse().ok()?,
-                validated: validated.parse().ok()?,
+                validated: (agents.parse().ok()?, policies.parse().ok()?),
                 ms,
             })
         })
