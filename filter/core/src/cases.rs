@@ -228,7 +228,7 @@ fn memoised_decisions_equal_fresh_ones() {
 /// files' entries, and with the same file's own entries and engine on a second pass, and
 /// after a policy edit) decides every case like a fresh compile — from parsed bundles (the
 /// control plane) and from configuration text (the filter), also with every agent
-/// and policy prepared on first use because another VM validated it
+/// and policy, and the engine, prepared on first use because another VM validated them
 /// ([`crate::data::Validated`]);
 /// and so do memoised decisions inherited from the previous compile
 /// ([`CompiledPolicy::inherit_memo`]).
@@ -278,7 +278,7 @@ fn cached_compiles_equal_fresh_ones() {
                     &validated,
                 )
                 .unwrap();
-                assert_eq!(deferred.validated_here(), (0, 0), "{}", file.display());
+                assert_eq!(deferred.validated_here(), (0, 0, 0), "{}", file.display());
                 let mut inheriting = CompiledPolicy::compile_with(&bundle, &mut cache).unwrap();
                 if let Some(previous) = previous.as_mut() {
                     inheriting.inherit_memo(previous);

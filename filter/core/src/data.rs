@@ -157,6 +157,15 @@ pub(crate) struct PolicyEntry {
 pub struct Validated {
     agents: Vec<u64>,
     policies: HashMap<u64, PolicyFacts>,
+    /// Hashes of sets of Rego modules (the engine is checked once per set).
+    modules: Vec<u64>,
+}
+
+/// [`Validated`]'s policies and modules, after the agents' hashes in the shared form.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct ValidatedTail<P> {
+    policies: Vec<(u64, P)>,
+    modules: Vec<u64>,
 }
 
 /// The data document prepared, plus what the core needs next to it.
@@ -180,8 +189,8 @@ pub struct PreparedValues {
 #[derive(Debug, Default)]
 pub struct EntryCache {
     entries: Arc<Entries>,
-    /// The hash of the modules' names and sources, and an engine prepared with them.
-    pub(crate) engine: Option<(u64, regorus::Engine)>,
+    /// The modules of the previous configuration, and the engine prepared with them.
+    pub(crate) engine: Option<Arc<crate::policy::Modules>>,
 }
 
 /// What a prepared policy contributes besides its value.
@@ -218,9 +227,10 @@ impl Entries {
         })
     }
 
-    /// This configuration's entries as validated, in their shared form
-    /// ([`Validated::decode`]); entries that failed on first use are left out.
-    pub fn validated(&self) -> Vec<u8> {
+    /// This configuration's entries as validated, with its `modules` key if they are,
+    /// in their shared form ([`Validated::decode`]); entries that failed on first use
+    /// are left out.
+    pub(crate) fn validated(&self, modules: Option<u64>) -> Vec<u8> {
         let usable = |value: &Lazy| value.value.get().is_none_or(Result::is_ok);
         let mut agents: Vec<u64> = self
             .agents
@@ -239,8 +249,12 @@ impl Entries {
         let mut bytes = Vec::with_capacity(4 + agents.len() * 8 + policies.len() * 64);
         bytes.extend_from_slice(&u32::try_from(agents.len()).unwrap_or(0).to_le_bytes());
         bytes.extend(agents.iter().flat_map(|h| h.to_le_bytes()));
+        let tail = ValidatedTail {
+            policies,
+            modules: modules.into_iter().collect(),
+        };
         // Facts always serialise; an empty tail reads as no validated policies.
-        bytes.extend(serde_json::to_vec(&policies).unwrap_or_default());
+        bytes.extend(serde_json::to_vec(&tail).unwrap_or_default());
         bytes
     }
 
@@ -379,21 +393,26 @@ impl Validated {
             .collect();
         agents.sort_unstable();
         agents.dedup();
-        let policies: Vec<(u64, PolicyFacts)> =
-            serde_json::from_slice(policies).unwrap_or_default();
+        let tail: ValidatedTail<PolicyFacts> = serde_json::from_slice(policies).unwrap_or_default();
         Self {
             agents,
-            policies: policies.into_iter().collect(),
+            policies: tail.policies.into_iter().collect(),
+            modules: tail.modules,
         }
+    }
+
+    /// Whether the set of Rego modules with this key is validated.
+    pub(crate) fn modules(&self, key: u64) -> bool {
+        self.modules.contains(&key)
     }
 
     fn agent(&self, hash: u64) -> bool {
         self.agents.binary_search(&hash).is_ok()
     }
 
-    /// How many agents and policies.
-    pub fn len(&self) -> (usize, usize) {
-        (self.agents.len(), self.policies.len())
+    /// How many agents, policies and module sets.
+    pub fn len(&self) -> (usize, usize, usize) {
+        (self.agents.len(), self.policies.len(), self.modules.len())
     }
 }
 
@@ -1179,6 +1198,7 @@ mod tests {
                 .into_iter()
                 .collect(),
             policies: HashMap::from([(p, p_facts.clone()), (q, q_facts)]),
+            modules: Vec::new(),
         };
         let prepared = prepare_raw(&data, &mut EntryCache::default(), &validated).unwrap();
         assert_eq!(prepared.validated_here, (0, 0));
@@ -1219,8 +1239,9 @@ mod tests {
         assert!(problem.starts_with("policy q: unknown mode"), "{problem}");
         assert_eq!(entries.problem("gh"), None, "unknown agents are no problem");
 
-        let published = Validated::decode(&entries.validated());
-        assert_eq!(published.len(), (2, 1), "{published:?}");
+        let published = Validated::decode(&entries.validated(Some(7)));
+        assert!(published.modules(7));
+        assert_eq!(published.len(), (2, 1, 1), "{published:?}");
         assert!(
             published.agent(hash(&data.agents, "AB")) && !published.agent(hash(&data.agents, "cd"))
         );

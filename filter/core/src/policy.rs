@@ -19,7 +19,7 @@ use crate::time::{MINUTE_NS, OffsetTable};
 use crate::{DECISION_RULE, REGO_LIBRARY};
 use regorus::{Engine, Value};
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 /// Memoised decisions kept per VM before the memo is cleared.
 pub const MEMO_CAPACITY: usize = 16_384;
@@ -170,24 +170,35 @@ fn valid_until(clock: &Clock, tables: &BTreeMap<String, OffsetTable>, unix_ns: u
         .unwrap_or(next_minute)
 }
 
+/// A bundle's Rego modules and the engine prepared with them (compiled, checked, and
+/// analysed by one evaluation): built when the configuration is loaded, or on first use
+/// when another VM of this Envoy validated the same modules ([`Validated`]). Shared by
+/// the configurations of one VM with the same modules (through [`EntryCache`]).
+#[derive(Debug)]
+pub(crate) struct Modules {
+    key: u64,
+    modules: Vec<RegoModule>,
+    engine: OnceLock<Result<Engine, String>>,
+}
+
 /// A bundle compiled once per configuration; evaluation never parses or compiles.
 #[derive(Debug, Clone)]
 pub struct CompiledPolicy {
-    /// Holds the modules only; its data document stays empty (see [`Entries`]).
-    engine: Engine,
+    /// Holds the modules only; its data document stays empty (see [`Entries`]). Taken
+    /// from `modules` on the first evaluation.
+    engine: Option<Engine>,
+    modules: Arc<Modules>,
     entries: Arc<Entries>,
     tables: BTreeMap<String, OffsetTable>,
     reads: Reads,
-    /// The hash of the modules the engine holds.
-    modules_key: u64,
     memo: MemoMap,
     /// Decisions taken under previous configurations ([`CompiledPolicy::inherit_memo`]):
     /// each moves into `memo` when its request comes again and its agent's signature is
     /// unchanged, or is dropped.
     inherited: MemoMap,
-    /// Agents and policies validated while compiling (not reused, not known as validated
-    /// already).
-    validated_here: (usize, usize),
+    /// Agents, policies and module sets validated while compiling (not reused, not known
+    /// as validated already).
+    validated_here: (usize, usize, usize),
 }
 
 // === impl MemoMap ===
@@ -242,7 +253,7 @@ impl CompiledPolicy {
         // Entries are keyed by their content, so those of a bundle that fails later (a
         // module that does not compile) are still right to reuse.
         let prepared = data::prepare_values(&bundle.data, cache).map_err(PolicyError::Data)?;
-        Self::build(&bundle.modules, prepared, cache)
+        Self::build(&bundle.modules, prepared, cache, &Validated::default())
     }
 
     /// [`CompiledPolicy::compile_with`] for the filter's configuration, whose agents and
@@ -255,15 +266,17 @@ impl CompiledPolicy {
     ) -> Result<Self, PolicyError> {
         let prepared =
             data::prepare_raw(&bundle.data, cache, validated).map_err(PolicyError::Data)?;
-        Self::build(&bundle.modules, prepared, cache)
+        Self::build(&bundle.modules, prepared, cache, validated)
     }
 
-    /// Compiles `modules` (or takes the engine `cache` prepared for the same modules) and
-    /// checks the decision rule by evaluating it once on an empty request.
+    /// Compiles `modules` and checks the decision rule by evaluating it once on an empty
+    /// request, or takes the engine `cache` prepared for the same modules, or defers it
+    /// to the first evaluation when another VM validated them.
     fn build(
         modules: &[RegoModule],
         prepared: data::PreparedValues,
         cache: &mut EntryCache,
+        validated: &Validated,
     ) -> Result<Self, PolicyError> {
         let custom_modules: Vec<&str> =
             modules.iter().filter_map(|m| custom_key(&m.name)).collect();
@@ -280,26 +293,39 @@ impl CompiledPolicy {
         // The agents and policies reach Rego in the input, so an engine prepared for the
         // same modules (regorus analyses them on the first evaluation) serves a new
         // configuration as is: a push that changes only data costs no Rego work.
-        let validated_here = prepared.validated_here;
-        let (engine, reused) = match &cache.engine {
-            Some((k, engine)) if *k == key => (engine.clone(), true),
-            _ => (engine_for(modules)?, false),
+        let (agents, policies) = prepared.validated_here;
+        let mut built = 0;
+        let cached = cache.engine.as_ref().filter(|same| same.key == key);
+        // Modules that failed on first use are compiled here again: the error refuses
+        // the configuration instead of failing every request.
+        let failed = cached.is_some_and(|same| matches!(same.engine.get(), Some(Err(_))));
+        let modules = match cached {
+            Some(same) if !failed => same.clone(),
+            _ => {
+                let engine = OnceLock::new();
+                if failed || !validated.modules(key) {
+                    built = 1;
+                    let ready = prepared_engine(modules)?;
+                    let _ = engine.set(Ok(ready));
+                }
+                Arc::new(Modules {
+                    key,
+                    modules: modules.to_vec(),
+                    engine,
+                })
+            }
         };
-        let mut compiled = Self {
-            engine,
+        cache.engine = Some(modules.clone());
+        Ok(Self {
+            engine: None,
+            modules,
             entries: prepared.entries,
             tables: prepared.tables,
             reads: prepared.reads,
-            modules_key: key,
             memo: MemoMap::default(),
             inherited: MemoMap::default(),
-            validated_here,
-        };
-        compiled.evaluate_fresh(&RequestFacts::default())?;
-        if !reused {
-            cache.engine = Some((key, compiled.engine.clone()));
-        }
-        Ok(compiled)
+            validated_here: (agents, policies, built),
+        })
     }
 
     /// The bundle modules for the built-in library: what the control plane ships.
@@ -382,7 +408,7 @@ impl CompiledPolicy {
     /// run regorus again after each push (0.3–0.7 ms each in V8). At most
     /// [`MEMO_CAPACITY`] are kept; the older ones go first.
     pub fn inherit_memo(&mut self, previous: &mut CompiledPolicy) {
-        if self.modules_key != previous.modules_key
+        if self.modules.key != previous.modules.key
             || self.reads != previous.reads
             || self.tables != previous.tables
         {
@@ -401,26 +427,28 @@ impl CompiledPolicy {
         if let Some(problem) = self.entries.problem(&facts.fingerprint) {
             return Err(PolicyError::Data(problem));
         }
-        self.engine
-            .set_input(facts.to_value(&self.tables, &self.entries));
-        let value = self
-            .engine
-            .eval_rule(DECISION_RULE.to_owned())
-            .map_err(|e| PolicyError::Eval(e.to_string()))?;
-        decision_from_value(&value)
+        let engine = match &mut self.engine {
+            Some(engine) => engine,
+            None => {
+                let shared = self.modules.engine().map_err(PolicyError::Eval)?;
+                self.engine.insert(shared.clone())
+            }
+        };
+        evaluate(engine, facts.to_value(&self.tables, &self.entries))
     }
 
-    /// How many agents and policies compiling this configuration validated itself:
-    /// neither unchanged since the previous configuration nor in the [`Validated`] it
-    /// was given.
-    pub fn validated_here(&self) -> (usize, usize) {
+    /// How many agents, policies and module sets (0 or 1) compiling this configuration
+    /// validated itself: neither unchanged since the previous configuration nor in the
+    /// [`Validated`] it was given.
+    pub fn validated_here(&self) -> (usize, usize, usize) {
         self.validated_here
     }
 
-    /// This configuration's validated entries, in their shared form
+    /// This configuration's validated entries and modules, in their shared form
     /// ([`Validated::decode`]).
     pub fn validated(&self) -> Vec<u8> {
-        self.entries.validated()
+        let usable = self.modules.engine.get().is_none_or(Result::is_ok);
+        self.entries.validated(usable.then_some(self.modules.key))
     }
 
     /// Memoised decisions currently held (not counting inherited ones not yet used).
@@ -466,6 +494,37 @@ fn engine_for(modules: &[RegoModule]) -> Result<Engine, PolicyError> {
         }
     }
     Ok(engine)
+}
+
+// === impl Modules ===
+
+impl Modules {
+    /// The prepared engine, built now if it was deferred.
+    fn engine(&self) -> Result<&Engine, String> {
+        self.engine
+            .get_or_init(|| prepared_engine(&self.modules).map_err(|e| e.to_string()))
+            .as_ref()
+            .map_err(|e| format!("rego modules: {e}"))
+    }
+}
+
+/// An engine with `modules`, its decision rule checked by one evaluation on an empty
+/// request (which also has regorus analyse the modules, once for every configuration
+/// that shares them).
+fn prepared_engine(modules: &[RegoModule]) -> Result<Engine, PolicyError> {
+    let mut engine = engine_for(modules)?;
+    let input = RequestFacts::default().to_value(&BTreeMap::new(), &Entries::default());
+    evaluate(&mut engine, input)?;
+    Ok(engine)
+}
+
+/// The decision for `input`.
+fn evaluate(engine: &mut Engine, input: Value) -> Result<Decision, PolicyError> {
+    engine.set_input(input);
+    let value = engine
+        .eval_rule(DECISION_RULE.to_owned())
+        .map_err(|e| PolicyError::Eval(e.to_string()))?;
+    decision_from_value(&value)
 }
 
 /// The [`EntryCache`] key of a bundle's modules.
@@ -687,13 +746,7 @@ mod tests {
     fn an_agent_that_fails_on_first_use_is_an_evaluation_error() {
         let mut b = two_agents("y.example");
         b.data["agents"]["bb"]["status"] = serde_json::json!("sometimes");
-        let config = crate::config::PluginConfig {
-            version: "1".into(),
-            mode: crate::config::Mode::Enforce,
-            bundle: Some(b),
-            audit: None,
-        };
-        let text = serde_json::to_vec(&config).unwrap();
+        let text = config_text(b);
         let raw = crate::config::RawPluginConfig::from_slice(&text).unwrap();
         let bundle = raw.bundle.as_ref().unwrap();
         let mut cache = EntryCache::default();
@@ -708,13 +761,13 @@ mod tests {
                 .values()
                 .flat_map(|r| data::text_hash(r).to_le_bytes()),
         );
-        all.extend(b"[]");
+        all.extend(br#"{"policies": [], "modules": []}"#);
         let mut policy =
             CompiledPolicy::compile_raw(bundle, &mut cache, &Validated::decode(&all)).unwrap();
         assert_eq!(
             policy.validated_here(),
-            (0, 2),
-            "the policies were not in the set"
+            (0, 2, 1),
+            "the policies and the modules were not in the set"
         );
         let err = policy.evaluate(&request("bb", 0)).unwrap_err();
         assert!(
@@ -726,6 +779,66 @@ mod tests {
             policy.evaluate(&request("zz", 0)).unwrap().reason,
             "unknown_agent"
         );
+    }
+
+    /// Modules that fail to compile on first use (the validated set named them) make
+    /// every evaluation an error, never a decision.
+    #[test]
+    fn modules_that_fail_on_first_use_are_an_evaluation_error() {
+        let mut b = two_agents("y.example");
+        b.modules.push(RegoModule {
+            name: "custom/broken.rego".into(),
+            source: "package chronoguard.custom.broken\nx := ".into(),
+        });
+        let key = modules_hash(&b.modules);
+        let text = config_text(b);
+        let raw = crate::config::RawPluginConfig::from_slice(&text).unwrap();
+        let bundle = raw.bundle.as_ref().unwrap();
+        let refused =
+            CompiledPolicy::compile_raw(bundle, &mut EntryCache::default(), &Validated::default());
+        assert!(
+            matches!(refused, Err(PolicyError::Compile { .. })),
+            "{refused:?}"
+        );
+        let mut shared = 0u32.to_le_bytes().to_vec();
+        shared.extend(format!(r#"{{"policies": [], "modules": [{key}]}}"#).bytes());
+        let mut policy = CompiledPolicy::compile_raw(
+            bundle,
+            &mut EntryCache::default(),
+            &Validated::decode(&shared),
+        )
+        .unwrap();
+        assert_eq!(policy.validated_here(), (2, 2, 0));
+        let err = policy.evaluate(&request("aa", 0)).unwrap_err();
+        assert!(
+            matches!(&err, PolicyError::Eval(m) if m.starts_with("rego modules: rego module custom/broken.rego does not compile")),
+            "{err}"
+        );
+        assert!(
+            Validated::decode(&policy.validated()).len().2 == 0,
+            "not published"
+        );
+        // The next configuration with these modules compiles them (and is refused).
+        let mut cache = EntryCache::default();
+        let mut policy =
+            CompiledPolicy::compile_raw(bundle, &mut cache, &Validated::decode(&shared)).unwrap();
+        assert!(policy.evaluate(&request("aa", 0)).is_err());
+        let again = CompiledPolicy::compile_raw(bundle, &mut cache, &Validated::decode(&shared));
+        assert!(
+            matches!(again, Err(PolicyError::Compile { .. })),
+            "{again:?}"
+        );
+    }
+
+    /// A filter configuration of `bundle`, as JSON text.
+    fn config_text(bundle: Bundle) -> Vec<u8> {
+        serde_json::to_vec(&crate::config::PluginConfig {
+            version: "1".into(),
+            mode: crate::config::Mode::Enforce,
+            bundle: Some(bundle),
+            audit: None,
+        })
+        .unwrap()
     }
 
     /// Two agents on their own policies, each allowing one domain.

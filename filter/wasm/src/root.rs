@@ -55,7 +55,7 @@ fn load(bytes: &[u8]) -> Result<(Active, Option<AuditSink>), String> {
             };
             let policy = CompiledPolicy::compile_raw(bundle, &mut state.entries, &validated)
                 .map_err(|e| e.to_string())?;
-            if policy.validated_here() != (0, 0)
+            if policy.validated_here() != (0, 0, 0)
                 && host::shared_set(VALIDATED, &policy.validated(), None).is_err()
             {
                 host::log(
@@ -140,14 +140,14 @@ pub fn configure(root_context_id: u32) -> bool {
     match load(&bytes) {
         Ok((mut active, sink)) => {
             let elapsed_ms = host::now_ns().saturating_sub(started) / 1_000_000;
-            let (agents, policies) = active
+            let (agents, policies, modules) = active
                 .policy
                 .as_ref()
-                .map_or((0, 0), CompiledPolicy::validated_here);
+                .map_or((0, 0, 0), CompiledPolicy::validated_here);
             host::log(
                 LogLevel::Info,
                 &format!(
-                    "root {root_context_id}: configuration {} loaded ({:?}, {} bytes, {agents} agents and {policies} policies validated here, {elapsed_ms} ms)",
+                    "root {root_context_id}: configuration {} loaded ({:?}, {} bytes, {agents} agents, {policies} policies and {modules} module sets validated here, {elapsed_ms} ms)",
                     active.version,
                     active.mode,
                     bytes.len()

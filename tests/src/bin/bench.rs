@@ -646,8 +646,8 @@ struct Load {
     ms: u64,
 }
 
-/// The filter's `root N: configuration V loaded (Enforce, B bytes, A agents and P
-/// policies validated here, M ms)` log lines.
+/// The filter's `root N: configuration V loaded (Enforce, B bytes, A agents, P policies
+/// and S module sets validated here, M ms)` log lines.
 fn configure_loads(log: &str) -> Vec<Load> {
     log.lines()
         .filter_map(|l| {
@@ -660,8 +660,9 @@ fn configure_loads(log: &str) -> Vec<Load> {
                 .parse()
                 .ok()?;
             let (bytes, rest) = tail.split_once(" bytes, ")?;
-            let (agents, rest) = rest.split_once(" agents and ")?;
-            let (policies, rest) = rest.split_once(" policies validated here, ")?;
+            let (agents, rest) = rest.split_once(" agents, ")?;
+            let (policies, rest) = rest.split_once(" policies and ")?;
+            let rest = rest.split_once(" module sets validated here, ")?.1;
             let ms = rest.trim_end_matches(" ms)").parse().ok()?;
             Some(Load {
                 root,
