@@ -7,7 +7,6 @@
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use std::borrow::Cow;
-use std::collections::BTreeMap;
 
 /// What the filter does with requests under this configuration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -65,15 +64,61 @@ pub struct RawBundle<'a> {
     pub data: RawData<'a>,
 }
 
-/// The data document with agents and policies as JSON text, keyed like [`Bundle::data`].
+/// The data document with agents and policies as JSON text, keyed like [`Bundle::data`],
+/// in document order (a later duplicate key wins where they are used, as in a map).
 #[derive(Debug, Deserialize)]
 pub struct RawData<'a> {
-    #[serde(default, borrow)]
-    pub agents: BTreeMap<Cow<'a, str>, &'a RawValue>,
-    #[serde(default, borrow)]
-    pub policies: BTreeMap<Cow<'a, str>, &'a RawValue>,
+    #[serde(default, borrow, deserialize_with = "members")]
+    pub agents: Vec<(Cow<'a, str>, &'a RawValue)>,
+    #[serde(default, borrow, deserialize_with = "members")]
+    pub policies: Vec<(Cow<'a, str>, &'a RawValue)>,
     #[serde(default)]
     pub timezones: Option<serde_json::Value>,
+}
+
+/// A JSON object's members, values as borrowed text and keys borrowed unless escaped: a
+/// configuration's thousands of entries are listed without a map or a copy.
+fn members<'de, D>(d: D) -> Result<Vec<(Cow<'de, str>, &'de RawValue)>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    struct Members;
+    struct Key<'de>(Cow<'de, str>);
+    impl<'de> serde::de::Visitor<'de> for Members {
+        type Value = Vec<(Cow<'de, str>, &'de RawValue)>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("an object")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(
+            self,
+            mut map: A,
+        ) -> Result<Self::Value, A::Error> {
+            let mut members = Vec::with_capacity(map.size_hint().unwrap_or(0));
+            while let Some((Key(key), value)) = map.next_entry()? {
+                members.push((key, value));
+            }
+            Ok(members)
+        }
+    }
+    impl<'de> Deserialize<'de> for Key<'de> {
+        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct Visit;
+            impl<'de> serde::de::Visitor<'de> for Visit {
+                type Value = Key<'de>;
+                fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                    f.write_str("a string")
+                }
+                fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
+                    Ok(Key(Cow::Borrowed(v)))
+                }
+                fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+                    Ok(Key(Cow::Owned(v.to_owned())))
+                }
+            }
+            d.deserialize_str(Visit)
+        }
+    }
+    d.deserialize_map(Members)
 }
 
 /// Rego modules plus the data document they evaluate against.
@@ -214,6 +259,29 @@ impl AuditSink {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Entries are listed in document order with their text; keys are borrowed unless
+    /// escaped; a non-object is an error.
+    #[test]
+    fn raw_data_lists_members_in_order() {
+        let data: RawData<'_> =
+            serde_json::from_str(r#"{"agents": {"b": {"x": 1}, "a\u0062": [2], "b": 3}}"#).unwrap();
+        let agents: Vec<(&str, &str, bool)> = data
+            .agents
+            .iter()
+            .map(|(k, v)| (k.as_ref(), v.get(), matches!(k, Cow::Borrowed(_))))
+            .collect();
+        assert_eq!(
+            agents,
+            [
+                ("b", r#"{"x": 1}"#, true),
+                ("ab", "[2]", false),
+                ("b", "3", true)
+            ]
+        );
+        assert!(data.policies.is_empty());
+        assert!(serde_json::from_str::<RawData<'_>>(r#"{"agents": []}"#).is_err());
+    }
 
     #[test]
     fn deny_all_round_trips() {

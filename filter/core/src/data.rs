@@ -1174,7 +1174,7 @@ mod tests {
 
         // What a VM publishes after validating everything but the two broken entries, and
         // the broken ones "validated" too.
-        let hash = |entries: &BTreeMap<std::borrow::Cow<'_, str>, &RawValue>, key: &str| {
+        let hash = |entries: &[(std::borrow::Cow<'_, str>, &RawValue)], key: &str| {
             text_hash(entries.iter().find(|(k, _)| k.as_ref() == key).unwrap().1)
         };
         let (p, q) = (hash(&data.policies, "p"), hash(&data.policies, "q"));

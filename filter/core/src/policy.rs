@@ -758,8 +758,8 @@ mod tests {
         let mut all = (agents.len() as u32).to_le_bytes().to_vec();
         all.extend(
             agents
-                .values()
-                .flat_map(|r| data::text_hash(r).to_le_bytes()),
+                .iter()
+                .flat_map(|(_, r)| data::text_hash(r).to_le_bytes()),
         );
         all.extend(br#"{"policies": [], "modules": []}"#);
         let mut policy =
