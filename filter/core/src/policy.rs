@@ -406,8 +406,14 @@ impl CompiledPolicy {
     /// unchanged (checked when its request comes again), so a push re-decides only the
     /// requests of the agents it changed: without this, every agent × domain in use would
     /// run regorus again after each push (0.3–0.7 ms each in V8). At most
-    /// [`MEMO_CAPACITY`] are kept; the older ones go first.
+    /// [`MEMO_CAPACITY`] are kept; the older ones go first. With the same modules it also
+    /// takes over `previous`'s engine, which this configuration would otherwise clone on
+    /// its first evaluation (the engine holds only the modules: requests bring their
+    /// entries in the input).
     pub fn inherit_memo(&mut self, previous: &mut CompiledPolicy) {
+        if self.modules.key == previous.modules.key && self.engine.is_none() {
+            self.engine = previous.engine.take();
+        }
         if self.modules.key != previous.modules.key
             || self.reads != previous.reads
             || self.tables != previous.tables
@@ -873,6 +879,10 @@ mod tests {
         let mut second =
             CompiledPolicy::compile_with(&two_agents("y.example"), &mut cache).unwrap();
         second.inherit_memo(&mut first);
+        assert!(
+            first.engine.is_none() && second.engine.is_some(),
+            "the engine moves too"
+        );
         let (a, hit_a) = second.evaluate_memo(&request("aa", at + SECOND)).unwrap();
         let (b, hit_b) = second.evaluate_memo(&request("bb", at + SECOND)).unwrap();
         let (_, hit_c) = second.evaluate_memo(&request("cc", at + SECOND)).unwrap();

@@ -11,6 +11,9 @@ use std::cell::RefCell;
 /// Attempts before giving up on a contended key.
 const CAS_ATTEMPTS: usize = 16;
 
+/// The value of a bucket created but not used yet (any value that is not a state).
+const NEW_BUCKET: u8 = 0;
+
 thread_local! {
     /// This worker VM's leases.
     static LEASES: RefCell<Leases> = RefCell::new(Leases::default());
@@ -55,7 +58,22 @@ fn check_key(key: &str, limit: &RateLimit, now_ns: u64) -> Check {
         let Ok((bytes, cas)) = host::shared_get(key) else {
             return Check::StoreError;
         };
-        let state = bytes.as_deref().and_then(BucketState::decode);
+        let Some(bytes) = bytes else {
+            // No worker has used this bucket yet. The host has no create-if-absent, and a
+            // write without a CAS token replaces whatever is there: two workers taking
+            // the first tokens that way at once would both succeed and one token would
+            // be lost (one request over the limit). So the bucket is first created
+            // empty, and every token is then taken with compare-and-swap. Two workers
+            // creating it at once write the same empty value; only one paused between
+            // its read and this write, while another read, wrote and took a token,
+            // could still erase that token.
+            if host::shared_set(key, &[NEW_BUCKET], None).is_err() {
+                return Check::StoreError;
+            }
+            continue;
+        };
+        // A new bucket's placeholder decodes as no state: full.
+        let state = BucketState::decode(&bytes);
         match acquire(limit, state, now_ns, want) {
             Acquire::Limited { retry_after_s } => return Check::Limited(retry_after_s),
             Acquire::Allowed { state, granted } => {
