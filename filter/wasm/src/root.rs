@@ -139,7 +139,7 @@ pub fn configure(root_context_id: u32) -> bool {
     let state = vm::state();
     match load(&bytes) {
         Ok((mut active, sink)) => {
-            let elapsed_ms = host::now_ns().saturating_sub(started) / 1_000_000;
+            let elapsed_ms = host::now_ns().saturating_sub(started) as f64 / 1e6;
             let (agents, policies, modules) = active
                 .policy
                 .as_ref()
@@ -147,7 +147,7 @@ pub fn configure(root_context_id: u32) -> bool {
             host::log(
                 LogLevel::Info,
                 &format!(
-                    "root {root_context_id}: configuration {} loaded ({:?}, {} bytes, {agents} agents, {policies} policies and {modules} module sets validated here, {elapsed_ms} ms)",
+                    "root {root_context_id}: configuration {} loaded ({:?}, {} bytes, {agents} agents, {policies} policies and {modules} module sets validated here, {elapsed_ms:.3} ms)",
                     active.version,
                     active.mode,
                     bytes.len()

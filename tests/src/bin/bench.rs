@@ -497,16 +497,26 @@ async fn stall(
     module: &str,
 ) -> anyhow::Result<()> {
     let client = stack.agent_client(Some(agent))?;
-    let policy = |i: usize| {
-        let mut allowed: Vec<String> = (0..5).map(|d| format!("allowed-{d}.example")).collect();
+    // Pushes change the load agent's own policy p0 (its decisions are then taken again
+    // after every push: the worst case), or another agents' policy p1 (`seed` puts agent
+    // 0 on p0, p7 and p14), which leaves the load's memoised decisions alone.
+    let p1: uuid::Uuid = sqlx::query_scalar("SELECT id FROM policies WHERE name = 'p1'")
+        .fetch_one(&stack.db)
+        .await?;
+    let policy = |own: bool, i: usize| {
+        let (name, n) = if own { ("p0", 0) } else { ("p1", 1) };
+        let mut allowed: Vec<String> = (0..5)
+            .map(|d| format!("allowed-{}.example", d + n))
+            .collect();
         allowed.push(format!("extra-{i}.example"));
-        json!({"name": "p0", "priority": 0, "allowed_domains": allowed, "blocked_domains": ["blocked-0.example"]})
+        json!({"name": name, "priority": n, "allowed_domains": allowed, "blocked_domains": [format!("blocked-{n}.example")]})
     };
+    let target = |own: bool| if own { policy0 } else { p1 };
     stack
         .admin(
             reqwest::Method::PUT,
             &format!("/api/v1/policies/{policy0}"),
-            Some(policy(0)),
+            Some(policy(true, 0)),
         )
         .await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -520,10 +530,11 @@ async fn stall(
         renice(pid, 19);
     }
     let mut pushed = 0;
-    let mut measure = |what: &'static str| {
+    let mut measure = |what: &'static str, own: bool| {
         let first = pushed + 1;
         pushed += 20;
         let (client, policy) = (&client, &policy);
+        let target = target(own);
         async move {
             let (q50, q99, qmax) = open_loop(stack, client, 1_000, Duration::from_secs(5)).await?;
             let pushes = async {
@@ -532,8 +543,8 @@ async fn stall(
                     stack
                         .admin(
                             reqwest::Method::PUT,
-                            &format!("/api/v1/policies/{policy0}"),
-                            Some(policy(i)),
+                            &format!("/api/v1/policies/{target}"),
+                            Some(policy(own, i)),
                         )
                         .await?;
                 }
@@ -551,7 +562,7 @@ async fn stall(
             anyhow::Ok(())
         }
     };
-    measure("every Envoy thread on CPU 0").await?;
+    measure("every Envoy thread on CPU 0", true).await?;
     // Per push Envoy also loads the bundle twice on its main thread (the configuration
     // canary, then the main thread's VM). On a gateway with a spare core that work does
     // not compete with the worker: the worker's own `on_configure` is what stalls its
@@ -566,7 +577,16 @@ async fn stall(
             .stdout(std::process::Stdio::null())
             .status();
     }
-    measure("the worker alone on CPU 0, Envoy's main thread on CPU 1").await?;
+    measure(
+        "the worker alone on CPU 0, Envoy's main thread on CPU 1",
+        true,
+    )
+    .await?;
+    measure(
+        "the worker alone on CPU 0; the pushes change another agents' policy",
+        false,
+    )
+    .await?;
     pin(envoy, "0");
     for pid in backend {
         renice(pid, 0);
@@ -647,10 +667,10 @@ async fn propagation(
 fn configure_summary(log: &str) {
     let loads = configure_loads(log);
     let summary = |what: &str, loads: Vec<&Load>| {
-        let mut ms: Vec<u64> = loads.iter().map(|l| l.ms).collect();
+        let mut ms: Vec<f64> = loads.iter().map(|l| l.ms).collect();
         let mut agents: Vec<u64> = loads.iter().filter_map(|l| Some(l.validated?.0)).collect();
         let mut policies: Vec<u64> = loads.iter().filter_map(|l| Some(l.validated?.1)).collect();
-        ms.sort();
+        ms.sort_by(f64::total_cmp);
         agents.sort();
         policies.sort();
         let spread = |v: &[u64]| match (v.get(v.len() / 2), v.last()) {
@@ -659,7 +679,7 @@ fn configure_summary(log: &str) {
         };
         if let (Some(median), Some(max)) = (ms.get(ms.len() / 2), ms.last()) {
             println!(
-                "on_configure, {what}, over {} loads: median {median} ms, max {max} ms; validated per load, median / max: agents {}, policies {}",
+                "on_configure, {what}, over {} loads: median {median:.3} ms, max {max:.3} ms; validated per load, median / max: agents {}, policies {}",
                 ms.len(),
                 spread(&agents),
                 spread(&policies),
@@ -685,7 +705,8 @@ struct Load {
     /// Agents and policies the VM validated itself (the others it reused or another VM
     /// validated).
     validated: Option<(u64, u64)>,
-    ms: u64,
+    /// Whole milliseconds before 562f562, then to the microsecond.
+    ms: f64,
 }
 
 /// The filter's `root N: configuration V loaded (Enforce, B bytes, A agents, P policies
