@@ -360,8 +360,8 @@ async fn workers_trust_the_agents_the_canary_validated() {
     // The canary (root context 1 of a fresh VM) validated agent two's new entry only;
     // the main thread's and both workers' long-lived VMs validated nothing.
     let (canary, long_lived) = validated_by_the_last_loads(&stack);
-    assert_eq!(canary, [(1, 0, 0)]);
-    assert_eq!(long_lived, [(0, 0, 0); 3]);
+    assert_eq!(canary, [(1, 0, 0, false)]);
+    assert_eq!(long_lived, [(0, 0, 0, true); 3]);
 
     // Policy p now also allows c.example: the canary validates that policy only.
     stack
@@ -381,12 +381,13 @@ async fn workers_trust_the_agents_the_canary_validated() {
     let (status, _, _) = send(&stack, &two, Method::GET, "c.example", "/").await;
     assert_eq!(status, 200);
     let (canary, long_lived) = validated_by_the_last_loads(&stack);
-    assert_eq!(canary, [(0, 1, 0)]);
-    assert_eq!(long_lived, [(0, 0, 0); 3]);
+    assert_eq!(canary, [(0, 1, 0, false)]);
+    assert_eq!(long_lived, [(0, 0, 0, true); 3]);
 }
 
-/// Agents, policies and module sets validated by one load.
-type Counts = (u64, u64, u64);
+/// Agents, policies and module sets validated by one load, and whether it read the
+/// configuration through another VM's index.
+type Counts = (u64, u64, u64, bool);
 
 /// The agents and policies each VM validated itself when loading the latest
 /// configuration, from the filter's `root R: configuration V loaded (Enforce, B bytes, A
@@ -399,13 +400,18 @@ fn validated_by_the_last_loads(stack: &Stack) -> (Vec<Counts>, Vec<Counts>) {
         .filter_map(|l| {
             let (root, tail) = l.split_once("root ")?.1.split_once(": configuration ")?;
             let (version, tail) = tail.split_once(" loaded (Enforce, ")?;
-            let (agents, tail) = tail.split_once(" bytes, ")?.1.split_once(" agents, ")?;
+            let tail = tail.split_once(" bytes, ")?.1;
+            // The long-lived VMs read the canary's index of the same bytes.
+            let indexed = tail.starts_with("read through the index, ");
+            let tail = tail.trim_start_matches("read through the index, ");
+            let (agents, tail) = tail.split_once(" agents, ")?;
             let (policies, tail) = tail.split_once(" policies and ")?;
             let modules = tail.split_once(" module sets validated here")?.0;
             let validated = (
                 agents.parse().ok()?,
                 policies.parse().ok()?,
                 modules.parse().ok()?,
+                indexed,
             );
             Some((root.parse().ok()?, version.parse().ok()?, validated))
         })

@@ -279,6 +279,17 @@ fn cached_compiles_equal_fresh_ones() {
                 )
                 .unwrap();
                 assert_eq!(deferred.validated_here(), (0, 0, 0), "{}", file.display());
+                // A worker reading the same bytes through the canary's index.
+                let index = crate::config::ConfigIndex::build(&text, &raw).unwrap();
+                let index = crate::config::ConfigIndex::decode(&index.encode()).unwrap();
+                let through_index =
+                    crate::config::RawPluginConfig::from_index(&text, &index).unwrap();
+                let mut indexed = CompiledPolicy::compile_raw(
+                    through_index.bundle.as_ref().unwrap(),
+                    &mut crate::data::EntryCache::default(),
+                    &crate::data::Validated::default(),
+                )
+                .unwrap();
                 let mut inheriting = CompiledPolicy::compile_with(&bundle, &mut cache).unwrap();
                 if let Some(previous) = previous.as_mut() {
                     inheriting.inherit_memo(previous);
@@ -292,6 +303,7 @@ fn cached_compiles_equal_fresh_ones() {
                         ("cached", cached.evaluate_fresh(&facts).unwrap()),
                         ("text", from_text.evaluate_fresh(&facts).unwrap()),
                         ("deferred", deferred.evaluate_fresh(&facts).unwrap()),
+                        ("indexed", indexed.evaluate_fresh(&facts).unwrap()),
                         ("inherited", (*memoised).clone()),
                     ] {
                         assert_eq!(

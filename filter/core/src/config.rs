@@ -69,23 +69,57 @@ pub struct RawBundle<'a> {
 #[derive(Debug, Deserialize)]
 pub struct RawData<'a> {
     #[serde(default, borrow, deserialize_with = "members")]
-    pub agents: Vec<(Cow<'a, str>, &'a RawValue)>,
+    pub agents: Vec<RawEntry<'a>>,
     #[serde(default, borrow, deserialize_with = "members")]
-    pub policies: Vec<(Cow<'a, str>, &'a RawValue)>,
+    pub policies: Vec<RawEntry<'a>>,
     #[serde(default)]
     pub timezones: Option<serde_json::Value>,
 }
 
+/// An agent or a policy of a configuration: its key and its JSON text, both borrowed
+/// from the configuration (the key unless escaped), and the text's hash when an index
+/// brought it ([`ConfigIndex`]).
+#[derive(Debug, Clone)]
+pub struct RawEntry<'a> {
+    pub key: Cow<'a, str>,
+    pub text: &'a [u8],
+    pub hash: Option<u64>,
+}
+
+/// Where the entries of one configuration sit in its bytes, so that a VM loading the
+/// same bytes again skips parsing them: Envoy loads every configuration first in its
+/// canary, which parses it fully and publishes this, then in each worker VM. The bytes
+/// are recognised by their length, a hash of all of them and the version they carry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigIndex {
+    version: String,
+    len: u64,
+    id: u64,
+    /// Spans cut out of the bytes to leave a skeleton (the `agents` and `policies`
+    /// members), ascending.
+    cuts: Vec<(u32, u32)>,
+    agents: Vec<Indexed>,
+    policies: Vec<Indexed>,
+}
+
+/// One entry of a [`ConfigIndex`]: its key's and its text's spans, the text's hash.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Indexed {
+    key: (u32, u32),
+    text: (u32, u32),
+    hash: u64,
+}
+
 /// A JSON object's members, values as borrowed text and keys borrowed unless escaped: a
 /// configuration's thousands of entries are listed without a map or a copy.
-fn members<'de, D>(d: D) -> Result<Vec<(Cow<'de, str>, &'de RawValue)>, D::Error>
+fn members<'de, D>(d: D) -> Result<Vec<RawEntry<'de>>, D::Error>
 where
     D: serde::Deserializer<'de>,
 {
     struct Members;
     struct Key<'de>(Cow<'de, str>);
     impl<'de> serde::de::Visitor<'de> for Members {
-        type Value = Vec<(Cow<'de, str>, &'de RawValue)>;
+        type Value = Vec<RawEntry<'de>>;
         fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
             f.write_str("an object")
         }
@@ -94,8 +128,12 @@ where
             mut map: A,
         ) -> Result<Self::Value, A::Error> {
             let mut members = Vec::with_capacity(map.size_hint().unwrap_or(0));
-            while let Some((Key(key), value)) = map.next_entry()? {
-                members.push((key, value));
+            while let Some((Key(key), value)) = map.next_entry::<Key<'de>, &'de RawValue>()? {
+                members.push(RawEntry {
+                    key,
+                    text: value.get().as_bytes(),
+                    hash: None,
+                });
             }
             Ok(members)
         }
@@ -210,6 +248,207 @@ impl<'a> RawPluginConfig<'a> {
         check(config.mode, config.bundle.is_some(), config.audit.as_ref())?;
         Ok(config)
     }
+
+    /// Reads `bytes` through `index` when it describes exactly these bytes: only the
+    /// skeleton left by cutting the entries out is parsed; the entries are taken from
+    /// their spans, with their hashes. `None` when the index is for other bytes.
+    pub fn from_index(bytes: &'a [u8], index: &ConfigIndex) -> Option<Self> {
+        if bytes.len() as u64 != index.len || bytes_hash(bytes) != index.id {
+            return None;
+        }
+        let mut skeleton = Vec::with_capacity(4096);
+        let mut at = 0;
+        for &(start, end) in &index.cuts {
+            skeleton.extend_from_slice(bytes.get(at..start as usize)?);
+            at = end as usize;
+        }
+        skeleton.extend_from_slice(bytes.get(at..)?);
+        let parsed = RawPluginConfig::from_slice(&skeleton).ok()?;
+        let bundle = parsed.bundle?;
+        if parsed.version != index.version
+            || !bundle.data.agents.is_empty()
+            || !bundle.data.policies.is_empty()
+        {
+            return None;
+        }
+        let entries = |list: &[Indexed]| -> Option<Vec<RawEntry<'a>>> {
+            list.iter()
+                .map(|e| {
+                    let key = bytes.get(e.key.0 as usize..e.key.1 as usize)?;
+                    Some(RawEntry {
+                        key: Cow::Borrowed(std::str::from_utf8(key).ok()?),
+                        text: bytes.get(e.text.0 as usize..e.text.1 as usize)?,
+                        hash: Some(e.hash),
+                    })
+                })
+                .collect()
+        };
+        Some(Self {
+            version: parsed.version,
+            mode: parsed.mode,
+            audit: parsed.audit,
+            bundle: Some(RawBundle {
+                modules: bundle.modules,
+                data: RawData {
+                    agents: entries(&index.agents)?,
+                    policies: entries(&index.policies)?,
+                    timezones: bundle.data.timezones,
+                },
+            }),
+        })
+    }
+}
+
+// === impl ConfigIndex ===
+
+impl ConfigIndex {
+    /// The index of `config`, parsed from `bytes`; `None` when it has no bundle or an
+    /// escaped key (which is not a span of the bytes).
+    pub fn build(bytes: &[u8], config: &RawPluginConfig<'_>) -> Option<Self> {
+        let data = &config.bundle.as_ref()?.data;
+        let base = bytes.as_ptr() as usize;
+        let span = |part: &[u8]| -> Option<(u32, u32)> {
+            let start = (part.as_ptr() as usize).checked_sub(base)?;
+            let end = start + part.len();
+            (end <= bytes.len()).then_some((u32::try_from(start).ok()?, u32::try_from(end).ok()?))
+        };
+        let mut cuts = Vec::new();
+        let mut list = |entries: &[RawEntry<'_>]| -> Option<Vec<Indexed>> {
+            let indexed = entries
+                .iter()
+                .map(|e| {
+                    let Cow::Borrowed(key) = &e.key else {
+                        return None;
+                    };
+                    Some(Indexed {
+                        key: span(key.as_bytes())?,
+                        text: span(e.text)?,
+                        hash: e.hash.unwrap_or_else(|| crate::data::text_hash(e.text)),
+                    })
+                })
+                .collect::<Option<Vec<_>>>()?;
+            if let (Some(first), Some(last)) = (indexed.first(), indexed.last()) {
+                // From the first key's opening quote to the end of the last value: what
+                // is left between the braces is an empty object.
+                let start = first.key.0.checked_sub(1)?;
+                (bytes.get(start as usize) == Some(&b'"')).then_some(())?;
+                cuts.push((start, last.text.1));
+            }
+            Some(indexed)
+        };
+        let agents = list(&data.agents)?;
+        let policies = list(&data.policies)?;
+        cuts.sort_unstable();
+        if cuts.iter().zip(cuts.iter().skip(1)).any(|(a, b)| a.1 > b.0) {
+            return None;
+        }
+        Some(Self {
+            version: config.version.clone(),
+            len: bytes.len() as u64,
+            id: bytes_hash(bytes),
+            cuts,
+            agents,
+            policies,
+        })
+    }
+
+    /// The shared form.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(64 + (self.agents.len() + self.policies.len()) * 24);
+        let u32s = |out: &mut Vec<u8>, v: u32| out.extend_from_slice(&v.to_le_bytes());
+        u32s(&mut out, self.version.len() as u32);
+        out.extend_from_slice(self.version.as_bytes());
+        out.extend_from_slice(&self.len.to_le_bytes());
+        out.extend_from_slice(&self.id.to_le_bytes());
+        u32s(&mut out, self.cuts.len() as u32);
+        for &(a, b) in &self.cuts {
+            u32s(&mut out, a);
+            u32s(&mut out, b);
+        }
+        for list in [&self.agents, &self.policies] {
+            u32s(&mut out, list.len() as u32);
+            for e in list {
+                for v in [e.key.0, e.key.1, e.text.0, e.text.1] {
+                    u32s(&mut out, v);
+                }
+                out.extend_from_slice(&e.hash.to_le_bytes());
+            }
+        }
+        out
+    }
+
+    /// Reads the shared form; `None` for anything else.
+    pub fn decode(bytes: &[u8]) -> Option<Self> {
+        let mut r = Reader(bytes);
+        let n = r.u32()? as usize;
+        let version = String::from_utf8(r.take(n)?.to_vec()).ok()?;
+        let (len, id) = (r.u64()?, r.u64()?);
+        let cuts = (0..r.u32()?)
+            .map(|_| Some((r.u32()?, r.u32()?)))
+            .collect::<Option<Vec<_>>>()?;
+        let mut list = || -> Option<Vec<Indexed>> {
+            (0..r.u32()?)
+                .map(|_| {
+                    Some(Indexed {
+                        key: (r.u32()?, r.u32()?),
+                        text: (r.u32()?, r.u32()?),
+                        hash: r.u64()?,
+                    })
+                })
+                .collect()
+        };
+        let agents = list()?;
+        let policies = list()?;
+        Some(Self {
+            version,
+            len,
+            id,
+            cuts,
+            agents,
+            policies,
+        })
+    }
+}
+
+/// Reads little-endian numbers off the front of a byte slice.
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        let (head, tail) = self.0.split_at_checked(n)?;
+        self.0 = tail;
+        Some(head)
+    }
+
+    fn u32(&mut self) -> Option<u32> {
+        Some(u32::from_le_bytes(self.take(4)?.try_into().ok()?))
+    }
+
+    fn u64(&mut self) -> Option<u64> {
+        Some(u64::from_le_bytes(self.take(8)?.try_into().ok()?))
+    }
+}
+
+/// A fast 64-bit hash of a whole configuration (recognising the bytes an index was made
+/// from; the version and the length are checked too).
+fn bytes_hash(bytes: &[u8]) -> u64 {
+    const K: u64 = 0x9e37_79b9_7f4a_7c15;
+    let word = |w: &[u8]| u64::from_le_bytes(w.try_into().unwrap_or_default());
+    let mix = |h: u64, w: u64| (h ^ w).wrapping_mul(K).rotate_left(31);
+    // Four independent lanes over 32-byte blocks: the multiplications do not wait for
+    // one another.
+    let mut lanes = [1, 2, 3, 4].map(|i: u64| (bytes.len() as u64 + i).wrapping_mul(K));
+    let mut blocks = bytes.chunks_exact(32);
+    for block in &mut blocks {
+        for (lane, w) in lanes.iter_mut().zip(block.chunks_exact(8)) {
+            *lane = mix(*lane, word(w));
+        }
+    }
+    let mut h = lanes.into_iter().fold(0, mix);
+    for &b in blocks.remainder() {
+        h = mix(h, u64::from(b));
+    }
+    h ^ (h >> 29)
 }
 
 // === impl PluginConfig ===
@@ -260,6 +499,60 @@ impl AuditSink {
 mod tests {
     use super::*;
 
+    /// The canary's index reads the same bytes back as parsing them does, with the
+    /// entries' hashes; it is refused for other bytes (one byte changed, another length,
+    /// another version) and for a configuration with an escaped key.
+    #[test]
+    fn an_index_reads_the_bytes_it_was_made_from() {
+        let text = br#"{"version":"7","mode":"enforce","bundle":{"modules":[],"data":{"agents":{"ab":{"status":"active"}, "cd" : {"status":"pending","policies":["p"]}},"policies":{"p":{"id":"p"}},"timezones":null}}}"#;
+        let parsed = RawPluginConfig::from_slice(text).unwrap();
+        let index = ConfigIndex::build(text, &parsed).unwrap();
+        assert_eq!(ConfigIndex::decode(&index.encode()), Some(index.clone()));
+        assert_eq!(ConfigIndex::decode(&index.encode()[..20]), None);
+        let read = RawPluginConfig::from_index(text, &index).unwrap();
+        let entries = |c: &RawPluginConfig<'_>| -> Vec<(String, Vec<u8>)> {
+            let data = &c.bundle.as_ref().unwrap().data;
+            data.agents
+                .iter()
+                .chain(&data.policies)
+                .map(|e| (e.key.to_string(), e.text.to_vec()))
+                .collect()
+        };
+        assert_eq!(entries(&read), entries(&parsed));
+        assert_eq!(entries(&read).len(), 3);
+        let data = &read.bundle.as_ref().unwrap().data;
+        assert_eq!(
+            data.agents[1].hash,
+            Some(crate::data::text_hash(data.agents[1].text))
+        );
+        assert_eq!(read.version, "7");
+
+        let mut changed = text.to_vec();
+        let at = changed.iter().position(|&b| b == b'p').unwrap();
+        changed[at] = b'P';
+        assert!(RawPluginConfig::from_index(&changed, &index).is_none());
+        assert!(RawPluginConfig::from_index(&text[..text.len() - 1], &index).is_none());
+        let other = String::from_utf8(text.to_vec())
+            .unwrap()
+            .replace(r#""7""#, r#""8""#);
+        let other_index = ConfigIndex::build(
+            other.as_bytes(),
+            &RawPluginConfig::from_slice(other.as_bytes()).unwrap(),
+        )
+        .unwrap();
+        assert!(RawPluginConfig::from_index(text, &other_index).is_none());
+        let escaped = String::from_utf8(text.to_vec())
+            .unwrap()
+            .replace(r#""ab""#, r#""a\u0062""#);
+        assert!(
+            ConfigIndex::build(
+                escaped.as_bytes(),
+                &RawPluginConfig::from_slice(escaped.as_bytes()).unwrap()
+            )
+            .is_none()
+        );
+    }
+
     /// Entries are listed in document order with their text; keys are borrowed unless
     /// escaped; a non-object is an error.
     #[test]
@@ -269,7 +562,10 @@ mod tests {
         let agents: Vec<(&str, &str, bool)> = data
             .agents
             .iter()
-            .map(|(k, v)| (k.as_ref(), v.get(), matches!(k, Cow::Borrowed(_))))
+            .map(|e| {
+                let text = std::str::from_utf8(e.text).unwrap();
+                (e.key.as_ref(), text, matches!(e.key, Cow::Borrowed(_)))
+            })
             .collect();
         assert_eq!(
             agents,

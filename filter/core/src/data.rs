@@ -9,7 +9,6 @@
 use crate::config::RawData;
 use crate::time::{DAYS, OffsetTable, tables_from_json};
 use serde::{Deserialize, Serialize};
-use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, OnceLock};
@@ -125,7 +124,7 @@ pub struct Entries {
 struct Lazy {
     value: OnceLock<Result<regorus::Value, String>>,
     /// The JSON of an entry prepared on first use.
-    text: Option<Box<str>>,
+    text: Option<Box<[u8]>>,
 }
 
 /// An agent: the hash of its JSON and its value.
@@ -337,7 +336,7 @@ impl Lazy {
         }
     }
 
-    fn deferred(text: &str) -> Self {
+    fn deferred(text: &[u8]) -> Self {
         Self {
             value: OnceLock::new(),
             text: Some(text.into()),
@@ -351,8 +350,8 @@ impl Lazy {
     ) -> Result<&regorus::Value, &str> {
         self.value
             .get_or_init(|| {
-                let text = self.text.as_deref().unwrap_or("null");
-                let value: Value = serde_json::from_str(text).map_err(|e| e.to_string())?;
+                let text = self.text.as_deref().unwrap_or(b"null");
+                let value: Value = serde_json::from_slice(text).map_err(|e| e.to_string())?;
                 to_regorus(prepare(&value)?)
             })
             .as_ref()
@@ -452,9 +451,9 @@ fn prepare_doc(
                 let key = fingerprint.to_ascii_lowercase();
                 let entry = match (old.agents.get(&key), raw) {
                     (Some(entry), _) if entry.hash == hash => entry.clone(),
-                    (_, Json::Text(text)) if validated.agent(hash) => Arc::new(AgentEntry {
+                    (_, Json::Text(text, _)) if validated.agent(hash) => Arc::new(AgentEntry {
                         hash,
-                        value: Lazy::deferred(text.get()),
+                        value: Lazy::deferred(text),
                     }),
                     _ => {
                         validated_here.0 += 1;
@@ -475,7 +474,7 @@ fn prepare_doc(
                     (Some(entry), _) if entry.hash == hash && has_table(&entry.facts.timezone) => {
                         entry.clone()
                     }
-                    (_, Json::Text(text))
+                    (_, Json::Text(text, _))
                         if let Some(facts) = validated.policies.get(&hash)
                             && has_table(&facts.timezone) =>
                     {
@@ -483,7 +482,7 @@ fn prepare_doc(
                             hash,
                             facts: facts.clone(),
                             id: id.into(),
-                            value: Lazy::deferred(text.get()),
+                            value: Lazy::deferred(text),
                         })
                     }
                     _ => {
@@ -526,7 +525,8 @@ enum Entry<'a> {
 #[derive(Clone, Copy)]
 enum Json<'a> {
     Value(&'a Value),
-    Text(&'a RawValue),
+    /// The text, and its hash when known already.
+    Text(&'a [u8], Option<u64>),
 }
 
 impl Json<'_> {
@@ -534,7 +534,7 @@ impl Json<'_> {
     fn hash(self) -> u64 {
         match self {
             Json::Value(value) => json_hash(value),
-            Json::Text(text) => text_hash(text),
+            Json::Text(text, known) => known.unwrap_or_else(|| text_hash(text)),
         }
     }
 
@@ -542,8 +542,8 @@ impl Json<'_> {
     fn with_value<T>(self, f: impl FnOnce(&Value) -> Result<T, String>) -> Result<T, String> {
         match self {
             Json::Value(value) => f(value),
-            Json::Text(text) => {
-                let value: Value = serde_json::from_str(text.get()).map_err(|e| e.to_string())?;
+            Json::Text(text, _) => {
+                let value: Value = serde_json::from_slice(text).map_err(|e| e.to_string())?;
                 f(&value)
             }
         }
@@ -551,10 +551,11 @@ impl Json<'_> {
 }
 
 /// The [`EntryCache`] (and [`ValidatedAgents`]) hash of an entry's JSON text.
-pub fn text_hash(text: &RawValue) -> u64 {
-    use std::hash::{Hash, Hasher};
+pub fn text_hash(text: &[u8]) -> u64 {
+    use std::hash::Hasher;
     let mut h = std::collections::hash_map::DefaultHasher::new();
-    (6u8, text.get()).hash(&mut h);
+    h.write_u8(6);
+    h.write(text);
     h.finish()
 }
 
@@ -593,13 +594,22 @@ fn prepare_entries(
         }
         Doc::Raw(data) => {
             let tables = tables_from_json(data.timezones.as_ref())?;
-            for (fingerprint, agent) in &data.agents {
-                each(Entry::Agent(fingerprint, Json::Text(agent)))
-                    .map_err(|e| format!("agent {fingerprint}: {e}"))?;
+            for agent in &data.agents {
+                let fingerprint = &agent.key;
+                each(Entry::Agent(
+                    fingerprint,
+                    Json::Text(agent.text, agent.hash),
+                ))
+                .map_err(|e| format!("agent {fingerprint}: {e}"))?;
             }
-            for (id, policy) in &data.policies {
-                each(Entry::Policy(id, Json::Text(policy), &tables))
-                    .map_err(|e| format!("policy {id}: {e}"))?;
+            for policy in &data.policies {
+                let id = &policy.key;
+                each(Entry::Policy(
+                    id,
+                    Json::Text(policy.text, policy.hash),
+                    &tables,
+                ))
+                .map_err(|e| format!("policy {id}: {e}"))?;
             }
             Ok(tables)
         }
@@ -1174,8 +1184,8 @@ mod tests {
 
         // What a VM publishes after validating everything but the two broken entries, and
         // the broken ones "validated" too.
-        let hash = |entries: &[(std::borrow::Cow<'_, str>, &RawValue)], key: &str| {
-            text_hash(entries.iter().find(|(k, _)| k.as_ref() == key).unwrap().1)
+        let hash = |entries: &[crate::config::RawEntry<'_>], key: &str| {
+            text_hash(entries.iter().find(|e| e.key == key).unwrap().text)
         };
         let (p, q) = (hash(&data.policies, "p"), hash(&data.policies, "q"));
         let p_facts = PolicyFacts {

@@ -765,7 +765,7 @@ mod tests {
         all.extend(
             agents
                 .iter()
-                .flat_map(|(_, r)| data::text_hash(r).to_le_bytes()),
+                .flat_map(|e| data::text_hash(e.text).to_le_bytes()),
         );
         all.extend(br#"{"policies": [], "modules": []}"#);
         let mut policy =

@@ -1,7 +1,7 @@
 //! Configurations: each is compiled once per VM, and the latest accepted decides requests.
 
 use crate::{host, vm};
-use filter_core::config::{AuditSink, Mode, RawPluginConfig};
+use filter_core::config::{AuditSink, ConfigIndex, Mode, RawPluginConfig};
 use filter_core::data::Validated;
 use filter_core::policy::CompiledPolicy;
 use proxy_wasm::traits::{Context, RootContext};
@@ -36,10 +36,26 @@ pub fn current() -> Option<Rc<RefCell<Active>>> {
 /// names the filter's version: VMs of another version validate for themselves.
 const VALIDATED: &str = concat!("chronoguard.validated.", env!("CARGO_PKG_VERSION"));
 
+/// The shared-data key of the index of the latest configuration a VM parsed in full
+/// (`filter_core::config::ConfigIndex`): the VMs loading the same bytes next read their
+/// entries through it instead of parsing the whole text.
+const INDEX: &str = concat!("chronoguard.index.", env!("CARGO_PKG_VERSION"));
+
 /// Parses and compiles a configuration; returns it ready for requests, with its audit
-/// sink.
-fn load(bytes: &[u8]) -> Result<(Active, Option<AuditSink>), String> {
-    let config = RawPluginConfig::from_slice(bytes).map_err(|e| e.to_string())?;
+/// sink, and whether it was read through another VM's index.
+fn load(bytes: &[u8]) -> Result<(Active, Option<AuditSink>, bool), String> {
+    let index = match host::shared_get(INDEX) {
+        Ok((Some(index), _)) => ConfigIndex::decode(&index),
+        _ => None,
+    };
+    let indexed = index
+        .as_ref()
+        .and_then(|index| RawPluginConfig::from_index(bytes, index));
+    let read_through_index = indexed.is_some();
+    let config = match indexed {
+        Some(config) => config,
+        None => RawPluginConfig::from_slice(bytes).map_err(|e| e.to_string())?,
+    };
     let policy = match (&config.mode, &config.bundle) {
         (Mode::Enforce, Some(bundle)) => {
             // This VM's entries of the previous configuration: a push only parses and
@@ -63,6 +79,15 @@ fn load(bytes: &[u8]) -> Result<(Active, Option<AuditSink>), String> {
                     "could not publish the validated entries; other VMs validate them again",
                 );
             }
+            if !read_through_index
+                && let Some(index) = ConfigIndex::build(bytes, &config)
+                && host::shared_set(INDEX, &index.encode(), None).is_err()
+            {
+                host::log(
+                    LogLevel::Warn,
+                    "could not publish the configuration's index; other VMs parse it again",
+                );
+            }
             Some(policy)
         }
         _ => None,
@@ -72,7 +97,7 @@ fn load(bytes: &[u8]) -> Result<(Active, Option<AuditSink>), String> {
         mode: config.mode,
         policy,
     };
-    Ok((active, config.audit))
+    Ok((active, config.audit, read_through_index))
 }
 
 /// Requests carry no root context (`abi`), so one VM serves one filter instance. A
@@ -138,16 +163,21 @@ pub fn configure(root_context_id: u32) -> bool {
     let started = host::now_ns();
     let state = vm::state();
     match load(&bytes) {
-        Ok((mut active, sink)) => {
+        Ok((mut active, sink, indexed)) => {
             let elapsed_ms = host::now_ns().saturating_sub(started) as f64 / 1e6;
             let (agents, policies, modules) = active
                 .policy
                 .as_ref()
                 .map_or((0, 0, 0), CompiledPolicy::validated_here);
+            let through = if indexed {
+                "read through the index, "
+            } else {
+                ""
+            };
             host::log(
                 LogLevel::Info,
                 &format!(
-                    "root {root_context_id}: configuration {} loaded ({:?}, {} bytes, {agents} agents, {policies} policies and {modules} module sets validated here, {elapsed_ms:.3} ms)",
+                    "root {root_context_id}: configuration {} loaded ({:?}, {} bytes, {through}{agents} agents, {policies} policies and {modules} module sets validated here, {elapsed_ms:.3} ms)",
                     active.version,
                     active.mode,
                     bytes.len()

@@ -679,8 +679,9 @@ fn configure_summary(log: &str) {
         };
         if let (Some(median), Some(max)) = (ms.get(ms.len() / 2), ms.last()) {
             println!(
-                "on_configure, {what}, over {} loads: median {median:.3} ms, max {max:.3} ms; validated per load, median / max: agents {}, policies {}",
+                "on_configure, {what}, over {} loads ({} read through an index): median {median:.3} ms, max {max:.3} ms; validated per load, median / max: agents {}, policies {}",
                 ms.len(),
+                loads.iter().filter(|l| l.indexed).count(),
                 spread(&agents),
                 spread(&policies),
             );
@@ -701,6 +702,8 @@ fn configure_summary(log: &str) {
 
 struct Load {
     root: u32,
+    /// Read through another VM's index of the same bytes (not parsed in full).
+    indexed: bool,
     bytes: u64,
     /// Agents and policies the VM validated itself (the others it reused or another VM
     /// validated).
@@ -723,6 +726,10 @@ fn configure_loads(log: &str) -> Vec<Load> {
                 .parse()
                 .ok()?;
             let (bytes, rest) = tail.split_once(" bytes, ")?;
+            let (indexed, rest) = match rest.strip_prefix("read through the index, ") {
+                Some(rest) => (true, rest),
+                None => (false, rest),
+            };
             // Modules before 0f50487 do not say what they validated.
             let (validated, rest) = match rest.split_once(" module sets validated here, ") {
                 Some((counts, after)) => {
@@ -735,6 +742,7 @@ fn configure_loads(log: &str) -> Vec<Load> {
             let ms = rest.trim_end_matches(" ms)").parse().ok()?;
             Some(Load {
                 root,
+                indexed,
                 bytes: bytes.parse().ok()?,
                 validated,
                 ms,
