@@ -77,8 +77,8 @@ pub struct RawData<'a> {
 }
 
 /// An agent or a policy of a configuration: its key and its JSON text, both borrowed
-/// from the configuration (the key unless escaped), and the text's hash when an index
-/// brought it ([`ConfigIndex`]).
+/// from the configuration (the key unless escaped), and the text's hash (taken when the
+/// text is parsed, or from the [`ConfigIndex`] it was read through).
 #[derive(Debug, Clone)]
 pub struct RawEntry<'a> {
     pub key: Cow<'a, str>,
@@ -129,10 +129,12 @@ where
         ) -> Result<Self::Value, A::Error> {
             let mut members = Vec::with_capacity(map.size_hint().unwrap_or(0));
             while let Some((Key(key), value)) = map.next_entry::<Key<'de>, &'de RawValue>()? {
+                // Hashed once here: the entry cache and the index both use it.
+                let text = value.get().as_bytes();
                 members.push(RawEntry {
                     key,
-                    text: value.get().as_bytes(),
-                    hash: None,
+                    text,
+                    hash: Some(crate::data::text_hash(text)),
                 });
             }
             Ok(members)
