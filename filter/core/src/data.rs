@@ -379,20 +379,16 @@ impl Validated {
     /// Reads the shared form ([`Entries::validated`]); what cannot be read counts as not
     /// validated.
     pub fn decode(bytes: &[u8]) -> Self {
-        let Some((count, rest)) = bytes.split_first_chunk::<4>() else {
+        let mut r = crate::config::Reader(bytes);
+        let Some(mut agents) = r
+            .u32()
+            .and_then(|n| (0..n).map(|_| r.u64()).collect::<Option<Vec<u64>>>())
+        else {
             return Self::default();
         };
-        let count = u32::from_le_bytes(*count) as usize;
-        let Some((agents, policies)) = rest.split_at_checked(count.saturating_mul(8)) else {
-            return Self::default();
-        };
-        let mut agents: Vec<u64> = agents
-            .chunks_exact(8)
-            .filter_map(|c| c.try_into().ok().map(u64::from_le_bytes))
-            .collect();
         agents.sort_unstable();
         agents.dedup();
-        let tail: ValidatedTail<PolicyFacts> = serde_json::from_slice(policies).unwrap_or_default();
+        let tail: ValidatedTail<PolicyFacts> = serde_json::from_slice(r.0).unwrap_or_default();
         Self {
             agents,
             policies: tail.policies.into_iter().collect(),

@@ -313,6 +313,16 @@ async fn main() -> anyhow::Result<()> {
 /// modules of a run are whole filters compared with this one (`--compare`).
 const STAGES: [&str; 5] = ["noop", "facts", "decide", "limit", "audit"];
 
+/// Policy p1: `seed` puts agent 0 (the load's) on p0, p7 and p14, so p1 is another
+/// agents' policy.
+async fn other_agents_policy(stack: &Stack) -> anyhow::Result<uuid::Uuid> {
+    Ok(
+        sqlx::query_scalar("SELECT id FROM policies WHERE name = 'p1'")
+            .fetch_one(&stack.db)
+            .await?,
+    )
+}
+
 /// Memo keys of the load's agent in `memo_churn` and `memo_across_pushes`: one domain each.
 const KEYS: u64 = 400;
 
@@ -400,10 +410,7 @@ async fn memo_across_pushes(
     policy0: uuid::Uuid,
 ) -> anyhow::Result<()> {
     let client = stack.agent_client(Some(agent))?;
-    // `seed` puts agent 0 (the load's) on p0, p7 and p14: p1 is another agents' policy.
-    let other: uuid::Uuid = sqlx::query_scalar("SELECT id FROM policies WHERE name = 'p1'")
-        .fetch_one(&stack.db)
-        .await?;
+    let other = other_agents_policy(stack).await?;
     let put = |id: uuid::Uuid, body: serde_json::Value| async move {
         stack
             .admin(
@@ -498,11 +505,9 @@ async fn stall(
 ) -> anyhow::Result<()> {
     let client = stack.agent_client(Some(agent))?;
     // Pushes change the load agent's own policy p0 (its decisions are then taken again
-    // after every push: the worst case), or another agents' policy p1 (`seed` puts agent
-    // 0 on p0, p7 and p14), which leaves the load's memoised decisions alone.
-    let p1: uuid::Uuid = sqlx::query_scalar("SELECT id FROM policies WHERE name = 'p1'")
-        .fetch_one(&stack.db)
-        .await?;
+    // after every push: the worst case), or another agents' policy p1, which leaves the
+    // load's memoised decisions alone.
+    let p1 = other_agents_policy(stack).await?;
     let policy = |own: bool, i: usize| {
         let (name, n) = if own { ("p0", 0) } else { ("p1", 1) };
         let mut allowed: Vec<String> = (0..5)
