@@ -10,6 +10,7 @@ use crate::config::RawData;
 use crate::time::{DAYS, OffsetTable, tables_from_json};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, OnceLock};
 
@@ -112,8 +113,30 @@ impl Clock {
 #[derive(Debug, Default)]
 pub struct Entries {
     /// Keyed by the lower-case fingerprint.
-    agents: HashMap<String, Arc<AgentEntry>>,
-    policies: HashMap<String, Arc<PolicyEntry>>,
+    agents: Arc<Section<AgentEntry>>,
+    policies: Arc<Section<PolicyEntry>>,
+}
+
+/// The agents or the policies of a configuration: keyed for lookups, and listed in the
+/// bundle's order. A later configuration whose list has the same keys in the same order
+/// takes the section over as it is, or a copy with only its changed entries replaced (a
+/// copy shares every entry), instead of building a new map: a policy push costs a
+/// long-lived VM one comparison per agent, not a hash-map insertion per agent
+/// (`on_configure` runs between requests on the worker thread).
+#[derive(Debug)]
+struct Section<E> {
+    map: HashMap<Arc<str>, Arc<E>>,
+    /// Each key as the bundle writes it, with its entry, in the bundle's order.
+    order: Vec<(Arc<str>, Arc<E>)>,
+}
+
+impl<E> Default for Section<E> {
+    fn default() -> Self {
+        Self {
+            map: HashMap::new(),
+            order: Vec::new(),
+        }
+    }
 }
 
 /// An entry's regorus value: prepared when the configuration is loaded, or, when a VM of
@@ -152,18 +175,17 @@ pub(crate) struct PolicyEntry {
 /// validate nothing again, and the next canary validates only what the push changed.
 /// Validating an entry depends on its text alone (and, for a policy, on its timezone
 /// having an offset table, which is checked on every load).
+///
+/// Only the entries a load does not find unchanged in its VM's previous configuration are
+/// looked up, so the shared form is read without parsing it: sorted hashes, and each
+/// policy's facts as JSON parsed when its hash is looked up ([`Validated::encode`]).
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Validated {
     agents: Vec<u64>,
-    policies: HashMap<u64, PolicyFacts>,
+    /// Policy hashes, sorted, each with the span of its facts' JSON in `facts`.
+    policies: Vec<(u64, std::ops::Range<usize>)>,
+    facts: Vec<u8>,
     /// Hashes of sets of Rego modules (the engine is checked once per set).
-    modules: Vec<u64>,
-}
-
-/// [`Validated`]'s policies and modules, after the agents' hashes in the shared form.
-#[derive(Debug, Default, Serialize, Deserialize)]
-struct ValidatedTail<P> {
-    policies: Vec<(u64, P)>,
     modules: Vec<u64>,
 }
 
@@ -206,7 +228,7 @@ impl Entries {
     /// The agent with this (lower-case) fingerprint; `None` for an unknown one, and for
     /// one whose entry failed to prepare on first use ([`Entries::problem`]).
     pub fn agent(&self, fingerprint: &str) -> Option<&regorus::Value> {
-        self.agents.get(fingerprint)?.value().ok()
+        self.agents.map.get(fingerprint)?.value().ok()
     }
 
     /// Why the entry of this agent or of a policy it names, prepared on first use, is
@@ -214,7 +236,7 @@ impl Entries {
     /// while [`Validated`] only names texts that validated; a request of such an agent is
     /// an evaluation error, never a decision without the entry.
     pub fn problem(&self, fingerprint: &str) -> Option<String> {
-        let agent = self.agents.get(fingerprint)?;
+        let agent = self.agents.map.get(fingerprint)?;
         let value = match agent.value() {
             Ok(value) => value,
             Err(e) => return Some(format!("agent {fingerprint}: {e}")),
@@ -231,30 +253,21 @@ impl Entries {
     /// are left out.
     pub(crate) fn validated(&self, modules: Option<u64>) -> Vec<u8> {
         let usable = |value: &Lazy| value.value.get().is_none_or(Result::is_ok);
-        let mut agents: Vec<u64> = self
+        let agents: Vec<u64> = self
             .agents
+            .map
             .values()
             .filter(|entry| usable(&entry.value))
             .map(|entry| entry.hash)
             .collect();
-        agents.sort_unstable();
-        agents.dedup();
         let policies: Vec<(u64, &PolicyFacts)> = self
             .policies
+            .map
             .values()
             .filter(|entry| usable(&entry.value))
             .map(|entry| (entry.hash, &entry.facts))
             .collect();
-        let mut bytes = Vec::with_capacity(4 + agents.len() * 8 + policies.len() * 64);
-        bytes.extend_from_slice(&u32::try_from(agents.len()).unwrap_or(0).to_le_bytes());
-        bytes.extend(agents.iter().flat_map(|h| h.to_le_bytes()));
-        let tail = ValidatedTail {
-            policies,
-            modules: modules.into_iter().collect(),
-        };
-        // Facts always serialise; an empty tail reads as no validated policies.
-        bytes.extend(serde_json::to_vec(&tail).unwrap_or_default());
-        bytes
+        Validated::encode(agents, policies, modules.into_iter().collect())
     }
 
     /// What a decision about this agent depends on in the bundle, as one hash: its entry
@@ -263,7 +276,7 @@ impl Entries {
     /// requests alike when its signatures are equal.
     pub fn signature(&self, fingerprint: &str) -> Option<u64> {
         use std::hash::{Hash, Hasher};
-        let entry = self.agents.get(fingerprint)?;
+        let entry = self.agents.map.get(fingerprint)?;
         let mut h = std::collections::hash_map::DefaultHasher::new();
         entry.hash.hash(&mut h);
         if let Ok(value) = entry.value() {
@@ -287,7 +300,7 @@ impl Entries {
                 let entry = id
                     .as_string()
                     .ok()
-                    .and_then(|id| self.policies.get(id.as_ref()))
+                    .and_then(|id| self.policies.map.get(id.as_ref()))
                     .map(Arc::as_ref);
                 (id, entry)
             })
@@ -298,20 +311,22 @@ impl Entries {
     fn document(&self) -> regorus::Value {
         let agents: BTreeMap<_, _> = self
             .agents
+            .map
             .iter()
             .filter_map(|(k, entry)| {
                 Some((
-                    regorus::Value::from(k.as_str()),
+                    regorus::Value::from(k.as_ref()),
                     entry.value().ok()?.clone(),
                 ))
             })
             .collect();
         let policies: BTreeMap<_, _> = self
             .policies
+            .map
             .iter()
             .filter_map(|(k, entry)| {
                 Some((
-                    regorus::Value::from(k.as_str()),
+                    regorus::Value::from(k.as_ref()),
                     entry.value().ok()?.clone(),
                 ))
             })
@@ -376,24 +391,76 @@ impl PolicyEntry {
 // === impl Validated ===
 
 impl Validated {
-    /// Reads the shared form ([`Entries::validated`]); what cannot be read counts as not
-    /// validated.
-    pub fn decode(bytes: &[u8]) -> Self {
-        let mut r = crate::config::Reader(bytes);
-        let Some(mut agents) = r
-            .u32()
-            .and_then(|n| (0..n).map(|_| r.u64()).collect::<Option<Vec<u64>>>())
-        else {
-            return Self::default();
-        };
+    /// The shared form: the agents' hashes (a count, then each), the policies' (a count,
+    /// then each with the length of its facts' JSON), the module sets' (a count, then
+    /// each), then the policies' facts, each as JSON; integers little-endian, `u32`
+    /// counts and lengths, `u64` hashes.
+    pub(crate) fn encode(
+        mut agents: Vec<u64>,
+        mut policies: Vec<(u64, &PolicyFacts)>,
+        modules: Vec<u64>,
+    ) -> Vec<u8> {
         agents.sort_unstable();
         agents.dedup();
-        let tail: ValidatedTail<PolicyFacts> = serde_json::from_slice(r.0).unwrap_or_default();
-        Self {
-            agents,
-            policies: tail.policies.into_iter().collect(),
-            modules: tail.modules,
+        policies.sort_unstable_by_key(|(hash, _)| *hash);
+        policies.dedup_by_key(|(hash, _)| *hash);
+        // Facts always serialise (strings, booleans and small integers).
+        let facts: Vec<Vec<u8>> = policies
+            .iter()
+            .map(|(_, facts)| serde_json::to_vec(facts).unwrap_or_default())
+            .collect();
+        let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX).to_le_bytes();
+        let mut bytes = Vec::with_capacity(
+            12 + agents.len() * 8
+                + policies.len() * 12
+                + modules.len() * 8
+                + facts.iter().map(Vec::len).sum::<usize>(),
+        );
+        bytes.extend(count(agents.len()));
+        bytes.extend(agents.iter().flat_map(|h| h.to_le_bytes()));
+        bytes.extend(count(policies.len()));
+        for ((hash, _), json) in policies.iter().zip(&facts) {
+            bytes.extend(hash.to_le_bytes());
+            bytes.extend(count(json.len()));
         }
+        bytes.extend(count(modules.len()));
+        bytes.extend(modules.iter().flat_map(|h| h.to_le_bytes()));
+        facts.iter().for_each(|json| bytes.extend(json));
+        bytes
+    }
+
+    /// Reads the shared form ([`Validated::encode`]) without parsing any policy's facts;
+    /// what cannot be read counts as not validated.
+    pub fn decode(bytes: &[u8]) -> Self {
+        Self::read(bytes).unwrap_or_default()
+    }
+
+    fn read(bytes: &[u8]) -> Option<Self> {
+        let mut r = crate::config::Reader(bytes);
+        let hashes = |r: &mut crate::config::Reader<'_>| -> Option<Vec<u64>> {
+            let n = r.u32()?;
+            (0..n).map(|_| r.u64()).collect()
+        };
+        let mut agents = hashes(&mut r)?;
+        let n = r.u32()?;
+        let mut policies = Vec::new();
+        let mut at = 0usize;
+        for _ in 0..n {
+            let (hash, len) = (r.u64()?, r.u32()? as usize);
+            policies.push((hash, at..at.checked_add(len)?));
+            at += len;
+        }
+        let modules = hashes(&mut r)?;
+        let facts = r.0.get(..at)?.to_vec();
+        // Written sorted; sorted again so that a lookup never misses by a writer's fault.
+        agents.sort_unstable();
+        policies.sort_unstable_by_key(|(hash, _)| *hash);
+        Some(Self {
+            agents,
+            policies,
+            facts,
+            modules,
+        })
     }
 
     /// Whether the set of Rego modules with this key is validated.
@@ -403,6 +470,16 @@ impl Validated {
 
     fn agent(&self, hash: u64) -> bool {
         self.agents.binary_search(&hash).is_ok()
+    }
+
+    /// The facts of the validated policy whose text has this hash.
+    fn policy(&self, hash: u64) -> Option<PolicyFacts> {
+        let at = self
+            .policies
+            .binary_search_by_key(&hash, |(h, _)| *h)
+            .ok()?;
+        let span = self.policies.get(at)?.1.clone();
+        serde_json::from_slice(self.facts.get(span)?).ok()
     }
 
     /// How many agents, policies and module sets.
@@ -436,70 +513,68 @@ fn prepare_doc(
 ) -> Result<PreparedValues, String> {
     let mut validated_here = (0, 0);
     let old = &cache.entries;
-    let mut next = Entries {
-        agents: HashMap::with_capacity(old.agents.len()),
-        policies: HashMap::with_capacity(old.policies.len()),
-    };
-    let tables = prepare_entries(doc, |entry| {
-        match entry {
-            Entry::Agent(fingerprint, raw) => {
-                let hash = raw.hash();
-                let key = fingerprint.to_ascii_lowercase();
-                let entry = match (old.agents.get(&key), raw) {
-                    (Some(entry), _) if entry.hash == hash => entry.clone(),
-                    (_, Json::Text(text, _)) if validated.agent(hash) => Arc::new(AgentEntry {
-                        hash,
-                        value: Lazy::deferred(text),
-                    }),
-                    _ => {
-                        validated_here.0 += 1;
-                        let value = to_regorus(raw.with_value(prepare_agent)?)?;
-                        Arc::new(AgentEntry {
-                            hash,
-                            value: Lazy::prepared(value),
-                        })
-                    }
-                };
-                next.agents.insert(key, entry);
+    let (tables, agents, policies) = doc.parts()?;
+    let agents = Section::update(
+        &old.agents,
+        "agent",
+        &agents,
+        |fingerprint| {
+            if fingerprint.bytes().any(|b| b.is_ascii_uppercase()) {
+                Cow::Owned(fingerprint.to_ascii_lowercase())
+            } else {
+                Cow::Borrowed(fingerprint)
             }
-            Entry::Policy(id, raw, tables) => {
-                let hash = raw.hash();
-                // The timezone's table may have gone from the bundle since.
-                let has_table = |tz: &str| tables.contains_key(tz);
-                let entry = match (old.policies.get(id), raw) {
-                    (Some(entry), _) if entry.hash == hash && has_table(&entry.facts.timezone) => {
-                        entry.clone()
-                    }
-                    (_, Json::Text(text, _))
-                        if let Some(facts) = validated.policies.get(&hash)
-                            && has_table(&facts.timezone) =>
-                    {
-                        Arc::new(PolicyEntry {
-                            hash,
-                            facts: facts.clone(),
-                            id: id.into(),
-                            value: Lazy::deferred(text),
-                        })
-                    }
-                    _ => {
-                        validated_here.1 += 1;
-                        let (value, facts) =
-                            raw.with_value(|v| prepare_policy(id, v, &has_table))?;
-                        Arc::new(PolicyEntry {
-                            hash,
-                            facts,
-                            id: id.into(),
-                            value: Lazy::prepared(to_regorus(value)?),
-                        })
-                    }
-                };
-                next.policies.insert(id.to_owned(), entry);
+        },
+        |_| true,
+        |_, raw, hash| {
+            if let Json::Text(text, _) = raw
+                && validated.agent(hash)
+            {
+                return Ok(AgentEntry {
+                    hash,
+                    value: Lazy::deferred(text),
+                });
             }
-        }
-        Ok(())
-    })?;
-    let (reads, custom_keys) = gather(next.policies.values().map(|entry| &entry.facts));
-    let entries = Arc::new(next);
+            validated_here.0 += 1;
+            let value = to_regorus(raw.with_value(prepare_agent)?)?;
+            Ok(AgentEntry {
+                hash,
+                value: Lazy::prepared(value),
+            })
+        },
+    )?;
+    // The timezone's table may have gone from the bundle since.
+    let has_table = |tz: &str| tables.contains_key(tz);
+    let policies = Section::update(
+        &old.policies,
+        "policy",
+        &policies,
+        |id| Cow::Borrowed(id),
+        |entry| has_table(&entry.facts.timezone),
+        |id, raw, hash| {
+            if let Json::Text(text, _) = raw
+                && let Some(facts) = validated.policy(hash)
+                && has_table(&facts.timezone)
+            {
+                return Ok(PolicyEntry {
+                    hash,
+                    facts,
+                    id: id.into(),
+                    value: Lazy::deferred(text),
+                });
+            }
+            validated_here.1 += 1;
+            let (value, facts) = raw.with_value(|v| prepare_policy(id, v, &has_table))?;
+            Ok(PolicyEntry {
+                hash,
+                facts,
+                id: id.into(),
+                value: Lazy::prepared(to_regorus(value)?),
+            })
+        },
+    )?;
+    let (reads, custom_keys) = gather(policies.map.values().map(|entry| &entry.facts));
+    let entries = Arc::new(Entries { agents, policies });
     cache.entries = entries.clone();
     Ok(PreparedValues {
         entries,
@@ -510,10 +585,98 @@ fn prepare_doc(
     })
 }
 
-/// One entry of the data document, handed to a preparer.
-enum Entry<'a> {
-    Agent(&'a str, Json<'a>),
-    Policy(&'a str, Json<'a>, &'a BTreeMap<String, OffsetTable>),
+/// An entry's hash, whatever its kind.
+trait Hashed {
+    fn content_hash(&self) -> u64;
+}
+
+impl Hashed for AgentEntry {
+    fn content_hash(&self) -> u64 {
+        self.hash
+    }
+}
+
+impl Hashed for PolicyEntry {
+    fn content_hash(&self) -> u64 {
+        self.hash
+    }
+}
+
+// === impl Section ===
+
+impl<E: Hashed> Section<E> {
+    /// The section of the entries `new` (each key as the bundle writes it, with its
+    /// JSON), reusing `old`'s entry wherever the key and the hash of the JSON are
+    /// unchanged and `reusable` agrees; `make` builds the others. Entries are looked up
+    /// by `lookup_key` of their key; of two entries with the same lookup key, the later
+    /// one counts. Errors name the entry (`<kind> <key>: ...`).
+    fn update(
+        old: &Arc<Self>,
+        kind: &str,
+        new: &[(&str, Json<'_>)],
+        lookup_key: impl for<'k> Fn(&'k str) -> Cow<'k, str>,
+        reusable: impl Fn(&E) -> bool,
+        mut make: impl FnMut(&str, Json<'_>, u64) -> Result<E, String>,
+    ) -> Result<Arc<Self>, String> {
+        let mut make = |key: &str, json: Json<'_>, hash: u64| {
+            make(key, json, hash)
+                .map(Arc::new)
+                .map_err(|e| format!("{kind} {key}: {e}"))
+        };
+        // The same keys in the same order, none twice: the old section with the changed
+        // entries replaced (no new map, no key hashed but the changed ones').
+        let same_keys = old.map.len() == old.order.len()
+            && old.order.len() == new.len()
+            && old
+                .order
+                .iter()
+                .zip(new)
+                .all(|((written, _), (key, _))| **written == **key);
+        if same_keys {
+            let mut changed: Option<Self> = None;
+            for (at, ((key, json), (_, entry))) in new.iter().zip(&old.order).enumerate() {
+                let hash = json.hash();
+                if entry.content_hash() == hash && reusable(entry) {
+                    continue;
+                }
+                let fresh = make(key, *json, hash)?;
+                let section = changed.get_or_insert_with(|| Self {
+                    map: old.map.clone(),
+                    order: old.order.clone(),
+                });
+                if let Some(slot) = section.map.get_mut(lookup_key(key).as_ref()) {
+                    *slot = fresh.clone();
+                }
+                if let Some(slot) = section.order.get_mut(at) {
+                    slot.1 = fresh;
+                }
+            }
+            return Ok(changed.map_or_else(|| old.clone(), Arc::new));
+        }
+        let mut map = HashMap::with_capacity(new.len());
+        let mut order = Vec::with_capacity(new.len());
+        for (key, json) in new {
+            let hash = json.hash();
+            let lookup = lookup_key(key);
+            // The old key is shared rather than allocated again.
+            let (lookup, previous) = match old.map.get_key_value(lookup.as_ref()) {
+                Some((k, entry)) => (k.clone(), Some(entry)),
+                None => (Arc::<str>::from(lookup.as_ref()), None),
+            };
+            let entry = match previous {
+                Some(entry) if entry.content_hash() == hash && reusable(entry) => entry.clone(),
+                _ => make(key, *json, hash)?,
+            };
+            let written = if *lookup == **key {
+                lookup.clone()
+            } else {
+                Arc::from(*key)
+            };
+            order.push((written, entry.clone()));
+            map.insert(lookup, entry);
+        }
+        Ok(Arc::new(Self { map, order }))
+    }
 }
 
 /// An entry's JSON: parsed already (the control plane's bundles) or still text (the
@@ -569,45 +732,42 @@ impl<'a> Doc<'a> {
     }
 }
 
-/// Walks the document: the timezones' offset tables first (returned), then every agent
-/// and policy through `each`; errors name the entry at fault.
-fn prepare_entries(
-    doc: Doc<'_>,
-    mut each: impl FnMut(Entry<'_>) -> Result<(), String>,
-) -> Result<BTreeMap<String, OffsetTable>, String> {
-    match doc {
-        Doc::Value(object) => {
-            let tables = tables_from_json(object.get("timezones"))?;
-            for (fingerprint, agent) in object_field(object, "agents")? {
-                each(Entry::Agent(fingerprint, Json::Value(agent)))
-                    .map_err(|e| format!("agent {fingerprint}: {e}"))?;
-            }
-            for (id, policy) in object_field(object, "policies")? {
-                each(Entry::Policy(id, Json::Value(policy), &tables))
-                    .map_err(|e| format!("policy {id}: {e}"))?;
-            }
-            Ok(tables)
-        }
-        Doc::Raw(data) => {
-            let tables = tables_from_json(data.timezones.as_ref())?;
-            for agent in &data.agents {
-                let fingerprint = &agent.key;
-                each(Entry::Agent(
-                    fingerprint,
-                    Json::Text(agent.text, agent.hash),
+/// The timezones' offset tables, the agents and the policies of a document, each entry
+/// with its key as written.
+type Parts<'a> = (
+    BTreeMap<String, OffsetTable>,
+    Vec<(&'a str, Json<'a>)>,
+    Vec<(&'a str, Json<'a>)>,
+);
+
+impl<'a> Doc<'a> {
+    fn parts(self) -> Result<Parts<'a>, String> {
+        match self {
+            Doc::Value(object) => {
+                let entries = |key: &str| -> Result<Vec<(&'a str, Json<'a>)>, String> {
+                    Ok(object_field(object, key)?
+                        .into_iter()
+                        .map(|(k, v)| (k.as_str(), Json::Value(v)))
+                        .collect())
+                };
+                Ok((
+                    tables_from_json(object.get("timezones"))?,
+                    entries("agents")?,
+                    entries("policies")?,
                 ))
-                .map_err(|e| format!("agent {fingerprint}: {e}"))?;
             }
-            for policy in &data.policies {
-                let id = &policy.key;
-                each(Entry::Policy(
-                    id,
-                    Json::Text(policy.text, policy.hash),
-                    &tables,
+            Doc::Raw(data) => {
+                let entries = |list: &'a [crate::config::RawEntry<'a>]| {
+                    list.iter()
+                        .map(|e| (e.key.as_ref(), Json::Text(e.text, e.hash)))
+                        .collect()
+                };
+                Ok((
+                    tables_from_json(data.timezones.as_ref())?,
+                    entries(&data.agents),
+                    entries(&data.policies),
                 ))
-                .map_err(|e| format!("policy {id}: {e}"))?;
             }
-            Ok(tables)
         }
     }
 }
@@ -1196,26 +1356,21 @@ mod tests {
             timezone: "UTC".into(),
             ..PolicyFacts::default()
         };
-        let validated = Validated {
-            agents: ["AB", "cd", "ef"]
-                .map(|k| hash(&data.agents, k))
-                .into_iter()
-                .collect::<BTreeSet<_>>()
-                .into_iter()
-                .collect(),
-            policies: HashMap::from([(p, p_facts.clone()), (q, q_facts)]),
-            modules: Vec::new(),
-        };
+        let validated = Validated::decode(&Validated::encode(
+            ["AB", "cd", "ef"].map(|k| hash(&data.agents, k)).to_vec(),
+            vec![(p, &p_facts), (q, &q_facts)],
+            Vec::new(),
+        ));
         let prepared = prepare_raw(&data, &mut EntryCache::default(), &validated).unwrap();
         assert_eq!(prepared.validated_here, (0, 0));
         assert!(prepared.reads.method, "facts from the set");
         let entries = &prepared.entries;
         assert!(
-            entries.agents["ab"].value.value.get().is_none(),
+            entries.agents.map["ab"].value.value.get().is_none(),
             "not prepared yet"
         );
         assert!(
-            entries.policies["p"].value.value.get().is_none(),
+            entries.policies.map["p"].value.value.get().is_none(),
             "not prepared yet"
         );
 
@@ -1229,12 +1384,12 @@ mod tests {
             &mut EntryCache::default(),
         )
         .unwrap();
-        assert_eq!(eager.entries.policies["p"].facts, p_facts);
+        assert_eq!(eager.entries.policies.map["p"].facts, p_facts);
         assert_eq!(entries.agent("ab"), eager.entries.agent("ab"));
         assert!(entries.agent("ab").is_some());
         assert_eq!(
-            entries.policies["p"].value(),
-            eager.entries.policies["p"].value()
+            entries.policies.map["p"].value(),
+            eager.entries.policies.map["p"].value()
         );
         assert_eq!(entries.problem("ab"), None);
 
@@ -1251,10 +1406,101 @@ mod tests {
         assert!(
             published.agent(hash(&data.agents, "AB")) && !published.agent(hash(&data.agents, "cd"))
         );
-        assert_eq!(published.policies.get(&p), Some(&p_facts));
+        assert_eq!(published.policy(p), Some(p_facts));
         assert_eq!(
             Validated::decode(b"\x02\x00\x00\x00short"),
             Validated::default()
+        );
+    }
+
+    /// A push prepares only the entries it changed and shares the rest with the previous
+    /// configuration: the whole section when nothing in it changed, and the same entries
+    /// whether the keys kept their order or not. The result is always what preparing the
+    /// document from scratch gives.
+    #[test]
+    fn a_push_shares_every_unchanged_entry() {
+        let doc = |agents: &str, policies: &str, tz: &str| {
+            format!(
+                r#"{{"agents": {{{agents}}}, "policies": {{{policies}}}, "timezones": {{{tz}}}}}"#
+            )
+        };
+        let agents = r#""AA": {"status": "active", "name": "a", "policies": ["p"]},
+            "bb": {"status": "active", "name": "b", "policies": ["q"]},
+            "cc": {"status": "active", "name": "c"}"#;
+        let policies = r#""p": {"id": "p"}, "q": {"id": "q", "timezone": "Europe/Paris"}"#;
+        let paris = r#""Europe/Paris": [[0, 60]]"#;
+        let cache = &mut EntryCache::default();
+        let nothing = Validated::default();
+        fn load(cache: &mut EntryCache, text: &str) -> PreparedValues {
+            let nothing = Validated::default();
+            let data: RawData<'_> = serde_json::from_str(text).unwrap();
+            let got = prepare_raw(&data, cache, &nothing).unwrap();
+            let fresh = prepare_raw(&data, &mut EntryCache::default(), &nothing).unwrap();
+            assert_eq!(got.entries.document(), fresh.entries.document(), "{text}");
+            got
+        }
+        let first = load(cache, &doc(agents, policies, paris));
+        assert_eq!(first.validated_here, (3, 2));
+        let agent = |p: &PreparedValues, key: &str| p.entries.agents.map[key].clone();
+
+        let same = load(cache, &doc(agents, policies, paris));
+        assert_eq!(same.validated_here, (0, 0));
+        assert!(Arc::ptr_eq(&same.entries.agents, &first.entries.agents));
+        assert!(Arc::ptr_eq(&same.entries.policies, &first.entries.policies));
+
+        // One agent changed, keys in the same order.
+        let renamed = agents.replace(r#""name": "b""#, r#""name": "b2""#);
+        let one = load(cache, &doc(&renamed, policies, paris));
+        assert_eq!(one.validated_here, (1, 0));
+        assert!(!Arc::ptr_eq(&one.entries.agents, &first.entries.agents));
+        assert!(Arc::ptr_eq(&agent(&one, "aa"), &agent(&first, "aa")));
+        assert!(Arc::ptr_eq(&agent(&one, "cc"), &agent(&first, "cc")));
+        assert!(!Arc::ptr_eq(&agent(&one, "bb"), &agent(&first, "bb")));
+        assert!(Arc::ptr_eq(&one.entries.policies, &first.entries.policies));
+
+        // Another order and a new agent: a new map, the same entries.
+        let reordered = format!(
+            r#""dd": {{"status": "active", "name": "d"}}, "cc": {{"status": "active", "name": "c"}}, {}"#,
+            renamed
+                .split(r#""cc""#)
+                .next()
+                .unwrap()
+                .trim_end()
+                .trim_end_matches(',')
+        );
+        let moved = load(cache, &doc(&reordered, policies, paris));
+        assert_eq!(moved.validated_here, (1, 0), "only dd");
+        assert!(Arc::ptr_eq(&agent(&moved, "cc"), &agent(&first, "cc")));
+        assert!(Arc::ptr_eq(&agent(&moved, "bb"), &agent(&one, "bb")));
+
+        // A policy whose timezone lost its table is prepared again (and refused).
+        let data = doc(&reordered, policies, r#""Asia/Tokyo": [[0, 540]]"#);
+        let data: RawData<'_> = serde_json::from_str(&data).unwrap();
+        let err = prepare_raw(&data, cache, &nothing).unwrap_err();
+        assert!(err.starts_with("policy q: "), "{err}");
+        assert!(
+            Arc::ptr_eq(&cache.entries.agents, &moved.entries.agents),
+            "a refused document leaves the cache as it was"
+        );
+
+        // A key written twice: the later entry counts, also on the next loads and when
+        // only the earlier one changes.
+        let twice = format!(r#"{agents}, "cc": {{"status": "suspended", "name": "c"}}"#);
+        let dup = load(cache, &doc(&twice, policies, paris));
+        assert_eq!(
+            dup.entries.agent("cc").unwrap()["status"],
+            "suspended".into()
+        );
+        let again = load(cache, &doc(&twice, policies, paris));
+        assert_eq!(
+            again.entries.agent("cc").unwrap()["status"],
+            "suspended".into()
+        );
+        let earlier = twice.replacen(r#""name": "c""#, r#""name": "c2""#, 1);
+        let changed = load(cache, &doc(&earlier, policies, paris));
+        assert_eq!(
+            changed.entries.agent("cc").unwrap()["status"],
+            "suspended".into()
         );
     }
 
@@ -1271,7 +1517,7 @@ mod tests {
         let first = prepare_values(&data, &mut cache).unwrap();
         assert_eq!(first.entries.document(), want);
         assert!(first.reads.method);
-        assert_eq!(cache.entries.policies.len(), 1);
+        assert_eq!(cache.entries.policies.map.len(), 1);
         // Same document: served from the cache, same result.
         let again = prepare_values(&data, &mut cache).unwrap();
         assert_eq!(again.entries.document(), want);
@@ -1287,6 +1533,6 @@ mod tests {
         let mut broken = data.clone();
         broken["policies"]["p"]["mode"] = json!("sometimes");
         assert!(prepare_values(&broken, &mut cache).is_err());
-        assert_eq!(cache.entries.policies.len(), 1);
+        assert_eq!(cache.entries.policies.map.len(), 1);
     }
 }

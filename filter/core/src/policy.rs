@@ -758,16 +758,10 @@ mod tests {
         let mut cache = EntryCache::default();
         let refused = CompiledPolicy::compile_raw(bundle, &mut cache, &Validated::default());
         assert!(refused.is_err());
-        // Every agent's text "validated", the bad one too (the shared form: a count, the
-        // hashes, the policies' facts).
+        // Every agent's text "validated", the bad one too.
         let agents = &bundle.data.agents;
-        let mut all = (agents.len() as u32).to_le_bytes().to_vec();
-        all.extend(
-            agents
-                .iter()
-                .flat_map(|e| data::text_hash(e.text).to_le_bytes()),
-        );
-        all.extend(br#"{"policies": [], "modules": []}"#);
+        let hashes = agents.iter().map(|e| data::text_hash(e.text)).collect();
+        let all = Validated::encode(hashes, Vec::new(), Vec::new());
         let mut policy =
             CompiledPolicy::compile_raw(bundle, &mut cache, &Validated::decode(&all)).unwrap();
         assert_eq!(
@@ -806,8 +800,7 @@ mod tests {
             matches!(refused, Err(PolicyError::Compile { .. })),
             "{refused:?}"
         );
-        let mut shared = 0u32.to_le_bytes().to_vec();
-        shared.extend(format!(r#"{{"policies": [], "modules": [{key}]}}"#).bytes());
+        let shared = Validated::encode(Vec::new(), Vec::new(), vec![key]);
         let mut policy = CompiledPolicy::compile_raw(
             bundle,
             &mut EntryCache::default(),

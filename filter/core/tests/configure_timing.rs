@@ -65,13 +65,38 @@ fn configure_timing() {
             )
             .unwrap(),
         );
+        // What a long-lived VM does in Envoy: the index, the set the canary validated
+        // (it validated the one changed policy), the entries, each step timed.
+        let published = {
+            let raw = RawPluginConfig::from_slice(&changed).unwrap();
+            CompiledPolicy::compile_raw(
+                raw.bundle.as_ref().unwrap(),
+                &mut EntryCache::default(),
+                &nothing,
+            )
+            .unwrap()
+            .validated()
+        };
         let through_index = Instant::now();
         let raw = RawPluginConfig::from_index(&changed, &index).unwrap();
-        drop(
-            CompiledPolicy::compile_raw(raw.bundle.as_ref().unwrap(), &mut indexed_cache, &nothing)
-                .unwrap(),
-        );
+        let index_read = through_index.elapsed();
+        let validated = Validated::decode(&published);
+        let decoded = through_index.elapsed();
+        let policy = CompiledPolicy::compile_raw(
+            raw.bundle.as_ref().unwrap(),
+            &mut indexed_cache,
+            &validated,
+        )
+        .unwrap();
+        let compiled = through_index.elapsed();
+        drop(policy);
         let through_index = through_index.elapsed();
+        println!(
+            "long-lived VM through the index: read {index_read:?}, validated set decoded {:?}, entries {:?}, dropped {:?}",
+            decoded - index_read,
+            compiled - decoded,
+            through_index - compiled
+        );
 
         let text = Instant::now();
         let raw = RawPluginConfig::from_slice(&changed).unwrap();
@@ -150,4 +175,60 @@ fn conversion_timing() {
             "deserialize (incl. clone) {deser:?}, convert {conv:?}, text + from_json_str {from_text:?}"
         );
     }
+}
+
+/// A long-lived VM's load after a one-policy push, repeated (for `perf`): the index of
+/// the same bytes, the set the canary validated, the entries of the previous load cached.
+#[test]
+#[ignore = "timing; needs CHRONOGUARD_PLUGIN_CONFIG"]
+fn worker_load_timing() {
+    let Some(path) = std::env::var_os("CHRONOGUARD_PLUGIN_CONFIG") else {
+        return;
+    };
+    let bytes = std::fs::read(path).unwrap();
+    let config = PluginConfig::from_slice(&bytes).unwrap();
+    // Two configurations that differ in one policy, loaded in turn.
+    let variants: Vec<Vec<u8>> = (0..2)
+        .map(|n| {
+            let mut config = config.clone();
+            let bundle = config.bundle.as_mut().unwrap();
+            if let Some(policy) = bundle.data["policies"]
+                .as_object_mut()
+                .and_then(|p| p.values_mut().next())
+            {
+                policy["priority"] = serde_json::json!(n + 1000);
+            }
+            serde_json::to_vec(&config).unwrap()
+        })
+        .collect();
+    let prepared: Vec<(ConfigIndex, Vec<u8>)> = variants
+        .iter()
+        .map(|bytes| {
+            let raw = RawPluginConfig::from_slice(bytes).unwrap();
+            let validated = CompiledPolicy::compile_raw(
+                raw.bundle.as_ref().unwrap(),
+                &mut EntryCache::default(),
+                &Validated::default(),
+            )
+            .unwrap()
+            .validated();
+            (ConfigIndex::build(bytes, &raw).unwrap(), validated)
+        })
+        .collect();
+    let mut cache = EntryCache::default();
+    let rounds = 400;
+    let started = Instant::now();
+    for round in 0..rounds {
+        let (bytes, (index, published)) = (&variants[round % 2], &prepared[round % 2]);
+        let raw = RawPluginConfig::from_index(bytes, index).unwrap();
+        let validated = Validated::decode(published);
+        drop(
+            CompiledPolicy::compile_raw(raw.bundle.as_ref().unwrap(), &mut cache, &validated)
+                .unwrap(),
+        );
+    }
+    println!(
+        "long-lived VM, one-policy push through the index: {:?} per load",
+        started.elapsed() / rounds as u32
+    );
 }
