@@ -432,8 +432,10 @@ impl<'a> Reader<'a> {
 }
 
 /// A fast 64-bit hash of a whole configuration (recognising the bytes an index was made
-/// from; the version and the length are checked too).
-fn bytes_hash(bytes: &[u8]) -> u64 {
+/// from; the version and the length are checked too) or of Rego modules. Not for
+/// adversarial input: it tells changes apart (inputs of the same length that differ in
+/// one 8-byte word always hash differently), it does not resist forged collisions.
+pub(crate) fn bytes_hash(bytes: &[u8]) -> u64 {
     const K: u64 = 0x9e37_79b9_7f4a_7c15;
     let word = |w: &[u8]| u64::from_le_bytes(w.try_into().unwrap_or_default());
     let mix = |h: u64, w: u64| (h ^ w).wrapping_mul(K).rotate_left(31);

@@ -87,11 +87,13 @@ impl Reads {
         self.source_ip |= other.source_ip;
         self.clock.every_minute |= other.clock.every_minute;
         for (tz, minutes) in &other.clock.boundaries {
-            self.clock
-                .boundaries
-                .entry(tz.clone())
-                .or_default()
-                .extend(minutes);
+            // Most policies share a timezone: its name is copied once.
+            match self.clock.boundaries.get_mut(tz) {
+                Some(set) => set.extend(minutes),
+                None => {
+                    self.clock.boundaries.insert(tz.clone(), minutes.clone());
+                }
+            }
         }
     }
 }
@@ -631,7 +633,7 @@ impl<E: Hashed> Section<E> {
                 .order
                 .iter()
                 .zip(new)
-                .all(|((written, _), (key, _))| **written == **key);
+                .all(|((written, _), (key, _))| same_bytes(written.as_bytes(), key.as_bytes()));
         if same_keys {
             let mut changed: Option<Self> = None;
             for (at, ((key, json), (_, entry))) in new.iter().zip(&old.order).enumerate() {
@@ -730,6 +732,16 @@ impl<'a> Doc<'a> {
             data.as_object().ok_or("data must be an object")?,
         ))
     }
+}
+
+/// Byte equality a word at a time: the filter's target compares bytes with wasi-libc's
+/// `memcmp`, one byte per step (a load compares every agent's key with the previous one's).
+fn same_bytes(a: &[u8], b: &[u8]) -> bool {
+    let word = |w: &[u8]| u64::from_ne_bytes(w.try_into().unwrap_or_default());
+    let (mut x, mut y) = (a.chunks_exact(8), b.chunks_exact(8));
+    a.len() == b.len()
+        && x.by_ref().zip(y.by_ref()).all(|(x, y)| word(x) == word(y))
+        && x.remainder() == y.remainder()
 }
 
 /// The timezones' offset tables, the agents and the policies of a document, each entry
@@ -1502,6 +1514,29 @@ mod tests {
             changed.entries.agent("cc").unwrap()["status"],
             "suspended".into()
         );
+    }
+
+    #[test]
+    fn same_bytes_is_byte_equality() {
+        let key = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+        for (a, b) in [
+            (key, key),
+            (
+                key,
+                "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdeF",
+            ),
+            (
+                key,
+                "1123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+            ),
+            ("p-1", "p-2"),
+            ("0123456789", "0123456789"),
+            ("0123456789", "012345678x"),
+            ("01234567", "012345678"),
+            ("", ""),
+        ] {
+            assert_eq!(same_bytes(a.as_bytes(), b.as_bytes()), a == b, "{a} {b}");
+        }
     }
 
     #[test]

@@ -535,12 +535,13 @@ fn evaluate(engine: &mut Engine, input: Value) -> Result<Decision, PolicyError> 
 
 /// The [`EntryCache`] key of a bundle's modules.
 fn modules_hash(modules: &[RegoModule]) -> u64 {
-    use std::hash::{Hash, Hasher};
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    for module in modules {
-        (&module.name, &module.source).hash(&mut h);
-    }
-    h.finish()
+    // Each name's and source's hash, then the hash of those (`bytes_hash` takes lengths in).
+    let words: Vec<u8> = modules
+        .iter()
+        .flat_map(|m| [m.name.as_bytes(), m.source.as_bytes()])
+        .flat_map(|part| crate::config::bytes_hash(part).to_le_bytes())
+        .collect();
+    crate::config::bytes_hash(&words)
 }
 
 /// `custom/<key>.rego` → `<key>`.

@@ -44,6 +44,8 @@ struct Args {
     changes: usize,
     /// Length of each round's open-loop latency window at 1,000 req/s.
     latency_seconds: u64,
+    /// Length of each push-stall window (without, then with a push every 250 ms).
+    stall_seconds: u64,
 }
 
 fn args() -> anyhow::Result<Args> {
@@ -55,6 +57,7 @@ fn args() -> anyhow::Result<Args> {
         rounds: 2,
         changes: 100,
         latency_seconds: 3,
+        stall_seconds: 5,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -70,8 +73,9 @@ fn args() -> anyhow::Result<Args> {
             "--rounds" => out.rounds = value,
             "--changes" => out.changes = value,
             "--latency-seconds" => out.latency_seconds = value as u64,
+            "--stall-seconds" => out.stall_seconds = value as u64,
             other => anyhow::bail!(
-                "unknown flag {other} (--seconds --connections --agents --policies --rounds --changes --latency-seconds)"
+                "unknown flag {other} (--seconds --connections --agents --policies --rounds --changes --latency-seconds --stall-seconds)"
             ),
         }
     }
@@ -298,7 +302,7 @@ async fn main() -> anyhow::Result<()> {
             .await?;
         }
         let from = std::fs::metadata(&stack.envoy.log).map_or(0, |m| m.len() as usize);
-        stall(&stack, &agent, policy0, name).await?;
+        stall(&stack, &agent, policy0, name, args.stall_seconds).await?;
         let log = std::fs::read(&stack.envoy.log).unwrap_or_default();
         configure_summary(&String::from_utf8_lossy(
             log.get(from..).unwrap_or_default(),
@@ -494,16 +498,19 @@ async fn counters(stack: &Stack, names: &[&str]) -> anyhow::Result<u64> {
     Ok(total)
 }
 
-/// Whether a policy push stalls requests: open-loop load at 1,000 req/s for 5 s without
-/// changes, then 5 s with a policy change every 250 ms (each one a new bundle that Envoy's
-/// worker loads with `on_configure`); the changes leave the load's decisions as they are.
+/// Whether a policy push stalls requests: open-loop load at 1,000 req/s for `seconds`
+/// (`--stall-seconds`, default 5) without changes, then as long with a policy change every
+/// 250 ms (each one a new bundle that Envoy's worker loads with `on_configure`).
 async fn stall(
     stack: &Stack,
     agent: &integration_tests::certs::AgentCert,
     policy0: uuid::Uuid,
     module: &str,
+    seconds: u64,
 ) -> anyhow::Result<()> {
     let client = stack.agent_client(Some(agent))?;
+    let window = Duration::from_secs(seconds);
+    let pushes_per_window = (seconds * 4) as usize;
     // Pushes change the load agent's own policy p0 (its decisions are then taken again
     // after every push: the worst case), or another agents' policy p1, which leaves the
     // load's memoised decisions alone.
@@ -537,13 +544,13 @@ async fn stall(
     let mut pushed = 0;
     let mut measure = |what: &'static str, own: bool| {
         let first = pushed + 1;
-        pushed += 20;
+        pushed += pushes_per_window;
         let (client, policy) = (&client, &policy);
         let target = target(own);
         async move {
-            let (q50, q99, qmax) = open_loop(stack, client, 1_000, Duration::from_secs(5)).await?;
+            let (q50, q99, qmax) = open_loop(stack, client, 1_000, window).await?;
             let pushes = async {
-                for i in first..first + 20 {
+                for i in first..first + pushes_per_window {
                     tokio::time::sleep(Duration::from_millis(250)).await;
                     stack
                         .admin(
@@ -555,14 +562,11 @@ async fn stall(
                 }
                 anyhow::Ok(())
             };
-            let (load, pushes) = tokio::join!(
-                open_loop(stack, client, 1_000, Duration::from_secs(5)),
-                pushes
-            );
+            let (load, pushes) = tokio::join!(open_loop(stack, client, 1_000, window), pushes);
             pushes?;
             let (c50, c99, cmax) = load?;
             println!(
-                "\npolicy pushes under load, module {module} ({what}; 1,000 req/s open loop, 5 s each): without pushes p50 {q50:.3} / p99 {q99:.3} / max {qmax:.3} ms; with a push every 250 ms p50 {c50:.3} / p99 {c99:.3} / max {cmax:.3} ms"
+                "\npolicy pushes under load, module {module} ({what}; 1,000 req/s open loop, {seconds} s each): without pushes p50 {q50:.3} / p99 {q99:.3} / max {qmax:.3} ms; with a push every 250 ms p50 {c50:.3} / p99 {c99:.3} / max {cmax:.3} ms"
             );
             anyhow::Ok(())
         }
@@ -573,12 +577,10 @@ async fn stall(
     // not compete with the worker: the worker's own `on_configure` is what stalls its
     // requests. Measured with the worker alone on CPU 0, Envoy's other threads on CPU 1.
     let envoy = stack.envoy.pid();
-    for task in std::fs::read_dir(format!("/proc/{envoy}/task"))?.flatten() {
-        let tid = task.file_name().to_string_lossy().into_owned();
-        let name = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+    for (tid, name) in envoy_threads(envoy) {
         let cpu = if name.starts_with("wrk:") { "0" } else { "1" };
         let _ = Command::new("taskset")
-            .args(["-pc", cpu, &tid])
+            .args(["-pc", cpu, &tid.to_string()])
             .stdout(std::process::Stdio::null())
             .status();
     }
@@ -592,6 +594,26 @@ async fn stall(
         false,
     )
     .await?;
+    // Envoy's main thread shares CPU 1 with the load generator: the canary and the main
+    // thread's own load (≈ 3 ms per push) can delay the load generator's sends and reads,
+    // which a gateway's remote clients would not feel. At the lowest priority they run
+    // when the load generator waits, and what remains is the worker's stall.
+    let others: Vec<u32> = envoy_threads(envoy)
+        .into_iter()
+        .filter(|(_, name)| !name.starts_with("wrk:"))
+        .map(|(tid, _)| tid)
+        .collect();
+    for &tid in &others {
+        renice(tid, 19);
+    }
+    measure(
+        "the worker alone on CPU 0, Envoy's other threads on CPU 1 at the lowest priority",
+        true,
+    )
+    .await?;
+    for &tid in &others {
+        renice(tid, 0);
+    }
     pin(envoy, "0");
     for pid in backend {
         renice(pid, 0);
@@ -981,6 +1003,21 @@ fn backend_pids() -> anyhow::Result<Vec<u32>> {
 }
 
 /// Sets the scheduling priority (nice value) of `pid`.
+/// The threads of process `pid`: id and name (`wrk:worker_0`, `envoy`, ...).
+fn envoy_threads(pid: u32) -> Vec<(u32, String)> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|task| {
+            let tid = task.file_name().to_string_lossy().parse().ok()?;
+            let name = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+            Some((tid, name))
+        })
+        .collect()
+}
+
+/// Sets the nice value of a process, or of one thread when given a thread id.
 fn renice(pid: u32, nice: i32) {
     let _ = Command::new("renice")
         .args(["-n", &nice.to_string(), "-p", &pid.to_string()])
