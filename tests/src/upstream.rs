@@ -24,18 +24,27 @@ impl Upstream {
             let counter = counter.clone();
             async move {
                 counter.fetch_add(1, Ordering::Relaxed);
-                let header = |name: &str| {
-                    req.headers()
-                        .get(name)
-                        .and_then(|v| v.to_str().ok())
-                        .unwrap_or_default()
-                        .to_owned()
+                let (host, decision_id, path) = {
+                    let header = |name: &str| {
+                        req.headers()
+                            .get(name)
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or_default()
+                            .to_owned()
+                    };
+                    let path = req.uri().path().to_owned();
+                    (header("host"), header("x-chronoguard-decision-id"), path)
                 };
+                // Read the whole body before answering, as a real upstream (or the audit
+                // ingest endpoint it stands in for in the benchmark) does: answering
+                // first makes the server close the connection under a large request still
+                // being sent, and the sender sees a reset instead of the 200.
+                let _ = axum::body::to_bytes(req.into_body(), usize::MAX).await;
                 Json::<Value>(json!({
                     "upstream": "chronoguard-demo-upstream",
-                    "host": header("host"),
-                    "path": req.uri().path(),
-                    "decision_id": header("x-chronoguard-decision-id"),
+                    "host": host,
+                    "path": path,
+                    "decision_id": decision_id,
                 }))
             }
         });

@@ -362,18 +362,23 @@ impl IdGenerator {
     /// `pppppppp-pppp-pppp-cccc-cccccccccccc` (prefix, then counter, in hex). Written
     /// digit by digit: one per request, and `format!` costs several times more in wasm.
     pub fn next_id(&mut self) -> String {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
         self.counter = self.counter.wrapping_add(1);
-        let mut id = String::with_capacity(36);
-        for (value, digits) in [(self.prefix, 16), (self.counter, 16)] {
-            for n in (0..digits).rev() {
-                if matches!(id.len(), 8 | 13 | 18 | 23) {
-                    id.push('-');
-                }
-                let digit = ((value >> (n * 4)) & 0xf) as u32;
-                id.push(char::from_digit(digit, 16).unwrap_or('0'));
-            }
+        let mut id = [b'-'; 36];
+        let digits = (0..16)
+            .rev()
+            .map(|n| (self.prefix >> (n * 4)) & 0xf)
+            .chain((0..16).rev().map(|n| (self.counter >> (n * 4)) & 0xf));
+        let places = id
+            .iter_mut()
+            .enumerate()
+            .filter(|(at, _)| !matches!(at, 8 | 13 | 18 | 23))
+            .map(|(_, place)| place);
+        for (place, digit) in places.zip(digits) {
+            *place = HEX.get(digit as usize).copied().unwrap_or(b'0');
         }
-        id
+        // Hex digits and dashes: always UTF-8.
+        String::from_utf8(id.to_vec()).unwrap_or_default()
     }
 }
 

@@ -735,8 +735,9 @@ impl<'a> Doc<'a> {
 }
 
 /// Byte equality a word at a time: the filter's target compares bytes with wasi-libc's
-/// `memcmp`, one byte per step (a load compares every agent's key with the previous one's).
-fn same_bytes(a: &[u8], b: &[u8]) -> bool {
+/// `memcmp`, one byte per step (a load compares every agent's key with the previous one's,
+/// a memoised decision its request's fingerprint).
+pub(crate) fn same_bytes(a: &[u8], b: &[u8]) -> bool {
     let word = |w: &[u8]| u64::from_ne_bytes(w.try_into().unwrap_or_default());
     let (mut x, mut y) = (a.chunks_exact(8), b.chunks_exact(8));
     a.len() == b.len()

@@ -12,7 +12,7 @@
 //! policies. Rate limits and audit stay outside the memo.
 
 use crate::config::{Bundle, RawBundle, RegoModule};
-use crate::data::{self, Clock, Entries, EntryCache, Reads, Validated};
+use crate::data::{self, Clock, Entries, EntryCache, Reads, Validated, same_bytes};
 use crate::decision::Decision;
 use crate::input::RequestFacts;
 use crate::time::{MINUTE_NS, OffsetTable};
@@ -70,7 +70,7 @@ struct Memo {
 /// Memoised decisions by [`memo_hash`], and how many.
 #[derive(Debug, Clone, Default)]
 struct MemoMap {
-    buckets: HashMap<u64, Vec<Memo>>,
+    buckets: HashMap<u64, Vec<Memo>, std::hash::BuildHasherDefault<Prehashed>>,
     len: usize,
 }
 
@@ -94,8 +94,8 @@ impl MemoKey {
         let same = |read: bool, stored: &Option<String>, value: &str| {
             !read || stored.as_deref() == Some(value)
         };
-        self.fingerprint == facts.fingerprint
-            && self.domain == facts.domain
+        same_bytes(self.fingerprint.as_bytes(), facts.fingerprint.as_bytes())
+            && same_bytes(self.domain.as_bytes(), facts.domain.as_bytes())
             && same(reads.method, &self.method, &facts.method)
             && same(reads.path, &self.path, &facts.path)
             && same(reads.user_agent, &self.user_agent, &facts.user_agent)
@@ -103,33 +103,50 @@ impl MemoKey {
     }
 }
 
-/// FNV-1a over the memo's fields: cheap in wasm, and collisions only cost a comparison.
+/// The memo's hash of a request: the fields it holds, each hashed a word at a time
+/// ([`crate::config::bytes_hash`], which takes each field's length in) and combined.
+/// Collisions only cost a comparison.
 fn memo_hash(facts: &RequestFacts, reads: &Reads) -> u64 {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    let mut eat = |bytes: &[u8]| {
-        for byte in bytes {
-            hash ^= u64::from(*byte);
-            hash = hash.wrapping_mul(0x0100_0000_01b3);
-        }
-        // Field separator, so ("ab", "c") and ("a", "bc") differ.
-        hash ^= 0xff;
-        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    let mut hash: u64 = 0;
+    let mut eat = |field: &str| {
+        hash = (hash ^ crate::config::bytes_hash(field.as_bytes()))
+            .wrapping_mul(0x9e37_79b9_7f4a_7c15)
+            .rotate_left(31);
     };
-    eat(facts.fingerprint.as_bytes());
-    eat(facts.domain.as_bytes());
-    if reads.method {
-        eat(facts.method.as_bytes());
+    eat(&facts.fingerprint);
+    eat(&facts.domain);
+    for (read, field) in [
+        (reads.method, &facts.method),
+        (reads.path, &facts.path),
+        (reads.user_agent, &facts.user_agent),
+        (reads.source_ip, &facts.source_ip),
+    ] {
+        if read {
+            eat(field);
+        }
     }
-    if reads.path {
-        eat(facts.path.as_bytes());
+    hash ^ (hash >> 29)
+}
+
+/// The memo map's hasher: its keys are [`memo_hash`]es already, used as they are.
+#[derive(Debug, Clone, Copy, Default)]
+struct Prehashed(u64);
+
+impl std::hash::Hasher for Prehashed {
+    fn finish(&self) -> u64 {
+        self.0
     }
-    if reads.user_agent {
-        eat(facts.user_agent.as_bytes());
+
+    fn write(&mut self, bytes: &[u8]) {
+        // Only `u64` keys reach this map; anything else is still hashed, not ignored.
+        for byte in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(*byte)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        }
     }
-    if reads.source_ip {
-        eat(facts.source_ip.as_bytes());
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
     }
-    hash
 }
 
 /// The first instant after `unix_ns` at which a decision taken at `unix_ns` may change
