@@ -4,6 +4,9 @@ use crate::process::Process;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+/// What the control plane's log says when a port it was given was taken in the meantime.
+const BIND_RACE: &str = "Address already in use";
+
 pub struct ControlPlane {
     pub http_port: u16,
     pub grpc_port: u16,
@@ -93,28 +96,44 @@ impl ControlPlane {
         config: ControlPlaneConfig,
         audit_keys: AuditKeys,
     ) -> anyhow::Result<Self> {
-        let (http_port, grpc_port) = (crate::free_port(), crate::free_port());
-        let admin_token = format!("admin-{}", uuid::Uuid::new_v4().simple());
-        let ingest_token = format!("ingest-{}", uuid::Uuid::new_v4().simple());
-        let process = spawn(
-            &config,
-            http_port,
-            grpc_port,
-            &admin_token,
-            &ingest_token,
-            &audit_keys,
-        )?;
-        let cp = Self {
-            http_port,
-            grpc_port,
-            admin_token,
-            ingest_token,
-            audit_keys,
-            process,
-            config,
-        };
-        cp.wait_ready().await?;
-        Ok(cp)
+        // Ports come from `free_port`, which another test may take before the control
+        // plane binds them: on `Address already in use` it starts again on other ports
+        // (three attempts), as Envoy does (`crate::envoy`).
+        let mut attempt = 1;
+        loop {
+            let (http_port, grpc_port) = (crate::free_port(), crate::free_port());
+            let admin_token = format!("admin-{}", uuid::Uuid::new_v4().simple());
+            let ingest_token = format!("ingest-{}", uuid::Uuid::new_v4().simple());
+            let process = spawn(
+                &config,
+                http_port,
+                grpc_port,
+                &admin_token,
+                &ingest_token,
+                &audit_keys,
+            )?;
+            let mut cp = Self {
+                http_port,
+                grpc_port,
+                admin_token,
+                ingest_token,
+                audit_keys: audit_keys.clone(),
+                process,
+                config: config.clone(),
+            };
+            match cp.wait_ready().await {
+                Ok(()) => return Ok(cp),
+                Err(err) => {
+                    let log = std::fs::read_to_string(&cp.config.log).unwrap_or_default();
+                    if attempt < 3 && log.contains(BIND_RACE) {
+                        cp.stop();
+                        attempt += 1;
+                        continue;
+                    }
+                    return Err(err);
+                }
+            }
+        }
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -126,25 +145,31 @@ impl ControlPlane {
         jwt_secret_for(&self.admin_token)
     }
 
-    async fn wait_ready(&self) -> anyhow::Result<()> {
+    /// Waits until it reports ready; fails at once if the process exits first (a port
+    /// taken, a bad setting), else after 30 s.
+    async fn wait_ready(&mut self) -> anyhow::Result<()> {
         let client = crate::client::plain_client()?;
         let url = self.url("/health/ready");
-        crate::wait_for(
-            "control plane ready",
-            std::time::Duration::from_secs(30),
-            || {
-                let request = client.get(&url).send();
-                async move {
-                    request
-                        .await
-                        .ok()
-                        .filter(|r| r.status().is_success())
-                        .map(|_| ())
-                }
-            },
-        )
-        .await
-        .map_err(|e| anyhow::anyhow!("{e}; see {}", self.config.log.display()))
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let ready = client
+                .get(&url)
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success());
+            if ready {
+                return Ok(());
+            }
+            let why = if !self.process.running() {
+                "the control plane exited before it was ready"
+            } else if std::time::Instant::now() > deadline {
+                "timed out after 30s waiting for control plane ready"
+            } else {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            };
+            anyhow::bail!("{why}; see {}", self.config.log.display());
+        }
     }
 
     /// The process id (for CPU and memory figures).

@@ -232,6 +232,17 @@ fn memoised_decisions_equal_fresh_ones() {
 /// ([`crate::data::Validated`]);
 /// and so do memoised decisions inherited from the previous compile
 /// ([`CompiledPolicy::inherit_memo`]).
+/// The filter's configuration of `bundle`, as JSON text.
+fn config_text(bundle: &Bundle) -> Vec<u8> {
+    serde_json::to_vec(&crate::config::PluginConfig {
+        version: "1".into(),
+        mode: crate::config::Mode::Enforce,
+        bundle: Some(bundle.clone()),
+        audit: None,
+    })
+    .unwrap()
+}
+
 #[test]
 fn cached_compiles_equal_fresh_ones() {
     let mut cache = crate::data::EntryCache::default();
@@ -242,6 +253,17 @@ fn cached_compiles_equal_fresh_ones() {
         for file in case_files() {
             let (mut bundle, cases) = load_bundle(&file);
             if pass == 1 {
+                // The caches hold this very file first, so the edit below meets the same
+                // keys in the same order: only the changed entries are replaced.
+                let text = config_text(&bundle);
+                let raw = crate::config::RawPluginConfig::from_slice(&text).unwrap();
+                CompiledPolicy::compile_raw(
+                    raw.bundle.as_ref().unwrap(),
+                    &mut raw_cache,
+                    &crate::data::Validated::default(),
+                )
+                .unwrap();
+                CompiledPolicy::compile_with(&bundle, &mut cache).unwrap();
                 // An edit the cache must notice: every policy's priority changes.
                 if let Some(policies) = bundle.data["policies"].as_object_mut() {
                     for policy in policies.values_mut() {
@@ -253,13 +275,7 @@ fn cached_compiles_equal_fresh_ones() {
             let mut fresh = CompiledPolicy::compile(&bundle).unwrap();
             // The filter's path: the same configuration as JSON text, entries parsed only
             // on a cache miss.
-            let config = crate::config::PluginConfig {
-                version: "1".into(),
-                mode: crate::config::Mode::Enforce,
-                bundle: Some(bundle.clone()),
-                audit: None,
-            };
-            let text = serde_json::to_vec(&config).unwrap();
+            let text = config_text(&bundle);
             let raw = crate::config::RawPluginConfig::from_slice(&text).unwrap();
             let raw_bundle = raw.bundle.as_ref().unwrap();
             for _ in 0..2 {

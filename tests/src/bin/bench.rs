@@ -548,7 +548,14 @@ async fn stall(
         let (client, policy) = (&client, &policy);
         let target = target(own);
         async move {
+            let perf =
+                |name: &str| stall_perf(stack.envoy.pid(), &format!("{module}-{first}-{name}"));
+            let recording = perf("without")?;
             let (q50, q99, qmax) = open_loop(stack, client, 1_000, window).await?;
+            if let Some(recording) = recording {
+                stop(recording);
+            }
+            let recording = perf("with")?;
             let pushes = async {
                 for i in first..first + pushes_per_window {
                     tokio::time::sleep(Duration::from_millis(250)).await;
@@ -563,6 +570,9 @@ async fn stall(
                 anyhow::Ok(())
             };
             let (load, pushes) = tokio::join!(open_loop(stack, client, 1_000, window), pushes);
+            if let Some(recording) = recording {
+                stop(recording);
+            }
             pushes?;
             let (c50, c99, cmax) = load?;
             println!(
@@ -1015,6 +1025,37 @@ fn envoy_threads(pid: u32) -> Vec<(u32, String)> {
             Some((tid, name))
         })
         .collect()
+}
+
+/// A CPU profile of Envoy's worker threads over one push-stall window (`perf record`,
+/// when `CHRONOGUARD_BENCH_PERF=<dir>`): `<dir>/stall-<name>.data`.
+fn stall_perf(pid: u32, name: &str) -> anyhow::Result<Option<std::process::Child>> {
+    let Some(dir) = std::env::var_os("CHRONOGUARD_BENCH_PERF") else {
+        return Ok(None);
+    };
+    let workers: Vec<String> = envoy_threads(pid)
+        .into_iter()
+        .filter(|(_, name)| name.starts_with("wrk:"))
+        .map(|(tid, _)| tid.to_string())
+        .collect();
+    let out = std::path::Path::new(&dir).join(format!("stall-{name}.data"));
+    Ok(Some(
+        Command::new("perf")
+            .args([
+                "record",
+                "-e",
+                "cpu-clock",
+                "-F",
+                "4000",
+                "-t",
+                &workers.join(","),
+            ])
+            .arg("-o")
+            .arg(out)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()?,
+    ))
 }
 
 /// Sets the nice value of a process, or of one thread when given a thread id.
