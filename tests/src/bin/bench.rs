@@ -514,21 +514,38 @@ async fn stall(
     // Pushes change the load agent's own policy p0 (its decisions are then taken again
     // after every push: the worst case), or another agents' policy p1, which leaves the
     // load's memoised decisions alone.
+    // A draft policy, which no bundle carries: changing it costs the control plane and
+    // this process the same work as a push, and Envoy nothing (the bundle is unchanged,
+    // so no update is sent). Its windows show what the pushes' p99 owes to the harness.
     let p1 = other_agents_policy(stack).await?;
-    let policy = |own: bool, i: usize| {
-        let (name, n) = if own { ("p0", 0) } else { ("p1", 1) };
+    let draft: uuid::Uuid =
+        sqlx::query_scalar("SELECT id FROM policies WHERE name = 'bench-trigger'")
+            .fetch_one(&stack.db)
+            .await?;
+    let policy = |target: Target, i: usize| {
+        let (name, n) = match target {
+            Target::Own => ("p0", 0),
+            Target::Other => ("p1", 1),
+            Target::Draft => {
+                return json!({"name": "bench-trigger", "status": "draft", "allowed_domains": [format!("trigger-{i}.example")]});
+            }
+        };
         let mut allowed: Vec<String> = (0..5)
             .map(|d| format!("allowed-{}.example", d + n))
             .collect();
         allowed.push(format!("extra-{i}.example"));
         json!({"name": name, "priority": n, "allowed_domains": allowed, "blocked_domains": [format!("blocked-{n}.example")]})
     };
-    let target = |own: bool| if own { policy0 } else { p1 };
+    let target = |target: Target| match target {
+        Target::Own => policy0,
+        Target::Other => p1,
+        Target::Draft => draft,
+    };
     stack
         .admin(
             reqwest::Method::PUT,
             &format!("/api/v1/policies/{policy0}"),
-            Some(policy(true, 0)),
+            Some(policy(Target::Own, 0)),
         )
         .await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -542,11 +559,11 @@ async fn stall(
         renice(pid, 19);
     }
     let mut pushed = 0;
-    let mut measure = |what: &'static str, own: bool| {
+    let mut measure = |what: &'static str, which: Target| {
         let first = pushed + 1;
         pushed += pushes_per_window;
         let (client, policy) = (&client, &policy);
-        let target = target(own);
+        let target = target(which);
         async move {
             let perf =
                 |name: &str| stall_perf(stack.envoy.pid(), &format!("{module}-{first}-{name}"));
@@ -563,7 +580,7 @@ async fn stall(
                         .admin(
                             reqwest::Method::PUT,
                             &format!("/api/v1/policies/{target}"),
-                            Some(policy(own, i)),
+                            Some(policy(which, i)),
                         )
                         .await?;
                 }
@@ -581,7 +598,7 @@ async fn stall(
             anyhow::Ok(())
         }
     };
-    measure("every Envoy thread on CPU 0", true).await?;
+    measure("every Envoy thread on CPU 0", Target::Own).await?;
     // Per push Envoy also loads the bundle twice on its main thread (the configuration
     // canary, then the main thread's VM). On a gateway with a spare core that work does
     // not compete with the worker: the worker's own `on_configure` is what stalls its
@@ -596,12 +613,12 @@ async fn stall(
     }
     measure(
         "the worker alone on CPU 0, Envoy's main thread on CPU 1",
-        true,
+        Target::Own,
     )
     .await?;
     measure(
         "the worker alone on CPU 0; the pushes change another agents' policy",
-        false,
+        Target::Other,
     )
     .await?;
     // Envoy's main thread shares CPU 1 with the load generator: the canary and the main
@@ -618,7 +635,12 @@ async fn stall(
     }
     measure(
         "the worker alone on CPU 0, Envoy's other threads on CPU 1 at the lowest priority",
-        true,
+        Target::Own,
+    )
+    .await?;
+    measure(
+        "the same; the changes go to a draft policy, no update reaches Envoy",
+        Target::Draft,
     )
     .await?;
     for &tid in &others {
@@ -1025,6 +1047,17 @@ fn envoy_threads(pid: u32) -> Vec<(u32, String)> {
             Some((tid, name))
         })
         .collect()
+}
+
+/// Which policy the push-stall windows change.
+#[derive(Clone, Copy)]
+enum Target {
+    /// The load agent's own policy: its decisions are taken again after every push.
+    Own,
+    /// Another agents' policy: the load's memoised decisions stay.
+    Other,
+    /// A draft policy: the bundle does not change, no update reaches Envoy.
+    Draft,
 }
 
 /// A CPU profile of Envoy's worker threads over one push-stall window (`perf record`,
