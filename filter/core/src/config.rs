@@ -432,7 +432,8 @@ impl<'a> Reader<'a> {
 }
 
 /// A fast 64-bit hash of a whole configuration (recognising the bytes an index was made
-/// from; the version and the length are checked too) or of Rego modules. Not for
+/// from; the version and the length are checked too), of an entry's text or of Rego
+/// modules. Not for
 /// adversarial input: it tells changes apart (inputs of the same length that differ in
 /// one 8-byte word always hash differently), it does not resist forged collisions.
 pub(crate) fn bytes_hash(bytes: &[u8]) -> u64 {

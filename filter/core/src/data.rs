@@ -711,13 +711,11 @@ impl Json<'_> {
     }
 }
 
-/// The [`EntryCache`] (and [`ValidatedAgents`]) hash of an entry's JSON text.
+/// The [`EntryCache`] (and [`Validated`]) hash of an entry's JSON text: the fast hash of
+/// the configuration index (every entry of a configuration is hashed while it is parsed,
+/// ≈ 430 KB for 1,000 agents; SipHash took a quarter of a fresh VM's load).
 pub fn text_hash(text: &[u8]) -> u64 {
-    use std::hash::Hasher;
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    h.write_u8(6);
-    h.write(text);
-    h.finish()
+    crate::config::bytes_hash(text)
 }
 
 /// A data document to prepare.
