@@ -433,26 +433,37 @@ impl<'a> Reader<'a> {
 
 /// A fast 64-bit hash of a whole configuration (recognising the bytes an index was made
 /// from; the version and the length are checked too), of an entry's text or of Rego
-/// modules. Not for
-/// adversarial input: it tells changes apart (inputs of the same length that differ in
-/// one 8-byte word always hash differently), it does not resist forged collisions.
+/// modules. Not for adversarial input: it tells changes apart (inputs of the same length
+/// that differ in one 8-byte word always hash differently), it does not resist forged
+/// collisions.
 pub(crate) fn bytes_hash(bytes: &[u8]) -> u64 {
-    const K: u64 = 0x9e37_79b9_7f4a_7c15;
     let word = |w: &[u8]| u64::from_le_bytes(w.try_into().unwrap_or_default());
-    let mix = |h: u64, w: u64| (h ^ w).wrapping_mul(K).rotate_left(31);
     // Four independent lanes over 32-byte blocks: the multiplications do not wait for
     // one another.
-    let mut lanes = [1, 2, 3, 4].map(|i: u64| (bytes.len() as u64 + i).wrapping_mul(K));
+    let mut lanes = [1, 2, 3, 4].map(|i: u64| (bytes.len() as u64 + i).wrapping_mul(MIX_K));
     let mut blocks = bytes.chunks_exact(32);
     for block in &mut blocks {
         for (lane, w) in lanes.iter_mut().zip(block.chunks_exact(8)) {
-            *lane = mix(*lane, word(w));
+            *lane = hash_mix(*lane, word(w));
         }
     }
-    let mut h = lanes.into_iter().fold(0, mix);
+    let mut h = lanes.into_iter().fold(0, hash_mix);
     for &b in blocks.remainder() {
-        h = mix(h, u64::from(b));
+        h = hash_mix(h, u64::from(b));
     }
+    hash_finish(h)
+}
+
+const MIX_K: u64 = 0x9e37_79b9_7f4a_7c15;
+
+/// One step of [`bytes_hash`]: takes `w` into the state `h` (a bijection of `h` for a
+/// given `w`). Also combines hashes of fields (the memo key).
+pub(crate) fn hash_mix(h: u64, w: u64) -> u64 {
+    (h ^ w).wrapping_mul(MIX_K).rotate_left(31)
+}
+
+/// The last step of [`bytes_hash`]: spreads the high bits into the low ones.
+pub(crate) fn hash_finish(h: u64) -> u64 {
     h ^ (h >> 29)
 }
 

@@ -107,12 +107,9 @@ impl MemoKey {
 /// ([`crate::config::bytes_hash`], which takes each field's length in) and combined.
 /// Collisions only cost a comparison.
 fn memo_hash(facts: &RequestFacts, reads: &Reads) -> u64 {
+    use crate::config::{bytes_hash, hash_mix};
     let mut hash: u64 = 0;
-    let mut eat = |field: &str| {
-        hash = (hash ^ crate::config::bytes_hash(field.as_bytes()))
-            .wrapping_mul(0x9e37_79b9_7f4a_7c15)
-            .rotate_left(31);
-    };
+    let mut eat = |field: &str| hash = hash_mix(hash, bytes_hash(field.as_bytes()));
     eat(&facts.fingerprint);
     eat(&facts.domain);
     for (read, field) in [
@@ -125,7 +122,7 @@ fn memo_hash(facts: &RequestFacts, reads: &Reads) -> u64 {
             eat(field);
         }
     }
-    hash ^ (hash >> 29)
+    crate::config::hash_finish(hash)
 }
 
 /// The memo map's hasher: its keys are [`memo_hash`]es already, used as they are.
@@ -139,9 +136,7 @@ impl std::hash::Hasher for Prehashed {
 
     fn write(&mut self, bytes: &[u8]) {
         // Only `u64` keys reach this map; anything else is still hashed, not ignored.
-        for byte in bytes {
-            self.0 = (self.0.rotate_left(8) ^ u64::from(*byte)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-        }
+        self.0 = crate::config::hash_mix(self.0, crate::config::bytes_hash(bytes));
     }
 
     fn write_u64(&mut self, n: u64) {

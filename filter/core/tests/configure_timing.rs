@@ -9,13 +9,31 @@ use filter_core::data::{EntryCache, Validated};
 use filter_core::policy::CompiledPolicy;
 use std::time::Instant;
 
+/// The configuration named by `CHRONOGUARD_PLUGIN_CONFIG`; `None` (the test does nothing)
+/// without it. (Test helpers: a missing file fails the run like an unwrap in the test.)
+#[allow(clippy::unwrap_used)]
+fn config_file() -> Option<Vec<u8>> {
+    let path = std::env::var_os("CHRONOGUARD_PLUGIN_CONFIG")?;
+    Some(std::fs::read(path).unwrap())
+}
+
+/// A one-policy push: the first policy's priority set to `priority`.
+#[allow(clippy::indexing_slicing)]
+fn set_first_priority(bundle: &mut filter_core::config::Bundle, priority: usize) {
+    if let Some(policy) = bundle.data["policies"]
+        .as_object_mut()
+        .and_then(|p| p.values_mut().next())
+    {
+        policy["priority"] = serde_json::json!(priority);
+    }
+}
+
 #[test]
 #[ignore = "timing; needs CHRONOGUARD_PLUGIN_CONFIG"]
 fn configure_timing() {
-    let Some(path) = std::env::var_os("CHRONOGUARD_PLUGIN_CONFIG") else {
+    let Some(bytes) = config_file() else {
         return;
     };
-    let bytes = std::fs::read(path).unwrap();
     let mut cache = EntryCache::default();
     let mut raw_cache = EntryCache::default();
     for round in 0..5 {
@@ -29,12 +47,7 @@ fn configure_timing() {
         // A push that changes one policy, with the previous configuration's entries cached.
         drop(CompiledPolicy::compile_with(bundle, &mut cache).unwrap());
         let unchanged = serde_json::to_vec(&*bundle).unwrap();
-        if let Some(policy) = bundle.data["policies"]
-            .as_object_mut()
-            .and_then(|p| p.values_mut().next())
-        {
-            policy["priority"] = serde_json::json!(round + 1000);
-        }
+        set_first_priority(bundle, round + 1000);
         let warm = Instant::now();
         drop(CompiledPolicy::compile_with(bundle, &mut cache).unwrap());
         let warm = warm.elapsed();
@@ -152,10 +165,9 @@ fn convert(value: &serde_json::Value) -> regorus::Value {
 #[test]
 #[ignore = "timing; needs CHRONOGUARD_PLUGIN_CONFIG"]
 fn conversion_timing() {
-    let Some(path) = std::env::var_os("CHRONOGUARD_PLUGIN_CONFIG") else {
+    let Some(bytes) = config_file() else {
         return;
     };
-    let bytes = std::fs::read(path).unwrap();
     let config = PluginConfig::from_slice(&bytes).unwrap();
     let data = config.bundle.unwrap().data;
     for _ in 0..5 {
@@ -182,22 +194,15 @@ fn conversion_timing() {
 #[test]
 #[ignore = "timing; needs CHRONOGUARD_PLUGIN_CONFIG"]
 fn worker_load_timing() {
-    let Some(path) = std::env::var_os("CHRONOGUARD_PLUGIN_CONFIG") else {
+    let Some(bytes) = config_file() else {
         return;
     };
-    let bytes = std::fs::read(path).unwrap();
     let config = PluginConfig::from_slice(&bytes).unwrap();
     // Two configurations that differ in one policy, loaded in turn.
     let variants: Vec<Vec<u8>> = (0..2)
         .map(|n| {
             let mut config = config.clone();
-            let bundle = config.bundle.as_mut().unwrap();
-            if let Some(policy) = bundle.data["policies"]
-                .as_object_mut()
-                .and_then(|p| p.values_mut().next())
-            {
-                policy["priority"] = serde_json::json!(n + 1000);
-            }
+            set_first_priority(config.bundle.as_mut().unwrap(), n + 1000);
             serde_json::to_vec(&config).unwrap()
         })
         .collect();
