@@ -43,16 +43,23 @@ const RENAMED_PREFIX: (&str, &str) = ("chronoguard_on_", "proxy_on_");
 
 /// Builds and optimises the filter; returns the path of the optimised module.
 pub fn build_filter() -> Result<PathBuf> {
-    build(None)
+    build(None, false)
 }
 
 /// A benchmark build that stops the request path after `stage` (see `filter/wasm/src/
 /// http.rs`), written next to the real module as `chronoguard-<stage>.wasm`.
 pub fn build_filter_stage(stage: &str) -> Result<PathBuf> {
-    build(Some(stage))
+    build(Some(stage), false)
 }
 
-fn build(stage: Option<&str>) -> Result<PathBuf> {
+/// The real module with its function names kept (`chronoguard-names.wasm`), for
+/// profiles: `node --perf-basic-prof` then names the guest's functions in `perf report`
+/// (BENCHMARKS.md, "Guest time per request"). Not for Envoy: twice the size.
+pub fn build_filter_named() -> Result<PathBuf> {
+    build(None, true)
+}
+
+fn build(stage: Option<&str>, names: bool) -> Result<PathBuf> {
     // The `wasm` profile (release, opt-level "s") and `wasm-opt -Oz`: the same request
     // CPU as -O3 here, 18% smaller, and Envoy's V8 compiles the module faster at start
     // (BENCHMARKS.md).
@@ -65,6 +72,12 @@ fn build(stage: Option<&str>) -> Result<PathBuf> {
         Some(stage) => build.env("CHRONOGUARD_FILTER_STAGE", stage),
         None => build.env_remove("CHRONOGUARD_FILTER_STAGE"),
     };
+    // Stripping symbols drops the name section wasm-opt would keep.
+    build.env(
+        "CARGO_PROFILE_WASM_STRIP",
+        if names { "false" } else { "true" },
+    );
+    let keep_names: &[&str] = if names { &["-g"] } else { &[] };
     run(build.args([
         "build",
         "--profile",
@@ -77,9 +90,10 @@ fn build(stage: Option<&str>) -> Result<PathBuf> {
 
     let raw = wasm_raw();
     let raw_size = file_size(&raw)?;
-    let out = match stage {
-        Some(stage) => wasm_out().with_file_name(format!("chronoguard-{stage}.wasm")),
-        None => wasm_out(),
+    let out = match (stage, names) {
+        (Some(stage), _) => wasm_out().with_file_name(format!("chronoguard-{stage}.wasm")),
+        (None, true) => wasm_out().with_file_name("chronoguard-names.wasm"),
+        (None, false) => wasm_out(),
     };
     let dir = out.parent().context("module path has a parent")?;
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
@@ -89,6 +103,7 @@ fn build(stage: Option<&str>) -> Result<PathBuf> {
     std::fs::write(&graph, export_graph()).context("cannot write the export graph")?;
     let trimmed = dir.join("trimmed.wasm");
     run(Command::new("wasm-metadce")
+        .args(keep_names)
         .args(WASM_OPT_FEATURES)
         .arg(&raw)
         .arg("--graph-file")
@@ -103,8 +118,14 @@ fn build(stage: Option<&str>) -> Result<PathBuf> {
     std::fs::write(&trimmed, renamed).context("cannot write the renamed module")?;
 
     println!("==> optimising with wasm-opt -Oz");
+    let strip: &[&str] = if names {
+        &["-g"]
+    } else {
+        &["--strip-debug", "--strip-producers"]
+    };
     run(Command::new("wasm-opt")
-        .args(["-Oz", "--strip-debug", "--strip-producers"])
+        .arg("-Oz")
+        .args(strip)
         .args(WASM_OPT_FEATURES)
         .arg(&trimmed)
         .arg("-o")

@@ -18,7 +18,7 @@ usage: cargo xtask <command> [args]
 commands:
   setup          install/verify the toolchain: wasm32-wasip1 target, postgres 15, redis,
                  binaryen (wasm-opt), wrk, and envoy 1.40 in target/tools (idempotent)
-  build-filter [--stage S]
+  build-filter [--stage S | --names]
                  build filter-wasm for wasm32-wasip1 and optimise it into
                  target/filter/chronoguard.wasm
   ci             setup, fmt check, clippy (host + wasm), unit tests, build-filter and
@@ -48,8 +48,9 @@ fn main() -> ExitCode {
             [flag, stage] if flag == "--stage" => {
                 build_filter::build_filter_stage(stage).map(|_| ())
             }
+            [flag] if flag == "--names" => build_filter::build_filter_named().map(|_| ()),
             _ => Err(anyhow::anyhow!(
-                "usage: cargo xtask build-filter [--stage STAGE]"
+                "usage: cargo xtask build-filter [--stage STAGE | --names]"
             )),
         },
         Some("ci") => no_args("ci", &rest).and_then(|()| ci::ci()),

@@ -680,7 +680,7 @@ impl EvaluateRequest {
         &self,
         fingerprint: &str,
         subject: &str,
-    ) -> Result<(RequestFacts, DateTime<Utc>), ApiError> {
+    ) -> Result<(RequestFacts<'static>, DateTime<Utc>), ApiError> {
         let domain = normalize_domain(&self.domain);
         if domain.is_empty() || domain.len() > 253 {
             return Err(ApiError::field("domain", "must be a host name"));
@@ -704,14 +704,14 @@ impl EvaluateRequest {
         let path = self.path.split('?').next().unwrap_or_default().to_owned();
         Ok((
             RequestFacts {
-                fingerprint: fingerprint.to_owned(),
-                subject: subject.to_owned(),
-                domain,
-                method: self.method.clone(),
-                path,
-                user_agent: self.user_agent.clone(),
-                source_ip: self.source_ip.clone(),
-                scheme: self.scheme.clone(),
+                fingerprint: fingerprint.to_owned().into(),
+                subject: subject.to_owned().into(),
+                domain: domain.into_owned().into(),
+                method: self.method.clone().into(),
+                path: path.into(),
+                user_agent: self.user_agent.clone().into(),
+                source_ip: self.source_ip.clone().into(),
+                scheme: self.scheme.clone().into(),
                 unix_ns,
             },
             at,
@@ -770,7 +770,7 @@ pub async fn evaluate_policy(
 
 fn evaluate(
     bundle: &Bundle,
-    facts: &RequestFacts,
+    facts: &RequestFacts<'_>,
     at: DateTime<Utc>,
 ) -> Result<EvaluateResult, ApiError> {
     let mut compiled = CompiledPolicy::compile(bundle)
@@ -785,7 +785,7 @@ fn evaluate(
         policy_id: decision.policy_id,
         tenant_id: decision.tenant_id,
         agent_id: decision.agent_id,
-        domain: facts.domain.clone(),
+        domain: facts.domain.to_string(),
         evaluated_at: at,
     })
 }

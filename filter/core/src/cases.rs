@@ -77,27 +77,27 @@ fn with_timezones(mut data: Value) -> Value {
     data
 }
 
-fn facts(r: &Request) -> RequestFacts {
+fn facts(r: &Request) -> RequestFacts<'static> {
     let r = r.clone();
     RequestFacts {
-        fingerprint: r.fingerprint.to_ascii_lowercase(),
-        subject: String::new(),
-        domain: normalize_domain(&r.authority),
+        fingerprint: r.fingerprint.to_ascii_lowercase().into(),
+        subject: "".into(),
+        domain: normalize_domain(&r.authority).into_owned().into(),
         method: if r.method.is_empty() {
             "GET".into()
         } else {
-            r.method.to_ascii_uppercase()
+            r.method.to_ascii_uppercase().into()
         },
         path: if r.path.is_empty() {
             "/".into()
         } else {
-            r.path
+            r.path.into()
         },
-        user_agent: r.user_agent,
+        user_agent: r.user_agent.into(),
         source_ip: if r.source_ip.is_empty() {
             "10.0.0.1".into()
         } else {
-            r.source_ip
+            r.source_ip.into()
         },
         scheme: "https".into(),
         unix_ns: unix_s(r.time.as_deref().unwrap_or("2026-11-25T12:00:00Z")) as u64 * 1_000_000_000,

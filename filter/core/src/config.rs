@@ -448,8 +448,17 @@ pub(crate) fn bytes_hash(bytes: &[u8]) -> u64 {
         }
     }
     let mut h = lanes.into_iter().fold(0, hash_mix);
-    for &b in blocks.remainder() {
-        h = hash_mix(h, u64::from(b));
+    // The tail: whole words, then the last bytes as one word (the length, in every lane's
+    // start, tells tails of different lengths apart).
+    let mut words = blocks.remainder().chunks_exact(8);
+    for w in &mut words {
+        h = hash_mix(h, word(w));
+    }
+    let last = words.remainder();
+    if !last.is_empty() {
+        let mut tail = [0u8; 8];
+        tail.iter_mut().zip(last).for_each(|(t, b)| *t = *b);
+        h = hash_mix(h, u64::from_le_bytes(tail));
     }
     hash_finish(h)
 }
@@ -465,6 +474,33 @@ pub(crate) fn hash_mix(h: u64, w: u64) -> u64 {
 /// The last step of [`bytes_hash`]: spreads the high bits into the low ones.
 pub(crate) fn hash_finish(h: u64) -> u64 {
     h ^ (h >> 29)
+}
+
+/// The hasher of maps whose keys no client chooses (memo hashes, connection ids, the
+/// bundle's agent and policy ids): [`bytes_hash`]'s mixing instead of SipHash, which
+/// costs more in wasm than the lookups it serves. A `u64` key is mixed in as it is.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct FastHasher(u64);
+
+/// Builds [`FastHasher`]s: `HashMap<K, V, FastHash>`.
+pub type FastHash = std::hash::BuildHasherDefault<FastHasher>;
+
+impl std::hash::Hasher for FastHasher {
+    fn finish(&self) -> u64 {
+        hash_finish(self.0)
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        self.0 = hash_mix(self.0, bytes_hash(bytes));
+    }
+
+    fn write_u8(&mut self, n: u8) {
+        self.0 = hash_mix(self.0, u64::from(n));
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = hash_mix(self.0, n);
+    }
 }
 
 // === impl PluginConfig ===

@@ -10,28 +10,32 @@
 use crate::data::Entries;
 use crate::time::OffsetTable;
 use regorus::Value;
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
-/// Facts about one request, as read from Envoy.
+/// Facts about one request, as read from Envoy. The strings borrow where they can: the
+/// filter reads them from the request's header map and its connection's cached peer,
+/// and copies only what it has to change (one allocation each costs in wasm).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct RequestFacts {
+pub struct RequestFacts<'a> {
     /// Lower-case hex SHA-256 of the verified peer certificate; empty without one.
-    pub fingerprint: String,
-    pub subject: String,
+    pub fingerprint: Cow<'a, str>,
+    pub subject: Cow<'a, str>,
     /// Normalised with [`normalize_domain`].
-    pub domain: String,
-    pub method: String,
-    pub path: String,
-    pub user_agent: String,
-    pub source_ip: String,
-    pub scheme: String,
+    pub domain: Cow<'a, str>,
+    pub method: Cow<'a, str>,
+    pub path: Cow<'a, str>,
+    pub user_agent: Cow<'a, str>,
+    pub source_ip: Cow<'a, str>,
+    pub scheme: Cow<'a, str>,
     /// Envoy's clock, nanoseconds since the Unix epoch.
     pub unix_ns: u64,
 }
 
 /// Normalises an `:authority` into the domain policies match: lower case, port stripped,
-/// trailing dot removed, IPv6 brackets kept off.
-pub fn normalize_domain(authority: &str) -> String {
+/// trailing dot removed, IPv6 brackets kept off. Borrows `authority` unless a letter
+/// needs lowering.
+pub fn normalize_domain(authority: &str) -> Cow<'_, str> {
     let authority = authority.trim();
     let host = if let Some(rest) = authority.strip_prefix('[') {
         // IPv6 literal: "[::1]:443" or "[::1]".
@@ -42,7 +46,12 @@ pub fn normalize_domain(authority: &str) -> String {
             _ => authority,
         }
     };
-    host.trim_end_matches('.').to_ascii_lowercase()
+    let host = host.trim_end_matches('.');
+    if host.bytes().any(|b| b.is_ascii_uppercase()) {
+        Cow::Owned(host.to_ascii_lowercase())
+    } else {
+        Cow::Borrowed(host)
+    }
 }
 
 /// Strips the peer address's port: Envoy's `source.address` is `ip:port`.
@@ -60,22 +69,22 @@ pub fn source_ip(address: &str) -> String {
 
 // === impl RequestFacts ===
 
-impl RequestFacts {
+impl RequestFacts<'_> {
     /// Builds the Rego input directly as a regorus value (no JSON text on the request
     /// path), with the local time in every timezone of `tables` and the request's agent
     /// and its policies from `entries` (shared values, not copies).
     pub fn to_value(&self, tables: &BTreeMap<String, OffsetTable>, entries: &Entries) -> Value {
         let agent = object([
-            ("fingerprint", self.fingerprint.as_str().into()),
-            ("subject", self.subject.as_str().into()),
+            ("fingerprint", self.fingerprint.as_ref().into()),
+            ("subject", self.subject.as_ref().into()),
         ]);
         let request = object([
-            ("domain", self.domain.as_str().into()),
-            ("method", self.method.as_str().into()),
-            ("path", self.path.as_str().into()),
-            ("user_agent", self.user_agent.as_str().into()),
-            ("source_ip", self.source_ip.as_str().into()),
-            ("scheme", self.scheme.as_str().into()),
+            ("domain", self.domain.as_ref().into()),
+            ("method", self.method.as_ref().into()),
+            ("path", self.path.as_ref().into()),
+            ("user_agent", self.user_agent.as_ref().into()),
+            ("source_ip", self.source_ip.as_ref().into()),
+            ("scheme", self.scheme.as_ref().into()),
         ]);
         let unix_s = i64::try_from(self.unix_ns / 1_000_000_000).unwrap_or(i64::MAX);
         let local: BTreeMap<Value, Value> = tables

@@ -70,18 +70,18 @@ struct Memo {
 /// Memoised decisions by [`memo_hash`], and how many.
 #[derive(Debug, Clone, Default)]
 struct MemoMap {
-    buckets: HashMap<u64, Vec<Memo>, std::hash::BuildHasherDefault<Prehashed>>,
+    buckets: HashMap<u64, Vec<Memo>, crate::config::FastHash>,
     len: usize,
 }
 
 // === impl MemoKey ===
 
 impl MemoKey {
-    fn new(facts: &RequestFacts, reads: &Reads) -> Self {
+    fn new(facts: &RequestFacts<'_>, reads: &Reads) -> Self {
         let pick = |read: bool, value: &str| read.then(|| value.to_owned());
         Self {
-            fingerprint: facts.fingerprint.clone(),
-            domain: facts.domain.clone(),
+            fingerprint: facts.fingerprint.to_string(),
+            domain: facts.domain.to_string(),
             method: pick(reads.method, &facts.method),
             path: pick(reads.path, &facts.path),
             user_agent: pick(reads.user_agent, &facts.user_agent),
@@ -90,7 +90,7 @@ impl MemoKey {
     }
 
     /// Compares without allocating.
-    fn matches(&self, facts: &RequestFacts, reads: &Reads) -> bool {
+    fn matches(&self, facts: &RequestFacts<'_>, reads: &Reads) -> bool {
         let same = |read: bool, stored: &Option<String>, value: &str| {
             !read || stored.as_deref() == Some(value)
         };
@@ -106,7 +106,7 @@ impl MemoKey {
 /// The memo's hash of a request: the fields it holds, each hashed a word at a time
 /// ([`crate::config::bytes_hash`], which takes each field's length in) and combined.
 /// Collisions only cost a comparison.
-fn memo_hash(facts: &RequestFacts, reads: &Reads) -> u64 {
+fn memo_hash(facts: &RequestFacts<'_>, reads: &Reads) -> u64 {
     use crate::config::{bytes_hash, hash_mix};
     let mut hash: u64 = 0;
     let mut eat = |field: &str| hash = hash_mix(hash, bytes_hash(field.as_bytes()));
@@ -123,25 +123,6 @@ fn memo_hash(facts: &RequestFacts, reads: &Reads) -> u64 {
         }
     }
     crate::config::hash_finish(hash)
-}
-
-/// The memo map's hasher: its keys are [`memo_hash`]es already, used as they are.
-#[derive(Debug, Clone, Copy, Default)]
-struct Prehashed(u64);
-
-impl std::hash::Hasher for Prehashed {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        // Only `u64` keys reach this map; anything else is still hashed, not ignored.
-        self.0 = crate::config::hash_mix(self.0, crate::config::bytes_hash(bytes));
-    }
-
-    fn write_u64(&mut self, n: u64) {
-        self.0 = n;
-    }
 }
 
 /// The first instant after `unix_ns` at which a decision taken at `unix_ns` may change
@@ -217,7 +198,7 @@ pub struct CompiledPolicy {
 
 impl MemoMap {
     /// Takes the memo of the request with these facts out of the map.
-    fn take(&mut self, hash: u64, facts: &RequestFacts, reads: &Reads) -> Option<Memo> {
+    fn take(&mut self, hash: u64, facts: &RequestFacts<'_>, reads: &Reads) -> Option<Memo> {
         let bucket = self.buckets.get_mut(&hash)?;
         let i = bucket.iter().position(|m| m.key.matches(facts, reads))?;
         self.len -= 1;
@@ -353,7 +334,7 @@ impl CompiledPolicy {
 
     /// Evaluates one request, from the memo when the same facts were decided since the
     /// clock last crossed a boundary of the bundle.
-    pub fn evaluate(&mut self, facts: &RequestFacts) -> Result<Decision, PolicyError> {
+    pub fn evaluate(&mut self, facts: &RequestFacts<'_>) -> Result<Decision, PolicyError> {
         self.evaluate_memo(facts)
             .map(|(decision, _)| (*decision).clone())
     }
@@ -362,7 +343,7 @@ impl CompiledPolicy {
     /// it, and telling whether the memo answered. A hit allocates nothing.
     pub fn evaluate_memo(
         &mut self,
-        facts: &RequestFacts,
+        facts: &RequestFacts<'_>,
     ) -> Result<(Arc<Decision>, bool), PolicyError> {
         let hash = memo_hash(facts, &self.reads);
         let now = facts.unix_ns;
@@ -441,7 +422,7 @@ impl CompiledPolicy {
     }
 
     /// Evaluates one request with regorus, bypassing the memo.
-    pub fn evaluate_fresh(&mut self, facts: &RequestFacts) -> Result<Decision, PolicyError> {
+    pub fn evaluate_fresh(&mut self, facts: &RequestFacts<'_>) -> Result<Decision, PolicyError> {
         if let Some(problem) = self.entries.problem(&facts.fingerprint) {
             return Err(PolicyError::Data(problem));
         }
@@ -863,9 +844,9 @@ mod tests {
         }))
     }
 
-    fn request(fingerprint: &str, at: u64) -> RequestFacts {
+    fn request(fingerprint: &str, at: u64) -> RequestFacts<'static> {
         RequestFacts {
-            fingerprint: fingerprint.into(),
+            fingerprint: fingerprint.to_owned().into(),
             domain: "x.example".into(),
             unix_ns: at,
             ..RequestFacts::default()

@@ -163,7 +163,7 @@ pub fn lease_size(limit: &RateLimit) -> u64 {
 
 /// Tokens one worker leased, by bucket key.
 #[derive(Debug, Default)]
-pub struct Leases(std::collections::HashMap<String, (u64, u64)>);
+pub struct Leases(std::collections::HashMap<String, (u64, u64), crate::config::FastHash>);
 
 impl Leases {
     /// Spends a leased token for `key` if one is left and the lease is still valid.

@@ -2,7 +2,8 @@
 //! figure behind the policy-push stall in BENCHMARKS.md). Ignored by default; run with
 //! `CHRONOGUARD_PLUGIN_CONFIG=<file> cargo test -p filter-core --profile bench-tools
 //! --test configure_timing -- --ignored --nocapture`, the file holding the JSON of the
-//! ECDS resource's `configuration` (e.g. taken from Envoy's `/config_dump`).
+//! ECDS resource's `configuration` (`CHRONOGUARD_BENCH_CONFIG_DUMP=<file> cargo xtask
+//! bench --only filter` writes the bench's).
 
 use filter_core::config::{ConfigIndex, PluginConfig, RawPluginConfig};
 use filter_core::data::{EntryCache, Validated};

@@ -5,6 +5,7 @@
 
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::{LogLevel, MapType, MetricType};
+use std::borrow::Cow;
 use std::time::{Duration, UNIX_EPOCH};
 
 fn property_bytes(path: &[&str]) -> Option<Vec<u8>> {
@@ -15,14 +16,25 @@ pub fn property(path: &[&str]) -> Option<String> {
     String::from_utf8(property_bytes(path)?).ok()
 }
 
-/// The request headers the filter reads.
+/// The request headers the filter reads, borrowed from the [`HeaderMap`] unless a value
+/// was not UTF-8 (then read lossily).
 #[derive(Debug, Default, PartialEq, Eq)]
-pub struct RequestHeaders {
-    pub authority: String,
-    pub method: String,
-    pub path: String,
+pub struct RequestHeaders<'a> {
+    pub authority: Cow<'a, str>,
+    pub method: Cow<'a, str>,
+    pub path: Cow<'a, str>,
     /// The first `user-agent`.
-    pub user_agent: String,
+    pub user_agent: Cow<'a, str>,
+}
+
+/// The request's header map as the host serialised it, owned by this module.
+pub struct HeaderMap(Vec<u8>);
+
+impl HeaderMap {
+    /// The four headers the filter reads, parsed in place.
+    pub fn request_headers(&self) -> RequestHeaders<'_> {
+        parse_request_headers(&self.0)
+    }
 }
 
 #[link(wasm_import_module = "env")]
@@ -33,15 +45,22 @@ unsafe extern "C" {
         return_map_data: *mut *mut u8,
         return_map_size: *mut usize,
     ) -> proxy_wasm::types::Status;
+
+    fn proxy_get_property(
+        path_data: *const u8,
+        path_size: usize,
+        return_value_data: *mut *mut u8,
+        return_value_size: *mut usize,
+    ) -> proxy_wasm::types::Status;
 }
 
 /// All request headers in one host call (every call and every returned buffer is a trip
-/// across the V8 boundary), parsed in place: only the four headers the filter reads are
-/// copied out. The SDK's `get_map` is not used on the request path: it allocates two
-/// strings per header and panics on a header value that is not UTF-8, which Envoy lets
-/// through (obs-text); here such a value is read lossily.
+/// across the V8 boundary), to be parsed in place ([`HeaderMap::request_headers`]). The
+/// SDK's `get_map` is not used on the request path: it allocates two strings per header
+/// and panics on a header value that is not UTF-8, which Envoy lets through (obs-text);
+/// here such a value is read lossily.
 #[allow(unsafe_code)]
-pub fn request_headers() -> RequestHeaders {
+pub fn request_header_map() -> HeaderMap {
     let mut data: *mut u8 = std::ptr::null_mut();
     let mut size: usize = 0;
     // SAFETY: the host writes a buffer it allocated through this module's
@@ -49,17 +68,16 @@ pub fn request_headers() -> RequestHeaders {
     let status =
         unsafe { proxy_get_header_map_pairs(MapType::HttpRequestHeaders, &mut data, &mut size) };
     if status != proxy_wasm::types::Status::Ok || data.is_null() {
-        return RequestHeaders::default();
+        return HeaderMap(Vec::new());
     }
     // SAFETY: as above; the Vec takes the buffer back and frees it when dropped.
-    let map = unsafe { Vec::from_raw_parts(data, size, size) };
-    parse_request_headers(&map)
+    HeaderMap(unsafe { Vec::from_raw_parts(data, size, size) })
 }
 
 /// Reads the proxy-wasm serialized header map (`u32` count, `count` pairs of `u32`
 /// lengths, then each name and value followed by a NUL); a malformed map yields what was
 /// read before the fault.
-fn parse_request_headers(map: &[u8]) -> RequestHeaders {
+fn parse_request_headers(map: &[u8]) -> RequestHeaders<'_> {
     let mut headers = RequestHeaders::default();
     let u32_at = |at: usize| -> Option<usize> {
         let bytes = map.get(at..at.checked_add(4)?)?;
@@ -88,14 +106,30 @@ fn parse_request_headers(map: &[u8]) -> RequestHeaders {
             b"user-agent" if headers.user_agent.is_empty() => &mut headers.user_agent,
             _ => continue,
         };
-        *slot = String::from_utf8_lossy(value).into_owned();
+        // `from_utf8` checks ASCII a word at a time; the lossy reader goes byte by byte.
+        *slot = match std::str::from_utf8(value) {
+            Ok(value) => Cow::Borrowed(value),
+            Err(_) => String::from_utf8_lossy(value),
+        };
     }
     headers
 }
 
-/// A property holding a `uint` (Envoy passes it as 8 little-endian bytes).
-pub fn property_u64(path: &[&str]) -> Option<u64> {
-    let bytes = property_bytes(path)?;
+/// `connection.id` (a `uint`, 8 little-endian bytes), read on every request: its path is
+/// written here once, where the SDK would serialise it into a new buffer per call.
+#[allow(unsafe_code)]
+pub fn connection_id() -> Option<u64> {
+    const PATH: &[u8] = b"connection\0id";
+    let mut data: *mut u8 = std::ptr::null_mut();
+    let mut size: usize = 0;
+    // SAFETY: `PATH` outlives the call; the host writes a buffer it allocated through
+    // this module's `proxy_on_memory_allocate`, or nothing.
+    let status = unsafe { proxy_get_property(PATH.as_ptr(), PATH.len(), &mut data, &mut size) };
+    if status != proxy_wasm::types::Status::Ok || data.is_null() {
+        return None;
+    }
+    // SAFETY: as above; the Vec takes the buffer back and frees it when dropped.
+    let bytes = unsafe { Vec::from_raw_parts(data, size, size) };
     Some(u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?))
 }
 

@@ -1,16 +1,18 @@
 //! The HTTP context: gathers request facts, asks the core for a decision, enforces the
 //! rate limit, audits, and answers.
 
+use crate::host::RequestHeaders;
 use crate::metrics::Metrics;
 use crate::ratelimit::{self, Check};
 use crate::root::Active;
-use crate::vm::{Peer, PeerCache};
+use crate::vm::Peer;
 use crate::{host, vm};
 use filter_core::audit::AuditRecord;
 use filter_core::config::Mode;
 use filter_core::decision::{DECISION_ID_HEADER, Decision};
 use filter_core::input::{RequestFacts, normalize_domain};
 use proxy_wasm::types::{Action, LogLevel};
+use std::borrow::Cow;
 use std::cell::RefCell;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -63,41 +65,50 @@ struct Request {
 // === impl Request ===
 
 impl Request {
-    /// Reads the request's facts: all request headers in one host call, the peer from
-    /// `peers` (one property per request on a kept-alive connection), Envoy's clock.
-    fn facts(peers: &mut PeerCache) -> RequestFacts {
-        let host::RequestHeaders {
+    /// The request's facts, borrowed from its header map and its connection's peer where
+    /// they need no change, with Envoy's clock.
+    fn facts<'a>(headers: RequestHeaders<'a>, peer: &'a Peer) -> RequestFacts<'a> {
+        let RequestHeaders {
             authority,
-            mut method,
-            mut path,
-            user_agent,
-        } = host::request_headers();
-        // Query strings are never evaluated or audited (they carry secrets).
-        if let Some(at) = path.find('?') {
-            path.truncate(at);
-        }
-        method.make_ascii_uppercase();
-        let Peer {
-            fingerprint,
-            subject,
-            source_ip,
-        } = peers.peer();
-        RequestFacts {
-            fingerprint,
-            subject,
-            domain: normalize_domain(&authority),
             method,
             path,
             user_agent,
-            source_ip,
+        } = headers;
+        // Query strings are never evaluated or audited (they carry secrets).
+        let path = match path {
+            Cow::Borrowed(path) => Cow::Borrowed(path.split('?').next().unwrap_or_default()),
+            Cow::Owned(mut path) => {
+                if let Some(at) = path.find('?') {
+                    path.truncate(at);
+                }
+                Cow::Owned(path)
+            }
+        };
+        let method = if method.bytes().any(|b| b.is_ascii_lowercase()) {
+            Cow::Owned(method.to_ascii_uppercase())
+        } else {
+            method
+        };
+        let domain = match authority {
+            Cow::Borrowed(authority) => normalize_domain(authority),
+            Cow::Owned(authority) => Cow::Owned(normalize_domain(&authority).into_owned()),
+        };
+        RequestFacts {
+            fingerprint: Cow::Borrowed(&peer.fingerprint),
+            subject: Cow::Borrowed(&peer.subject),
+            domain,
+            method,
+            path,
+            user_agent,
+            source_ip: Cow::Borrowed(&peer.source_ip),
             // The gateway listener is TLS-only (mTLS identity); not read per request.
-            scheme: String::from("https"),
+            scheme: Cow::Borrowed("https"),
             unix_ns: host::now_ns(),
         }
     }
 
     /// The decision under the active configuration; never fails.
-    fn decide(&self, facts: &RequestFacts, metrics: &mut Metrics) -> (Arc<Decision>, Rc<str>) {
+    fn decide(&self, facts: &RequestFacts<'_>, metrics: &mut Metrics) -> (Arc<Decision>, Rc<str>) {
         let Some(active) = &self.active else {
             metrics.add(metrics.not_configured, 1);
             return (
@@ -139,7 +150,7 @@ impl Request {
     /// Applies the deciding policy's rate limit to an allowed request.
     fn limit(
         decision: Arc<Decision>,
-        facts: &RequestFacts,
+        facts: &RequestFacts<'_>,
         metrics: &mut Metrics,
     ) -> (Arc<Decision>, Option<u64>) {
         let (Some(limit), Some(agent), Some(policy)) = (
@@ -173,7 +184,11 @@ impl Request {
         }
         let state = vm::state();
         let mut state = state.borrow_mut();
-        let facts = Self::facts(&mut state.peers);
+        // All request headers in one host call; the peer (one property per request on a
+        // kept-alive connection).
+        let headers = host::request_header_map();
+        let peer = state.peers.peer();
+        let facts = Self::facts(headers.request_headers(), &peer);
         if STAGE == Stage::Facts {
             return Action::Continue;
         }

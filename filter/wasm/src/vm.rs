@@ -3,7 +3,7 @@
 use crate::host;
 use crate::metrics::Metrics;
 use filter_core::audit::{AuditBuffer, AuditRecord, IdGenerator};
-use filter_core::config::AuditSink;
+use filter_core::config::{AuditSink, FastHash};
 use filter_core::data::EntryCache;
 use filter_core::input::source_ip;
 use proxy_wasm::types::LogLevel;
@@ -33,7 +33,7 @@ pub struct Peer {
 /// digest, read once per certificate. Both are bounded: cleared when full.
 #[derive(Default)]
 pub struct PeerCache {
-    by_connection: HashMap<u64, Peer>,
+    by_connection: HashMap<u64, Rc<Peer>, FastHash>,
     subjects: HashMap<String, String>,
 }
 
@@ -42,26 +42,26 @@ const PEER_CACHE_SIZE: usize = 4_096;
 
 impl PeerCache {
     /// The peer of the connection the current request arrived on.
-    pub fn peer(&mut self) -> Peer {
-        let connection = host::property_u64(&["connection", "id"]);
+    pub fn peer(&mut self) -> Rc<Peer> {
+        let connection = host::connection_id();
         if let Some(peer) = connection.and_then(|id| self.by_connection.get(&id)) {
-            return peer.clone();
+            return Rc::clone(peer);
         }
         let mut fingerprint =
             host::property(&["connection", "sha256_peer_certificate_digest"]).unwrap_or_default();
         fingerprint.make_ascii_lowercase();
         let source_ip = source_ip(&host::property(&["source", "address"]).unwrap_or_default());
         let subject = self.subject(&fingerprint);
-        let peer = Peer {
+        let peer = Rc::new(Peer {
             fingerprint,
             subject,
             source_ip,
-        };
+        });
         if let Some(id) = connection {
             if self.by_connection.len() >= PEER_CACHE_SIZE {
                 self.by_connection.clear();
             }
-            self.by_connection.insert(id, peer.clone());
+            self.by_connection.insert(id, Rc::clone(&peer));
         }
         peer
     }

@@ -111,15 +111,9 @@ async fn main() -> anyhow::Result<()> {
     .await;
     ready?;
     if let Some(path) = std::env::var_os("CHRONOGUARD_BENCH_CONFIG_DUMP") {
-        // Envoy's view of the delivered configuration, for offline `on_configure` profiling.
-        let dump = stack
-            .http
-            .get(stack.envoy.admin("/config_dump"))
-            .send()
-            .await?
-            .text()
-            .await?;
-        std::fs::write(path, dump)?;
+        // The configuration Envoy received, for offline `on_configure` timing
+        // (`CHRONOGUARD_PLUGIN_CONFIG` of `filter/core/tests/configure_timing.rs`).
+        std::fs::write(path, plugin_configuration(&stack).await?)?;
     }
     let bundle_bytes: i64 = sqlx::query_scalar("SELECT count(*) FROM agents")
         .fetch_one(&stack.db)
@@ -280,6 +274,7 @@ async fn main() -> anyhow::Result<()> {
         "\nagents in bundle: {bundle_bytes}; policies: {}; module after wasm-opt: {wasm} bytes; medians of {} rounds of {} s",
         args.policies, args.rounds, args.seconds
     );
+    guest_times(&stack, &agent.fingerprint, &filters, args.rounds.max(3)).await?;
     // Push stalls of each module compared in this run (`--compare`), each in a fresh
     // Envoy, so that before and after are measured minutes apart on the same machine; the
     // current module last (the sections below run on it).
@@ -316,6 +311,114 @@ async fn main() -> anyhow::Result<()> {
 /// The request-path stages `cargo xtask bench` builds modules for (`--stages`); the other
 /// modules of a run are whole filters compared with this one (`--compare`).
 const STAGES: [&str; 5] = ["noop", "facts", "decide", "limit", "audit"];
+
+/// Guest time per request of every module of the run, outside Envoy: Node's V8 with
+/// TurboFan only (as Envoy runs it) under the minimal proxy-wasm host of
+/// `tests/guest/host.cjs`, with the configuration Envoy received and the CPU rounds' load.
+/// It includes that host's own share (the same for every module), so modules are compared
+/// with each other in the same run, not read absolutely; at ±0.05 µs it resolves what a
+/// round in Envoy (±5 µs) cannot.
+async fn guest_times(
+    stack: &Stack,
+    fingerprint: &str,
+    filters: &[(String, std::path::PathBuf)],
+    rounds: usize,
+) -> anyhow::Result<()> {
+    let configuration = plugin_configuration(stack).await?;
+    let config = std::env::temp_dir().join(format!(
+        "chronoguard-bench-config-{}.json",
+        std::process::id()
+    ));
+    std::fs::write(&config, configuration)?;
+    let host = concat!(env!("CARGO_MANIFEST_DIR"), "/guest/host.cjs");
+    let mut times: Vec<(String, Vec<f64>, Vec<f64>)> = filters
+        .iter()
+        .map(|(name, _)| (name.clone(), Vec::new(), Vec::new()))
+        .collect();
+    // Rounds interleave the modules, so a drift of the machine's speed touches all alike.
+    for _ in 0..rounds {
+        for ((_, path), (name, us, compile)) in filters.iter().zip(times.iter_mut()) {
+            let out = Command::new("node")
+                .args(["--no-liftoff", "--no-wasm-lazy-compilation", host])
+                .arg(path)
+                .arg(&config)
+                .args([fingerprint, "300000"])
+                .output()?;
+            anyhow::ensure!(
+                out.status.success(),
+                "guest run of {name} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let result: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+            let number = |key: &str| result[key].as_f64().unwrap_or(f64::NAN);
+            us.push(number("us_per_request"));
+            compile.push(number("compile_ms"));
+        }
+    }
+    let _ = std::fs::remove_file(&config);
+    let median = |v: &[f64]| {
+        let mut v = v.to_vec();
+        v.sort_by(|a, b| a.total_cmp(b));
+        v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+    };
+    let Some((first, first_us)) = times
+        .first()
+        .map(|(name, us, _)| (name.clone(), median(us)))
+    else {
+        return Ok(());
+    };
+    println!(
+        "\nguest time per request outside Envoy (Node's V8, TurboFan only, tests/guest/host.cjs; medians of {rounds} runs of 300,000 requests)"
+    );
+    println!(
+        "| module | µs/request (guest + the host's share) | − {first} | ÷ {first} | compile (Node's V8) |"
+    );
+    println!("|---|---|---|---|---|");
+    for (name, us, compile) in &times {
+        let us = median(us);
+        println!(
+            "| {name} | {us:.3} | {:+.3} | {:.2}× | {:.0} ms |",
+            us - first_us,
+            us / first_us,
+            median(compile)
+        );
+    }
+    Ok(())
+}
+
+/// The ChronoGuard filter's plugin configuration (its JSON text) as Envoy received it
+/// over ECDS.
+async fn plugin_configuration(stack: &Stack) -> anyhow::Result<String> {
+    let dump: serde_json::Value = stack
+        .http
+        .get(stack.envoy.admin("/config_dump?resource=ecds_filters"))
+        .send()
+        .await?
+        .json()
+        .await?;
+    find_plugin_configuration(&dump)
+        .map(str::to_owned)
+        .ok_or_else(|| anyhow::anyhow!("no ChronoGuard configuration in Envoy's ECDS dump"))
+}
+
+/// The first `configuration` value that carries a bundle in an Envoy config dump.
+fn find_plugin_configuration(value: &serde_json::Value) -> Option<&str> {
+    match value {
+        serde_json::Value::Object(map) => {
+            if let Some(text) = map
+                .get("configuration")
+                .and_then(|c| c.get("value"))
+                .and_then(|v| v.as_str())
+                .filter(|t| t.contains("\"bundle\""))
+            {
+                return Some(text);
+            }
+            map.values().find_map(find_plugin_configuration)
+        }
+        serde_json::Value::Array(items) => items.iter().find_map(find_plugin_configuration),
+        _ => None,
+    }
+}
 
 /// Policy p1: `seed` puts agent 0 (the load's) on p0, p7 and p14, so p1 is another
 /// agents' policy.
