@@ -14,7 +14,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 /// One measured run: variant, Envoy CPU µs per request, requests per second, start-to-ready.
-type Row = (String, f64, f64, Duration);
+/// A CPU window: variant, Envoy CPU µs per request, requests per second, start-to-ready,
+/// round.
+type Row = (String, f64, f64, Duration, usize);
 
 /// A filter build to measure: its name and module. `CHRONOGUARD_BENCH_STAGES` (set by
 /// `cargo xtask bench`) lists the stage builds as `name=path,...` in request-path order;
@@ -120,13 +122,22 @@ async fn main() -> anyhow::Result<()> {
         .await?;
 
     let mut rows: Vec<Row> = Vec::new();
-    let mut latencies: Vec<(String, f64, f64)> = Vec::new();
+    // Variant, p50, p99, round.
+    let mut latencies: Vec<(String, f64, f64, usize)> = Vec::new();
     let variants: Vec<(String, Option<&std::path::Path>)> =
         std::iter::once(("plain".to_owned(), None))
             .chain(filters.iter().map(|(n, p)| (n.clone(), Some(p.as_path()))))
             .collect();
     for round in 0..args.rounds {
-        for (variant, path) in &variants {
+        // Plain Envoy first, then the modules, in reverse order every other round: a drift
+        // of the machine within a round then touches every module alike.
+        let mut order: Vec<&(String, Option<&std::path::Path>)> = variants.iter().collect();
+        if round % 2 == 1
+            && let Some(modules) = order.get_mut(1..)
+        {
+            modules.reverse();
+        }
+        for (variant, path) in order {
             let variant = variant.as_str();
             if let Some(path) = path {
                 std::fs::copy(path, &module)?;
@@ -173,7 +184,7 @@ async fn main() -> anyhow::Result<()> {
             println!(
                 "round {round} {variant}: {requests} requests ({errors} errors), {rps:.0} req/s, {cpu_us:.1} µs Envoy CPU/request, start-to-ready {start_to_ready:?}"
             );
-            rows.push((variant.to_owned(), cpu_us, rps, start_to_ready));
+            rows.push((variant.to_owned(), cpu_us, rps, start_to_ready, round));
             let (p50, p99, _) = open_loop_dump(
                 &stack,
                 &client,
@@ -184,7 +195,7 @@ async fn main() -> anyhow::Result<()> {
             println!(
                 "round {round} {variant}: at 1,000 req/s (open loop) p50 {p50:.3} ms, p99 {p99:.3} ms"
             );
-            latencies.push((variant.to_owned(), p50, p99));
+            latencies.push((variant.to_owned(), p50, p99, round));
             if variant == "chronoguard" && round == 0 {
                 let stats = stack
                     .http
@@ -207,7 +218,7 @@ async fn main() -> anyhow::Result<()> {
         v.sort_by(|a, b| a.total_cmp(b));
         v.get(v.len() / 2).copied().unwrap_or(0.0)
     };
-    let latency = |variant: &str, pick: fn(&(String, f64, f64)) -> f64| {
+    let latency = |variant: &str, pick: fn(&(String, f64, f64, usize)) -> f64| {
         let mut v: Vec<f64> = latencies
             .iter()
             .filter(|l| l.0 == variant)
@@ -250,21 +261,23 @@ async fn main() -> anyhow::Result<()> {
     // The same comparison paired by round (each variant against plain Envoy measured
     // minutes apart in the same round): steadier than the difference of medians when the
     // machine's speed drifts between rounds.
-    let paired = |variant: &str, value: &dyn Fn(usize) -> Option<f64>| {
+    let paired = |variant: &str, value: &dyn Fn(&str, usize) -> Option<f64>| {
         let mut d: Vec<f64> = (0..args.rounds)
-            .filter_map(|round| {
-                let at = |name: &str| variants.iter().position(|(n, _)| n == name);
-                let (v, p) = (at(variant)?, at("plain")?);
-                let n = variants.len();
-                Some(value(round * n + v)? - value(round * n + p)?)
-            })
+            .filter_map(|round| Some(value(variant, round)? - value("plain", round)?))
             .collect();
         d.sort_by(|a, b| a.total_cmp(b));
         d.get(d.len() / 2).copied().unwrap_or(0.0)
     };
     for (variant, _) in variants.iter().filter(|(n, _)| n != "plain") {
-        let cpu = paired(variant, &|i| rows.get(i).map(|r| r.1));
-        let p99 = paired(variant, &|i| latencies.get(i).map(|l| l.2));
+        let cpu = paired(variant, &|v, round| {
+            rows.iter().find(|r| r.0 == v && r.4 == round).map(|r| r.1)
+        });
+        let p99 = paired(variant, &|v, round| {
+            latencies
+                .iter()
+                .find(|l| l.0 == v && l.3 == round)
+                .map(|l| l.2)
+        });
         println!(
             "{variant}, paired by round (median of the per-round differences to plain): {cpu:+.1} µs/request, p99 at 1,000 req/s {p99:+.3} ms"
         );
