@@ -104,11 +104,18 @@ impl MemoKey {
 }
 
 /// The memo's hash of a request: the fields it holds, each hashed a word at a time
-/// ([`crate::config::bytes_hash`], which takes each field's length in) and combined.
-/// Collisions only cost a comparison.
+/// ([`crate::config::bytes_hash`], which takes each field's length in) and combined,
+/// starting from a random seed drawn once per process (per VM in Envoy). Collisions only
+/// cost a comparison; the seed keeps a client from forging many requests (domains, paths)
+/// with one hash to make every memo lookup of the worker scan a long bucket.
 fn memo_hash(facts: &RequestFacts<'_>, reads: &Reads) -> u64 {
     use crate::config::{bytes_hash, hash_mix};
-    let mut hash: u64 = 0;
+    static SEED: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    let seed = *SEED.get_or_init(|| {
+        use std::hash::BuildHasher;
+        std::collections::hash_map::RandomState::new().hash_one(0u64)
+    });
+    let mut hash: u64 = seed;
     let mut eat = |field: &str| hash = hash_mix(hash, bytes_hash(field.as_bytes()));
     eat(&facts.fingerprint);
     eat(&facts.domain);
