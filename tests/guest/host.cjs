@@ -1,7 +1,7 @@
 // The filter module's guest work per request, in Node's V8 with TurboFan only (as Envoy
 // runs it: `node --no-liftoff --no-wasm-lazy-compilation`), under a minimal proxy-wasm
 // host written here. `cargo xtask bench --only filter` runs it on every module it
-// measures in Envoy; see BENCHMARKS.md ("Guest time per request").
+// measures in Envoy; see BENCHMARKS.md ("Ninth session").
 //
 //   node --no-liftoff --no-wasm-lazy-compilation tests/guest/host.cjs \
 //     <module.wasm> <plugin-configuration.json> <agent fingerprint> <requests>

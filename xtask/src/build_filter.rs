@@ -54,15 +54,15 @@ pub fn build_filter_stage(stage: &str) -> Result<PathBuf> {
 
 /// The real module with its function names kept (`chronoguard-names.wasm`), for
 /// profiles: `node --perf-basic-prof` then names the guest's functions in `perf report`
-/// (BENCHMARKS.md, "Guest time per request"). Not for Envoy: twice the size.
+/// (BENCHMARKS.md, "Ninth session"). Not for Envoy: the names add 15% to the module.
 pub fn build_filter_named() -> Result<PathBuf> {
     build(None, true)
 }
 
 fn build(stage: Option<&str>, names: bool) -> Result<PathBuf> {
-    // The `wasm` profile (release, opt-level "s") and `wasm-opt -Oz`: the same request
-    // CPU as -O3 here, 18% smaller, and Envoy's V8 compiles the module faster at start
-    // (BENCHMARKS.md).
+    // The `wasm` profile (release, opt-level "s", the request path's own crates at 2; see
+    // the workspace Cargo.toml) and `wasm-opt -Oz`: Envoy's V8 compiles the whole module
+    // when a worker starts, so size counts (BENCHMARKS.md).
     println!(
         "==> building filter-wasm (profile wasm, wasm32-wasip1{})",
         stage.map(|s| format!(", stage {s}")).unwrap_or_default()

@@ -176,8 +176,7 @@ impl Batch {
         let records: usize = self.entries.iter().map(Vec::len).sum();
         let mut body = Vec::with_capacity(records + self.entries.len() + 96);
         body.extend_from_slice(b"{\"batch_id\":");
-        // A string always serialises.
-        let _ = serde_json::to_writer(&mut body, &self.batch_id);
+        json_str(&mut body, &self.batch_id);
         body.extend_from_slice(b",\"entries\":[");
         for (i, entry) in self.entries.iter().enumerate() {
             if i > 0 {

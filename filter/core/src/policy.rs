@@ -92,7 +92,10 @@ impl MemoKey {
     /// Compares without allocating.
     fn matches(&self, facts: &RequestFacts<'_>, reads: &Reads) -> bool {
         let same = |read: bool, stored: &Option<String>, value: &str| {
-            !read || stored.as_deref() == Some(value)
+            !read
+                || stored
+                    .as_ref()
+                    .is_some_and(|s| same_bytes(s.as_bytes(), value.as_bytes()))
         };
         same_bytes(self.fingerprint.as_bytes(), facts.fingerprint.as_bytes())
             && same_bytes(self.domain.as_bytes(), facts.domain.as_bytes())

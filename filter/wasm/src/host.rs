@@ -64,14 +64,33 @@ pub fn request_header_map() -> HeaderMap {
     let mut data: *mut u8 = std::ptr::null_mut();
     let mut size: usize = 0;
     // SAFETY: the host writes a buffer it allocated through this module's
-    // `proxy_on_memory_allocate` (a `Vec<u8>` of capacity `size`, forgotten), or nothing.
-    let status =
-        unsafe { proxy_get_header_map_pairs(MapType::HttpRequestHeaders, &mut data, &mut size) };
+    // `proxy_on_memory_allocate` (a `Vec<u8>` of capacity `size`, forgotten), or nothing;
+    // `host_buffer` takes it back.
+    let map = unsafe {
+        let status = proxy_get_header_map_pairs(MapType::HttpRequestHeaders, &mut data, &mut size);
+        host_buffer(status, data, size)
+    };
+    HeaderMap(map.unwrap_or_default())
+}
+
+/// The buffer a host call returned, taken back so it is freed when dropped; `None` when
+/// the call failed or returned nothing.
+///
+/// # Safety
+/// With `status` Ok and `data` not null, `data` must be a buffer of `size` bytes the host
+/// allocated through this module's `proxy_on_memory_allocate` (a `Vec<u8>` of capacity
+/// `size`, forgotten) and handed over.
+#[allow(unsafe_code)]
+unsafe fn host_buffer(
+    status: proxy_wasm::types::Status,
+    data: *mut u8,
+    size: usize,
+) -> Option<Vec<u8>> {
     if status != proxy_wasm::types::Status::Ok || data.is_null() {
-        return HeaderMap(Vec::new());
+        return None;
     }
-    // SAFETY: as above; the Vec takes the buffer back and frees it when dropped.
-    HeaderMap(unsafe { Vec::from_raw_parts(data, size, size) })
+    // SAFETY: the caller's contract.
+    Some(unsafe { Vec::from_raw_parts(data, size, size) })
 }
 
 /// Reads the proxy-wasm serialized header map (`u32` count, `count` pairs of `u32`
@@ -124,12 +143,10 @@ pub fn connection_id() -> Option<u64> {
     let mut size: usize = 0;
     // SAFETY: `PATH` outlives the call; the host writes a buffer it allocated through
     // this module's `proxy_on_memory_allocate`, or nothing.
-    let status = unsafe { proxy_get_property(PATH.as_ptr(), PATH.len(), &mut data, &mut size) };
-    if status != proxy_wasm::types::Status::Ok || data.is_null() {
-        return None;
-    }
-    // SAFETY: as above; the Vec takes the buffer back and frees it when dropped.
-    let bytes = unsafe { Vec::from_raw_parts(data, size, size) };
+    let bytes = unsafe {
+        let status = proxy_get_property(PATH.as_ptr(), PATH.len(), &mut data, &mut size);
+        host_buffer(status, data, size)
+    }?;
     Some(u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?))
 }
 
