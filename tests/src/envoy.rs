@@ -6,6 +6,8 @@ use std::process::Command;
 
 pub struct Envoy {
     pub listen_port: u16,
+    /// The port of the listener without the filter (`EnvoyConfig::plain_twin`).
+    pub twin_port: Option<u16>,
     pub admin_port: u16,
     pub node_id: String,
     pub log: PathBuf,
@@ -29,6 +31,9 @@ pub struct EnvoyConfig<'a> {
     pub dir: &'a Path,
     /// Drop the ChronoGuard filter from the bootstrap (benchmark baseline only).
     pub without_filter: bool,
+    /// Add a second listener, the gateway listener's twin without the ChronoGuard filter
+    /// (benchmark only: requests to both, interleaved, meet the machine in the same state).
+    pub plain_twin: bool,
 }
 
 /// The Envoy binary: `CHRONOGUARD_ENVOY`, or the one `cargo xtask setup` installs.
@@ -50,6 +55,7 @@ pub fn render(
     config: &EnvoyConfig<'_>,
     listen_port: u16,
     admin_port: u16,
+    twin_port: Option<u16>,
 ) -> anyhow::Result<String> {
     let template =
         std::fs::read_to_string(crate::workspace_root().join("envoy-config/envoy.yaml.tmpl"))?;
@@ -80,14 +86,48 @@ pub fn render(
         "unfilled placeholder in the envoy template"
     );
     if config.without_filter {
-        let start = out.find("          - name: chronoguard\n");
-        let end = out.find("          - name: envoy.filters.http.router\n");
-        match (start, end) {
-            (Some(start), Some(end)) if start < end => out.replace_range(start..end, ""),
-            _ => anyhow::bail!("cannot find the chronoguard filter in the envoy template"),
-        }
+        out = without_chronoguard(&out)?;
+    }
+    if let Some(twin_port) = twin_port {
+        let (Some(start), Some(end)) = (out.find(LISTENER), out.find(CLUSTERS)) else {
+            anyhow::bail!("cannot find the gateway listener in the envoy template");
+        };
+        let listener = &out[start..end];
+        let mut twin = if config.without_filter {
+            listener.to_owned()
+        } else {
+            without_chronoguard(listener)?
+        };
+        twin = twin
+            .replacen(LISTENER, "  - name: egress_mtls_plain\n", 1)
+            .replacen("stat_prefix: egress\n", "stat_prefix: egress_plain\n", 1);
+        let port = format!("port_value: {listen_port} ");
+        anyhow::ensure!(
+            twin.contains(&port),
+            "no listener port in the envoy template"
+        );
+        twin = twin.replacen(&port, &format!("port_value: {twin_port} "), 1);
+        out.insert_str(end, &twin);
     }
     Ok(out)
+}
+
+/// Where the gateway listener starts and where the listeners end in the template.
+const LISTENER: &str = "  - name: egress_mtls\n";
+const CLUSTERS: &str = "\n  clusters:\n";
+
+/// The bootstrap (or listener) `yaml` without the ChronoGuard HTTP filter.
+fn without_chronoguard(yaml: &str) -> anyhow::Result<String> {
+    let start = yaml.find("          - name: chronoguard\n");
+    let end = yaml.find("          - name: envoy.filters.http.router\n");
+    match (start, end) {
+        (Some(start), Some(end)) if start < end => {
+            let mut out = yaml.to_owned();
+            out.replace_range(start..end, "");
+            Ok(out)
+        }
+        _ => anyhow::bail!("cannot find the chronoguard filter in the envoy template"),
+    }
 }
 
 /// What Envoy logs when a port it was given was taken in the meantime.
@@ -112,8 +152,12 @@ impl Envoy {
 
     async fn start_once(config: &EnvoyConfig<'_>) -> anyhow::Result<Self> {
         let (listen_port, admin_port) = (crate::free_port(), crate::free_port());
+        let twin_port = config.plain_twin.then(crate::free_port);
         let bootstrap = config.dir.join(format!("envoy-{}.yaml", config.node_id));
-        std::fs::write(&bootstrap, render(config, listen_port, admin_port)?)?;
+        std::fs::write(
+            &bootstrap,
+            render(config, listen_port, admin_port, twin_port)?,
+        )?;
         let log = config.dir.join(format!("envoy-{}.log", config.node_id));
         let binary = binary();
         anyhow::ensure!(
@@ -129,6 +173,7 @@ impl Envoy {
         let process = Process::spawn("envoy", cmd, &log)?;
         let envoy = Self {
             listen_port,
+            twin_port,
             admin_port,
             node_id: config.node_id.to_owned(),
             log,
@@ -170,6 +215,12 @@ impl Envoy {
         format!("https://127.0.0.1:{}{path}", self.listen_port)
     }
 
+    /// The URL for `path` on the listener without the filter (`EnvoyConfig::plain_twin`).
+    pub fn twin_url(&self, path: &str) -> Option<String> {
+        let port = self.twin_port?;
+        Some(format!("https://127.0.0.1:{port}{path}"))
+    }
+
     /// One stat's value from `/stats?filter=`.
     pub async fn stat(&self, name: &str) -> anyhow::Result<Option<String>> {
         let body = crate::client::plain_client()?
@@ -202,4 +253,48 @@ fn regex_escape(s: &str) -> String {
             }
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(without_filter: bool, plain_twin: bool) -> EnvoyConfig<'static> {
+        EnvoyConfig {
+            node_id: "n",
+            fleet: "f",
+            cp_grpc_port: 1,
+            cp_http_port: 2,
+            upstream_port: 3,
+            ca: Path::new("ca.pem"),
+            server_cert: Path::new("server.pem"),
+            server_key: Path::new("server.key"),
+            wasm: Path::new("filter.wasm"),
+            initial_fetch_timeout: "1s",
+            concurrency: 1,
+            dir: Path::new("."),
+            without_filter,
+            plain_twin,
+        }
+    }
+
+    #[test]
+    fn the_twin_listener_is_the_gateway_listener_without_the_filter() -> anyhow::Result<()> {
+        for without_filter in [false, true] {
+            let yaml = render(&config(without_filter, true), 10001, 10002, Some(10003))?;
+            let (listeners, _) = yaml.split_once(CLUSTERS).unwrap_or_default();
+            let (gateway, twin) = listeners
+                .split_once("  - name: egress_mtls_plain\n")
+                .unwrap_or_default();
+            assert!(gateway.contains("port_value: 10001 "), "{yaml}");
+            assert_eq!(gateway.contains("- name: chronoguard\n"), !without_filter);
+            assert!(twin.contains("port_value: 10003 "), "{yaml}");
+            assert!(twin.contains("stat_prefix: egress_plain\n"), "{yaml}");
+            assert!(twin.contains("require_client_certificate: true"), "{yaml}");
+            assert!(!twin.contains("- name: chronoguard\n"), "{yaml}");
+        }
+        let single = render(&config(false, false), 10001, 10002, None)?;
+        assert!(!single.contains("egress_mtls_plain"));
+        Ok(())
+    }
 }

@@ -49,6 +49,7 @@ pub struct Stack {
     envoy_concurrency: u32,
     envoy_fetch_timeout: &'static str,
     plain_envoy: bool,
+    plain_twin: bool,
     audit_port: Option<u16>,
     _postgres: Arc<Postgres>,
     _redis: Arc<Redis>,
@@ -95,6 +96,7 @@ impl Stack {
             concurrency: options.concurrency,
             dir: &dir,
             without_filter: false,
+            plain_twin: false,
         })
         .await
         .context("starting envoy")?;
@@ -112,6 +114,7 @@ impl Stack {
             envoy_concurrency: options.concurrency,
             envoy_fetch_timeout: options.initial_fetch_timeout,
             plain_envoy: false,
+            plain_twin: false,
             audit_port: None,
             _postgres: postgres,
             _redis: redis,
@@ -126,6 +129,7 @@ impl Stack {
         let envoy = Envoy::start(EnvoyConfig {
             cp_http_port: self.audit_port.unwrap_or(self.control_plane.http_port),
             without_filter: self.plain_envoy,
+            plain_twin: self.plain_twin,
             ..self.envoy_config("gateway-1", FLEET)
         })
         .await?;
@@ -150,6 +154,7 @@ impl Stack {
             concurrency: self.envoy_concurrency,
             dir: &self.dir,
             without_filter: false,
+            plain_twin: false,
         }
     }
 
@@ -166,6 +171,12 @@ impl Stack {
     /// benchmark's baseline).
     pub fn set_plain_envoy(&mut self, plain: bool) {
         self.plain_envoy = plain;
+    }
+
+    /// Whether [`Stack::restart_envoy`] adds a twin of the gateway listener without the
+    /// filter ([`crate::envoy::EnvoyConfig::plain_twin`]; benchmark only).
+    pub fn set_plain_twin(&mut self, twin: bool) {
+        self.plain_twin = twin;
     }
 
     /// Sends an admin request; fails unless the status is 2xx. Returns the JSON body.

@@ -36,6 +36,7 @@ async fn envoy_without_control_plane_fails_closed() {
         concurrency: 2,
         dir: &dir,
         without_filter: false,
+        plain_twin: false,
     })
     .await
     .unwrap();

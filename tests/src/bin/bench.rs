@@ -124,6 +124,10 @@ async fn main() -> anyhow::Result<()> {
     let mut rows: Vec<Row> = Vec::new();
     // Variant, p50, p99, round.
     let mut latencies: Vec<(String, f64, f64, usize)> = Vec::new();
+    // Variant, round, (p50, p99, max) of the gateway listener and of its twin without
+    // the filter, measured interleaved in one window.
+    type Percentiles = (f64, f64, f64);
+    let mut twins: Vec<(String, usize, Percentiles, Percentiles)> = Vec::new();
     let variants: Vec<(String, Option<&std::path::Path>)> =
         std::iter::once(("plain".to_owned(), None))
             .chain(filters.iter().map(|(n, p)| (n.clone(), Some(p.as_path()))))
@@ -196,6 +200,13 @@ async fn main() -> anyhow::Result<()> {
                 "round {round} {variant}: at 1,000 req/s (open loop) p50 {p50:.3} ms, p99 {p99:.3} ms"
             );
             latencies.push((variant.to_owned(), p50, p99, round));
+            let [gateway, twin] =
+                interleaved(&stack, &client, Duration::from_secs(args.latency_seconds)).await?;
+            println!(
+                "round {round} {variant}: interleaved with the twin listener without the filter, 1,000 req/s each: p50 {:.3} / {:.3} ms, p99 {:.3} / {:.3} ms, max {:.3} / {:.3} ms (gateway / twin)",
+                gateway.0, twin.0, gateway.1, twin.1, gateway.2, twin.2
+            );
+            twins.push((variant.to_owned(), round, gateway, twin));
             if variant == "chronoguard" && round == 0 {
                 let stats = stack
                     .http
@@ -280,6 +291,32 @@ async fn main() -> anyhow::Result<()> {
         });
         println!(
             "{variant}, paired by round (median of the per-round differences to plain): {cpu:+.1} µs/request, p99 at 1,000 req/s {p99:+.3} ms"
+        );
+    }
+    // The same latency, interleaved: the gateway listener against its twin without the
+    // filter in the same window (for plain Envoy both are without it: the method's own
+    // error).
+    println!(
+        "\nlatency at 1,000 req/s, interleaved with the twin listener without the filter (1,000 req/s each, {} s per round); the gateway listener minus the twin, per round, and the median:",
+        args.latency_seconds
+    );
+    for (variant, _) in &variants {
+        let mut p50: Vec<f64> = Vec::new();
+        let mut p99: Vec<f64> = Vec::new();
+        for (_, _, gateway, twin) in twins.iter().filter(|t| &t.0 == variant) {
+            p50.push(gateway.0 - twin.0);
+            p99.push(gateway.1 - twin.1);
+        }
+        let rounds: Vec<String> = p99.iter().map(|d| format!("{d:+.3}")).collect();
+        let median = |v: &mut Vec<f64>| {
+            v.sort_by(|a, b| a.total_cmp(b));
+            v.get(v.len() / 2).copied().unwrap_or(0.0)
+        };
+        println!(
+            "  {variant}: p99 added per round {} ms; median p50 added {:+.3} ms, p99 added {:+.3} ms",
+            rounds.join(", "),
+            median(&mut p50),
+            median(&mut p99),
         );
     }
     let wasm = std::fs::metadata(integration_tests::envoy::wasm())?.len();
@@ -982,6 +1019,7 @@ async fn seed(
 /// Restarts Envoy, with or without the ChronoGuard filter.
 async fn restart(stack: &mut Stack, plain: bool) -> anyhow::Result<Duration> {
     stack.set_plain_envoy(plain);
+    stack.set_plain_twin(true);
     stack.set_audit_port(Some(stack.upstream.port));
     // Envoy inherits this process's CPU affinity. It starts with both CPUs, as a gateway
     // starts with all of its machine's (V8 compiles the module on its background
@@ -1079,13 +1117,82 @@ async fn open_loop_samples(
             .collect();
         std::fs::write(path, lines)?;
     }
-    let mut samples: Vec<Duration> = timed.into_iter().map(|(_, latency)| latency).collect();
+    Ok(percentiles(
+        timed.into_iter().map(|(_, latency)| latency).collect(),
+    ))
+}
+
+/// p50, p99 and max of `samples`, in milliseconds.
+fn percentiles(mut samples: Vec<Duration>) -> (f64, f64, f64) {
     samples.sort();
     let at = |p: f64| {
         let i = ((samples.len() as f64 - 1.0) * p).round() as usize;
         samples.get(i).copied().unwrap_or_default().as_secs_f64() * 1e3
     };
-    Ok((at(0.5), at(0.99), at(1.0)))
+    (at(0.5), at(0.99), at(1.0))
+}
+
+/// Open-loop load at 1,000 req/s on the gateway listener and, half a period later each
+/// time, at 1,000 req/s on its twin without the filter (`EnvoyConfig::plain_twin`, the
+/// same TLS, route and upstream), for `duration`. Both streams meet the machine in the
+/// same state: the difference of their percentiles is what the filter adds, free of the
+/// machine's drift between windows measured minutes apart. Returns (p50, p99, max) in
+/// milliseconds, the gateway listener's first.
+async fn interleaved(
+    stack: &Stack,
+    client: &reqwest::Client,
+    duration: Duration,
+) -> anyhow::Result<[(f64, f64, f64); 2]> {
+    let urls = [
+        stack.envoy.url("/v1/objects/abc"),
+        stack
+            .envoy
+            .twin_url("/v1/objects/abc")
+            .ok_or_else(|| anyhow::anyhow!("Envoy has no twin listener"))?,
+    ];
+    // Tokio's timers tick in whole milliseconds: a 0.5 ms interval would send the two
+    // requests as a pair, one queued behind the other. A thread paces them instead.
+    let (pace, mut due) = tokio::sync::mpsc::unbounded_channel::<u64>();
+    let pacer = std::thread::spawn(move || {
+        let started = Instant::now();
+        for i in 0u64.. {
+            let at = started + Duration::from_micros(500 * i);
+            if at > started + duration {
+                break;
+            }
+            if let Some(wait) = at.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
+            if pace.send(i).is_err() {
+                break;
+            }
+        }
+    });
+    let mut tasks = Vec::new();
+    while let Some(i) = due.recv().await {
+        let listener = (i % 2) as usize;
+        let request = client
+            .get(&urls[listener])
+            .header("host", mixed_host(i / 2))
+            .send();
+        tasks.push(tokio::spawn(async move {
+            let sent = Instant::now();
+            let ok = match request.await {
+                Ok(r) => r.bytes().await.is_ok(),
+                Err(_) => false,
+            };
+            ok.then(|| (listener, sent.elapsed()))
+        }));
+    }
+    let _ = pacer.join();
+    let mut samples = [Vec::new(), Vec::new()];
+    for task in tasks {
+        if let Ok(Some((listener, latency))) = task.await {
+            samples[listener].push(latency);
+        }
+    }
+    let [gateway, twin] = samples;
+    Ok([percentiles(gateway), percentiles(twin)])
 }
 
 /// Closed-loop load over `connections` keep-alive connections for `duration`.
