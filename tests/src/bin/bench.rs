@@ -128,6 +128,8 @@ async fn main() -> anyhow::Result<()> {
     // the filter, measured interleaved in one window.
     type Percentiles = (f64, f64, f64);
     let mut twins: Vec<(String, usize, Percentiles, Percentiles)> = Vec::new();
+    // Variant, CPU per request on the gateway listener minus on its twin, same process.
+    let mut same_process: Vec<(String, f64)> = Vec::new();
     let variants: Vec<(String, Option<&std::path::Path>)> =
         std::iter::once(("plain".to_owned(), None))
             .chain(filters.iter().map(|(n, p)| (n.clone(), Some(p.as_path()))))
@@ -207,6 +209,12 @@ async fn main() -> anyhow::Result<()> {
                 gateway.0, twin.0, gateway.1, twin.1, gateway.2, twin.2
             );
             twins.push((variant.to_owned(), round, gateway, twin));
+            let [gateway, twin] = cpu_against_twin(&stack, &client, args.connections, 3, 2).await?;
+            println!(
+                "round {round} {variant}: in the same Envoy, 3 × 2 s per listener in turns: {gateway:.1} µs Envoy CPU/request on the gateway listener, {twin:.1} on the twin without the filter ({:+.1})",
+                gateway - twin
+            );
+            same_process.push((variant.to_owned(), gateway - twin));
             if variant == "chronoguard" && round == 0 {
                 let stats = stack
                     .http
@@ -224,21 +232,25 @@ async fn main() -> anyhow::Result<()> {
             }
         }
     }
-    let median = |variant: &str, f: &dyn Fn(&Row) -> f64| {
-        let mut v: Vec<f64> = rows.iter().filter(|r| r.0 == variant).map(f).collect();
-        v.sort_by(|a, b| a.total_cmp(b));
-        v.get(v.len() / 2).copied().unwrap_or(0.0)
+    let row_median = |variant: &str, f: &dyn Fn(&Row) -> f64| {
+        median(
+            &rows
+                .iter()
+                .filter(|r| r.0 == variant)
+                .map(f)
+                .collect::<Vec<_>>(),
+        )
     };
     let latency = |variant: &str, pick: fn(&(String, f64, f64, usize)) -> f64| {
-        let mut v: Vec<f64> = latencies
-            .iter()
-            .filter(|l| l.0 == variant)
-            .map(pick)
-            .collect();
-        v.sort_by(|a, b| a.total_cmp(b));
-        v.get(v.len() / 2).copied().unwrap_or(0.0)
+        median(
+            &latencies
+                .iter()
+                .filter(|l| l.0 == variant)
+                .map(pick)
+                .collect::<Vec<_>>(),
+        )
     };
-    let (pc, pr) = (median("plain", &|r| r.1), median("plain", &|r| r.2));
+    let (pc, pr) = (row_median("plain", &|r| r.1), row_median("plain", &|r| r.2));
     let (p50, p99) = (latency("plain", |l| l.1), latency("plain", |l| l.2));
     println!(
         "\n| variant | Envoy CPU µs/req | added | of which this stage | req/s (1 worker, {} conns) | vs plain | start-to-ready | p50 / p99 at 1,000 req/s |",
@@ -247,8 +259,8 @@ async fn main() -> anyhow::Result<()> {
     println!("|---|---|---|---|---|---|---|---|");
     let mut previous = pc;
     for (variant, _) in &variants {
-        let (c, r) = (median(variant, &|r| r.1), median(variant, &|r| r.2));
-        let s = median(variant, &|r| r.3.as_secs_f64());
+        let (c, r) = (row_median(variant, &|r| r.1), row_median(variant, &|r| r.2));
+        let s = row_median(variant, &|r| r.3.as_secs_f64());
         let (l50, l99) = (latency(variant, |l| l.1), latency(variant, |l| l.2));
         let added = if variant == "plain" {
             "—".to_owned()
@@ -273,11 +285,10 @@ async fn main() -> anyhow::Result<()> {
     // minutes apart in the same round): steadier than the difference of medians when the
     // machine's speed drifts between rounds.
     let paired = |variant: &str, value: &dyn Fn(&str, usize) -> Option<f64>| {
-        let mut d: Vec<f64> = (0..args.rounds)
+        let d: Vec<f64> = (0..args.rounds)
             .filter_map(|round| Some(value(variant, round)? - value("plain", round)?))
             .collect();
-        d.sort_by(|a, b| a.total_cmp(b));
-        d.get(d.len() / 2).copied().unwrap_or(0.0)
+        median(&d)
     };
     for (variant, _) in variants.iter().filter(|(n, _)| n != "plain") {
         let cpu = paired(variant, &|v, round| {
@@ -301,22 +312,33 @@ async fn main() -> anyhow::Result<()> {
         args.latency_seconds
     );
     for (variant, _) in &variants {
-        let mut p50: Vec<f64> = Vec::new();
-        let mut p99: Vec<f64> = Vec::new();
+        let (mut p50, mut p99) = (Vec::new(), Vec::new());
         for (_, _, gateway, twin) in twins.iter().filter(|t| &t.0 == variant) {
             p50.push(gateway.0 - twin.0);
             p99.push(gateway.1 - twin.1);
         }
         let rounds: Vec<String> = p99.iter().map(|d| format!("{d:+.3}")).collect();
-        let median = |v: &mut Vec<f64>| {
-            v.sort_by(|a, b| a.total_cmp(b));
-            v.get(v.len() / 2).copied().unwrap_or(0.0)
-        };
         println!(
             "  {variant}: p99 added per round {} ms; median p50 added {:+.3} ms, p99 added {:+.3} ms",
             rounds.join(", "),
-            median(&mut p50),
-            median(&mut p99),
+            median(&p50),
+            median(&p99),
+        );
+    }
+    println!(
+        "\nEnvoy CPU per request added, measured in one Envoy process against the twin listener without the filter (per round, and the median; plain Envoy: the method's own error):"
+    );
+    for (variant, _) in &variants {
+        let added: Vec<f64> = same_process
+            .iter()
+            .filter(|s| &s.0 == variant)
+            .map(|s| s.1)
+            .collect();
+        let rounds: Vec<String> = added.iter().map(|d| format!("{d:+.1}")).collect();
+        println!(
+            "  {variant}: {} µs; median {:+.1} µs",
+            rounds.join(", "),
+            median(&added)
         );
     }
     let wasm = std::fs::metadata(integration_tests::envoy::wasm())?.len();
@@ -406,11 +428,6 @@ async fn guest_times(
         }
     }
     let _ = std::fs::remove_file(&config);
-    let median = |v: &[f64]| {
-        let mut v = v.to_vec();
-        v.sort_by(|a, b| a.total_cmp(b));
-        v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
-    };
     let Some((first, first_us)) = times
         .first()
         .map(|(name, us, _)| (name.clone(), median(us)))
@@ -1122,6 +1139,13 @@ async fn open_loop_samples(
     ))
 }
 
+/// The median of `values` (the upper one of an even count; NaN for none).
+fn median(values: &[f64]) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
 /// p50, p99 and max of `samples`, in milliseconds.
 fn percentiles(mut samples: Vec<Duration>) -> (f64, f64, f64) {
     samples.sort();
@@ -1202,9 +1226,25 @@ async fn load(
     connections: usize,
     duration: Duration,
 ) -> (u64, u64, Duration) {
+    load_url(
+        &stack.envoy.url("/v1/objects/abc"),
+        client,
+        connections,
+        duration,
+    )
+    .await
+}
+
+/// [`load`] on `url`.
+async fn load_url(
+    url: &str,
+    client: &reqwest::Client,
+    connections: usize,
+    duration: Duration,
+) -> (u64, u64, Duration) {
     let done = Arc::new(AtomicBool::new(false));
     let (ok, errors) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-    let url = stack.envoy.url("/v1/objects/abc");
+    let url = url.to_owned();
     let started = Instant::now();
     let mut tasks = Vec::new();
     for c in 0..connections {
@@ -1241,6 +1281,45 @@ async fn load(
         errors.load(Ordering::Relaxed),
         started.elapsed(),
     )
+}
+
+/// Envoy CPU per request on the gateway listener and on its twin without the filter
+/// (`EnvoyConfig::plain_twin`), in one Envoy process: `windows` pairs of closed-loop
+/// windows of `seconds`, the two listeners in turns (the first alternating), summed per
+/// listener. Against plain Envoy measured in its own process, this leaves out what
+/// differs between Envoy starts (where V8 and the allocator place things) and the drift
+/// of the machine between windows minutes apart.
+async fn cpu_against_twin(
+    stack: &Stack,
+    client: &reqwest::Client,
+    connections: usize,
+    windows: usize,
+    seconds: u64,
+) -> anyhow::Result<[f64; 2]> {
+    let urls = [
+        stack.envoy.url("/v1/objects/abc"),
+        stack
+            .envoy
+            .twin_url("/v1/objects/abc")
+            .ok_or_else(|| anyhow::anyhow!("Envoy has no twin listener"))?,
+    ];
+    // Warm the twin's connections as the rounds warm the gateway's.
+    load_url(&urls[1], client, connections, Duration::from_secs(1)).await;
+    let (mut ticks, mut requests) = ([0u64; 2], [0u64; 2]);
+    for window in 0..windows * 2 {
+        let listener = (window + window / 2) % 2;
+        let before = cpu_ticks(stack.envoy.pid())?;
+        let (served, _, _) = load_url(
+            &urls[listener],
+            client,
+            connections,
+            Duration::from_secs(seconds),
+        )
+        .await;
+        ticks[listener] += cpu_ticks(stack.envoy.pid())? - before;
+        requests[listener] += served;
+    }
+    Ok([0, 1].map(|l| ticks[l] as f64 * 1e6 / ticks_per_second() / requests[l].max(1) as f64))
 }
 
 /// The processes of the control plane, PostgreSQL and Redis.
