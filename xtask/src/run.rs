@@ -25,7 +25,7 @@ pub fn demo() -> Result<()> {
 
 /// The request-path stages priced one by one against plain Envoy (`--stages`; see
 /// `filter/wasm/src/http.rs`).
-const STAGES: &[&str] = &["noop", "facts", "decide", "limit", "audit"];
+const STAGES: &[&str] = &["noop", "facts", "decide", "limit", "audit", "header"];
 
 /// Runs the load benchmark, forwarding `args` to it (except `--only` and `--stages
 /// all|none|a,b`).

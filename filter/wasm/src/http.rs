@@ -32,7 +32,9 @@ enum Stage {
     Limit,
     /// + the audit record.
     Audit,
-    /// + the answer: decision-id headers, local replies for denials.
+    /// + the decision-id header on allowed requests (denials still go through).
+    Header,
+    /// + the local replies for denials: the whole filter.
     Full,
 }
 
@@ -47,8 +49,9 @@ const STAGE: Stage = match option_env!("CHRONOGUARD_FILTER_STAGE") {
         b"decide" => Stage::Decide,
         b"limit" => Stage::Limit,
         b"audit" => Stage::Audit,
+        b"header" => Stage::Header,
         b"full" => Stage::Full,
-        _ => panic!("CHRONOGUARD_FILTER_STAGE: noop, facts, decide, limit, audit or full"),
+        _ => panic!("CHRONOGUARD_FILTER_STAGE: noop, facts, decide, limit, audit, header or full"),
     },
 };
 
@@ -224,6 +227,8 @@ impl Request {
         if decision.allow {
             // Envoy's route copies it onto the response (`envoy-config/`).
             host::set_request_header(DECISION_ID_HEADER, &id);
+            Action::Continue
+        } else if STAGE == Stage::Header {
             Action::Continue
         } else {
             let body = decision.deny_body(&id, retry_after);

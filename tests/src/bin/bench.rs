@@ -128,12 +128,15 @@ async fn main() -> anyhow::Result<()> {
     // the filter, measured interleaved in one window.
     type Percentiles = (f64, f64, f64);
     let mut twins: Vec<(String, usize, Percentiles, Percentiles)> = Vec::new();
-    // Variant, CPU per request on the gateway listener minus on its twin, same process.
-    let mut same_process: Vec<(String, f64)> = Vec::new();
+    // Variant, CPU per request on the gateway listener minus on its twin, and the ratio
+    // of their throughputs, same process.
+    let mut same_process: Vec<(String, f64, f64)> = Vec::new();
     let variants: Vec<(String, Option<&std::path::Path>)> =
         std::iter::once(("plain".to_owned(), None))
             .chain(filters.iter().map(|(n, p)| (n.clone(), Some(p.as_path()))))
             .collect();
+    // The variant the running Envoy has.
+    let mut loaded = String::new();
     for round in 0..args.rounds {
         // Plain Envoy first, then the modules, in reverse order every other round: a drift
         // of the machine within a round then touches every module alike.
@@ -145,6 +148,7 @@ async fn main() -> anyhow::Result<()> {
         }
         for (variant, path) in order {
             let variant = variant.as_str();
+            loaded = variant.to_owned();
             if let Some(path) = path {
                 std::fs::copy(path, &module)?;
             }
@@ -209,12 +213,14 @@ async fn main() -> anyhow::Result<()> {
                 gateway.0, twin.0, gateway.1, twin.1, gateway.2, twin.2
             );
             twins.push((variant.to_owned(), round, gateway, twin));
-            let [gateway, twin] = cpu_against_twin(&stack, &client, args.connections, 3, 2).await?;
+            let [(gateway, gateway_rps), (twin, twin_rps)] =
+                cpu_against_twin(&stack, &client, args.connections, 3, 2).await?;
             println!(
-                "round {round} {variant}: in the same Envoy, 3 × 2 s per listener in turns: {gateway:.1} µs Envoy CPU/request on the gateway listener, {twin:.1} on the twin without the filter ({:+.1})",
-                gateway - twin
+                "round {round} {variant}: in the same Envoy, 3 × 2 s per listener in turns: {gateway:.1} µs Envoy CPU/request on the gateway listener, {twin:.1} on the twin without the filter ({:+.1}); {gateway_rps:.0} / {twin_rps:.0} req/s ({:.3}×)",
+                gateway - twin,
+                gateway_rps / twin_rps
             );
-            same_process.push((variant.to_owned(), gateway - twin));
+            same_process.push((variant.to_owned(), gateway - twin, gateway_rps / twin_rps));
             if variant == "chronoguard" && round == 0 {
                 let stats = stack
                     .http
@@ -334,11 +340,17 @@ async fn main() -> anyhow::Result<()> {
             .filter(|s| &s.0 == variant)
             .map(|s| s.1)
             .collect();
+        let ratio: Vec<f64> = same_process
+            .iter()
+            .filter(|s| &s.0 == variant)
+            .map(|s| s.2)
+            .collect();
         let rounds: Vec<String> = added.iter().map(|d| format!("{d:+.1}")).collect();
         println!(
-            "  {variant}: {} µs; median {:+.1} µs",
+            "  {variant}: {} µs; median {:+.1} µs; throughput against the twin, median {:.3}×",
             rounds.join(", "),
-            median(&added)
+            median(&added),
+            median(&ratio)
         );
     }
     let wasm = std::fs::metadata(integration_tests::envoy::wasm())?.len();
@@ -355,7 +367,9 @@ async fn main() -> anyhow::Result<()> {
         .filter(|(name, _)| !STAGES.contains(&name.as_str()))
         .collect();
     for (name, path) in &modules {
-        if modules.len() > 1 {
+        // Each module in a fresh Envoy when there are several; otherwise only if the
+        // last round left another variant (a stage, or plain Envoy) in place.
+        if modules.len() > 1 || loaded != *name {
             std::fs::copy(path, &module)?;
             restart(&mut stack, false).await?;
             let client = stack.agent_client(Some(&agent))?;
@@ -382,7 +396,7 @@ async fn main() -> anyhow::Result<()> {
 
 /// The request-path stages `cargo xtask bench` builds modules for (`--stages`); the other
 /// modules of a run are whole filters compared with this one (`--compare`).
-const STAGES: [&str; 5] = ["noop", "facts", "decide", "limit", "audit"];
+const STAGES: [&str; 6] = ["noop", "facts", "decide", "limit", "audit", "header"];
 
 /// Guest time per request of every module of the run, outside Envoy: Node's V8 with
 /// TurboFan only (as Envoy runs it) under the minimal proxy-wasm host of
@@ -1295,7 +1309,7 @@ async fn cpu_against_twin(
     connections: usize,
     windows: usize,
     seconds: u64,
-) -> anyhow::Result<[f64; 2]> {
+) -> anyhow::Result<[(f64, f64); 2]> {
     let urls = [
         stack.envoy.url("/v1/objects/abc"),
         stack
@@ -1305,11 +1319,11 @@ async fn cpu_against_twin(
     ];
     // Warm the twin's connections as the rounds warm the gateway's.
     load_url(&urls[1], client, connections, Duration::from_secs(1)).await;
-    let (mut ticks, mut requests) = ([0u64; 2], [0u64; 2]);
+    let (mut ticks, mut requests, mut elapsed) = ([0u64; 2], [0u64; 2], [Duration::ZERO; 2]);
     for window in 0..windows * 2 {
         let listener = (window + window / 2) % 2;
         let before = cpu_ticks(stack.envoy.pid())?;
-        let (served, _, _) = load_url(
+        let (served, _, took) = load_url(
             &urls[listener],
             client,
             connections,
@@ -1318,8 +1332,14 @@ async fn cpu_against_twin(
         .await;
         ticks[listener] += cpu_ticks(stack.envoy.pid())? - before;
         requests[listener] += served;
+        elapsed[listener] += took;
     }
-    Ok([0, 1].map(|l| ticks[l] as f64 * 1e6 / ticks_per_second() / requests[l].max(1) as f64))
+    Ok([0, 1].map(|l| {
+        (
+            ticks[l] as f64 * 1e6 / ticks_per_second() / requests[l].max(1) as f64,
+            requests[l] as f64 / elapsed[l].as_secs_f64().max(1e-9),
+        )
+    }))
 }
 
 /// The processes of the control plane, PostgreSQL and Redis.
