@@ -238,23 +238,10 @@ async fn main() -> anyhow::Result<()> {
             }
         }
     }
-    let row_median = |variant: &str, f: &dyn Fn(&Row) -> f64| {
-        median(
-            &rows
-                .iter()
-                .filter(|r| r.0 == variant)
-                .map(f)
-                .collect::<Vec<_>>(),
-        )
-    };
+    let row_median =
+        |variant: &str, f: &dyn Fn(&Row) -> f64| median_where(&rows, |r| r.0 == variant, f);
     let latency = |variant: &str, pick: fn(&(String, f64, f64, usize)) -> f64| {
-        median(
-            &latencies
-                .iter()
-                .filter(|l| l.0 == variant)
-                .map(pick)
-                .collect::<Vec<_>>(),
-        )
+        median_where(&latencies, |l| l.0 == variant, pick)
     };
     let (pc, pr) = (row_median("plain", &|r| r.1), row_median("plain", &|r| r.2));
     let (p50, p99) = (latency("plain", |l| l.1), latency("plain", |l| l.2));
@@ -335,22 +322,16 @@ async fn main() -> anyhow::Result<()> {
         "\nEnvoy CPU per request added, measured in one Envoy process against the twin listener without the filter (per round, and the median; plain Envoy: the method's own error):"
     );
     for (variant, _) in &variants {
-        let added: Vec<f64> = same_process
+        let rounds: Vec<String> = same_process
             .iter()
             .filter(|s| &s.0 == variant)
-            .map(|s| s.1)
+            .map(|s| format!("{:+.1}", s.1))
             .collect();
-        let ratio: Vec<f64> = same_process
-            .iter()
-            .filter(|s| &s.0 == variant)
-            .map(|s| s.2)
-            .collect();
-        let rounds: Vec<String> = added.iter().map(|d| format!("{d:+.1}")).collect();
         println!(
             "  {variant}: {} µs; median {:+.1} µs; throughput against the twin, median {:.3}×",
             rounds.join(", "),
-            median(&added),
-            median(&ratio)
+            median_where(&same_process, |s| &s.0 == variant, |s| s.1),
+            median_where(&same_process, |s| &s.0 == variant, |s| s.2)
         );
     }
     let wasm = std::fs::metadata(integration_tests::envoy::wasm())?.len();
@@ -1127,12 +1108,8 @@ async fn open_loop_samples(
         i += 1;
         let request = client.get(&url).header("host", host(i)).send();
         tasks.push(tokio::spawn(async move {
-            let sent = Instant::now();
-            let ok = match request.await {
-                Ok(r) => r.bytes().await.is_ok(),
-                Err(_) => false,
-            };
-            ok.then(|| (sent.duration_since(started), sent.elapsed()))
+            let (sent, latency) = timed(request).await?;
+            Some((sent.duration_since(started), latency))
         }));
     }
     let mut timed = Vec::with_capacity(tasks.len());
@@ -1158,6 +1135,30 @@ fn median(values: &[f64]) -> f64 {
     let mut v = values.to_vec();
     v.sort_by(|a, b| a.total_cmp(b));
     v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+/// The median of `value` over the `items` that `keep` selects.
+fn median_where<T>(items: &[T], keep: impl Fn(&T) -> bool, value: impl Fn(&T) -> f64) -> f64 {
+    median(
+        &items
+            .iter()
+            .filter(|i| keep(i))
+            .map(value)
+            .collect::<Vec<_>>(),
+    )
+}
+
+/// How long `request` took until its whole body arrived (`None` if it failed), and when
+/// it was sent.
+async fn timed(
+    request: impl std::future::Future<Output = reqwest::Result<reqwest::Response>>,
+) -> Option<(Instant, Duration)> {
+    let sent = Instant::now();
+    let ok = match request.await {
+        Ok(r) => r.bytes().await.is_ok(),
+        Err(_) => false,
+    };
+    ok.then(|| (sent, sent.elapsed()))
 }
 
 /// p50, p99 and max of `samples`, in milliseconds.
@@ -1214,12 +1215,7 @@ async fn interleaved(
             .header("host", mixed_host(i / 2))
             .send();
         tasks.push(tokio::spawn(async move {
-            let sent = Instant::now();
-            let ok = match request.await {
-                Ok(r) => r.bytes().await.is_ok(),
-                Err(_) => false,
-            };
-            ok.then(|| (listener, sent.elapsed()))
+            Some((listener, timed(request).await?.1))
         }));
     }
     let _ = pacer.join();
