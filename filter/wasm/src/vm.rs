@@ -28,7 +28,7 @@ pub struct Peer {
 }
 
 /// Peers by downstream connection id: a connection's peer never changes, so a request on
-/// a kept-alive connection reads one property (`connection.id`, unique per Envoy process)
+/// a kept-alive connection reads one property (`connection_id`, unique per Envoy process)
 /// instead of the digest and the address. Certificate subjects (only audited) are kept by
 /// digest, read once per certificate. Both are bounded: cleared when full.
 #[derive(Default)]
