@@ -302,15 +302,7 @@ async fn a_push_keeps_the_decisions_it_did_not_change() {
     )
     .await
     .unwrap();
-    // The filter hands its stats to Envoy on its tick (every 100 ms here).
-    let hits = || async {
-        tokio::time::sleep(Duration::from_millis(600)).await;
-        let hits = stack.envoy.stat("wasmcustom.chronoguard.memo_hits").await;
-        hits.unwrap()
-            .unwrap_or_default()
-            .parse::<u64>()
-            .unwrap_or(0)
-    };
+    let hits = || stat_after_tick(&stack, "wasmcustom.chronoguard.memo_hits");
     let before = hits().await;
     let (status, _, _) = send(&stack, &one, Method::GET, "a.example", "/").await;
     assert_eq!(status, 200);
@@ -329,6 +321,48 @@ async fn a_push_keeps_the_decisions_it_did_not_change() {
     let (status, _, _) = send(&stack, &two, Method::GET, "b.example", "/").await;
     assert_eq!(status, 200);
     assert_eq!(hits().await, before + 2, "and memoised again");
+}
+
+/// The filter reads a connection's peer (certificate digest, subject, address) from Envoy
+/// once and keeps it by connection id (`connection_id`): at most one read per connection,
+/// none for further requests on a kept-alive one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kept_alive_connection_reads_its_peer_once() {
+    // One worker, so every request meets the same VM and its cache.
+    let (stack, tenant) = stack_with_workers(1).await;
+    let policy = stack
+        .create_policy(&tenant, "p", &["a.example"], &[])
+        .await
+        .unwrap();
+    let one = agent(&stack, &tenant, "one", &policy).await;
+    let two = agent(&stack, &tenant, "two", &policy).await;
+    // Peers read by the filter, and connections the gateway listener accepted.
+    let counts = || async {
+        [
+            stat_after_tick(&stack, "wasmcustom.chronoguard.peer_reads").await,
+            stat_after_tick(&stack, "http.egress.downstream_cx_total").await,
+        ]
+    };
+    let [reads, connections] = counts().await;
+    let requests = 21;
+    for client in std::iter::repeat_n(&one, requests - 1).chain([&two]) {
+        let (status, _, _) = send(&stack, client, Method::GET, "a.example", "/").await;
+        assert_eq!(status, 200);
+    }
+    let [reads_after, connections_after] = counts().await;
+    let opened = connections_after - connections;
+    assert!(
+        (2..requests as u64).contains(&opened),
+        "the clients kept their connections alive: {opened} connections for {requests} requests"
+    );
+    // Each client's first request reads its peer; the rest read none. (The client may open
+    // a connection it never sends a request on: hence at most, not exactly, one per
+    // connection.)
+    let read = reads_after - reads;
+    assert!(
+        (2..=opened).contains(&read),
+        "{read} peer reads for {requests} requests on {opened} connections"
+    );
 }
 
 /// Envoy loads each configuration first in a fresh VM on its main thread (the canary),
@@ -424,6 +458,14 @@ fn validated_by_the_last_loads(stack: &Stack) -> (Vec<Counts>, Vec<Counts>) {
 }
 
 /// A stack whose Envoy runs `concurrency` workers, and a tenant on it.
+/// A counter of Envoy's (0 until defined), read after the filter's next tick: the filter
+/// hands its stats to Envoy on its tick (every 100 ms here).
+async fn stat_after_tick(stack: &Stack, name: &str) -> u64 {
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let value = stack.envoy.stat(name).await.unwrap();
+    value.unwrap_or_default().parse().unwrap_or(0)
+}
+
 async fn stack_with_workers(concurrency: u32) -> (Stack, String) {
     let stack = Stack::start(StackOptions {
         concurrency,

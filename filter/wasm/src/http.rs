@@ -190,7 +190,11 @@ impl Request {
         // All request headers in one host call; the peer (one property per request on a
         // kept-alive connection).
         let headers = host::request_header_map();
-        let peer = state.peers.peer();
+        let (peer, read) = state.peers.peer();
+        if read {
+            let metrics = &mut state.metrics;
+            metrics.add(metrics.peer_reads, 1);
+        }
         let facts = Self::facts(headers.request_headers(), &peer);
         if STAGE == Stage::Facts {
             return Action::Continue;

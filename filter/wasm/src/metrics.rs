@@ -16,6 +16,9 @@ pub struct Metrics {
     pub not_configured: Option<u32>,
     pub config_rejected: Option<u32>,
     pub memo_hits: Option<u32>,
+    /// Requests whose peer (certificate digest, subject, address) was read from Envoy's
+    /// properties rather than from the per-connection cache: about one per connection.
+    pub peer_reads: Option<u32>,
     pub rate_limit_errors: Option<u32>,
     pub audit_sent: Option<u32>,
     pub audit_dropped: Option<u32>,
@@ -42,6 +45,7 @@ impl Metrics {
             not_configured: counter("chronoguard.decisions_not_configured"),
             config_rejected: counter("chronoguard.config_rejected"),
             memo_hits: counter("chronoguard.memo_hits"),
+            peer_reads: counter("chronoguard.peer_reads"),
             rate_limit_errors: counter("chronoguard.rate_limit_errors"),
             audit_sent: counter("chronoguard.audit_sent"),
             audit_dropped: counter("chronoguard.audit_dropped"),

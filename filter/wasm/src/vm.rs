@@ -41,11 +41,12 @@ pub struct PeerCache {
 const PEER_CACHE_SIZE: usize = 4_096;
 
 impl PeerCache {
-    /// The peer of the connection the current request arrived on.
-    pub fn peer(&mut self) -> Rc<Peer> {
+    /// The peer of the connection the current request arrived on, and whether it was
+    /// read from Envoy (not cached for this connection).
+    pub fn peer(&mut self) -> (Rc<Peer>, bool) {
         let connection = host::connection_id();
         if let Some(peer) = connection.and_then(|id| self.by_connection.get(&id)) {
-            return Rc::clone(peer);
+            return (Rc::clone(peer), false);
         }
         let mut fingerprint =
             host::property(&["connection", "sha256_peer_certificate_digest"]).unwrap_or_default();
@@ -63,7 +64,7 @@ impl PeerCache {
             }
             self.by_connection.insert(id, Rc::clone(&peer));
         }
-        peer
+        (peer, true)
     }
 
     /// The subject of the peer certificate whose digest is `fingerprint` (empty without
