@@ -457,7 +457,6 @@ fn validated_by_the_last_loads(stack: &Stack) -> (Vec<Counts>, Vec<Counts>) {
     (validated(canary), validated(long_lived))
 }
 
-/// A stack whose Envoy runs `concurrency` workers, and a tenant on it.
 /// A counter of Envoy's (0 until defined), read after the filter's next tick: the filter
 /// hands its stats to Envoy on its tick (every 100 ms here).
 async fn stat_after_tick(stack: &Stack, name: &str) -> u64 {
@@ -466,6 +465,7 @@ async fn stat_after_tick(stack: &Stack, name: &str) -> u64 {
     value.unwrap_or_default().parse().unwrap_or(0)
 }
 
+/// A stack whose Envoy runs `concurrency` workers, and a tenant on it.
 async fn stack_with_workers(concurrency: u32) -> (Stack, String) {
     let stack = Stack::start(StackOptions {
         concurrency,

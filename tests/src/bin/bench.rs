@@ -1171,6 +1171,17 @@ fn percentiles(mut samples: Vec<Duration>) -> (f64, f64, f64) {
     (at(0.5), at(0.99), at(1.0))
 }
 
+/// The load's URL on the gateway listener and on its twin without the filter
+/// (`EnvoyConfig::plain_twin`); an error if this Envoy has no twin.
+fn listener_urls(stack: &Stack) -> anyhow::Result<[String; 2]> {
+    const PATH: &str = "/v1/objects/abc";
+    let twin = stack
+        .envoy
+        .twin_url(PATH)
+        .ok_or_else(|| anyhow::anyhow!("Envoy has no twin listener"))?;
+    Ok([stack.envoy.url(PATH), twin])
+}
+
 /// Open-loop load at 1,000 req/s on the gateway listener and, half a period later each
 /// time, at 1,000 req/s on its twin without the filter (`EnvoyConfig::plain_twin`, the
 /// same TLS, route and upstream), for `duration`. Both streams meet the machine in the
@@ -1182,13 +1193,7 @@ async fn interleaved(
     client: &reqwest::Client,
     duration: Duration,
 ) -> anyhow::Result<[(f64, f64, f64); 2]> {
-    let urls = [
-        stack.envoy.url("/v1/objects/abc"),
-        stack
-            .envoy
-            .twin_url("/v1/objects/abc")
-            .ok_or_else(|| anyhow::anyhow!("Envoy has no twin listener"))?,
-    ];
+    let urls = listener_urls(stack)?;
     // Tokio's timers tick in whole milliseconds: a 0.5 ms interval would send the two
     // requests as a pair, one queued behind the other. A thread paces them instead.
     let (pace, mut due) = tokio::sync::mpsc::unbounded_channel::<u64>();
@@ -1306,13 +1311,7 @@ async fn cpu_against_twin(
     windows: usize,
     seconds: u64,
 ) -> anyhow::Result<[(f64, f64); 2]> {
-    let urls = [
-        stack.envoy.url("/v1/objects/abc"),
-        stack
-            .envoy
-            .twin_url("/v1/objects/abc")
-            .ok_or_else(|| anyhow::anyhow!("Envoy has no twin listener"))?,
-    ];
+    let urls = listener_urls(stack)?;
     // Warm the twin's connections as the rounds warm the gateway's.
     load_url(&urls[1], client, connections, Duration::from_secs(1)).await;
     let (mut ticks, mut requests, mut elapsed) = ([0u64; 2], [0u64; 2], [Duration::ZERO; 2]);
