@@ -34,6 +34,9 @@ pub struct EnvoyConfig<'a> {
     /// Add a second listener, the gateway listener's twin without the ChronoGuard filter
     /// (benchmark only: requests to both, interleaved, meet the machine in the same state).
     pub plain_twin: bool,
+    /// A command Envoy runs under, e.g. `valgrind --tool=callgrind ...` (benchmark only;
+    /// empty: none). Envoy then gets ten minutes to become ready instead of 30 s.
+    pub wrapper: &'a [String],
 }
 
 /// The Envoy binary: `CHRONOGUARD_ENVOY`, or the one `cargo xtask setup` installs.
@@ -116,18 +119,28 @@ pub fn render(
 const LISTENER: &str = "  - name: egress_mtls\n";
 const CLUSTERS: &str = "\n  clusters:\n";
 
-/// The bootstrap (or listener) `yaml` without the ChronoGuard HTTP filter.
+/// The bootstrap (or listener) `yaml` without the ChronoGuard HTTP filter and without the
+/// route's decision-id headers it brings (so a plain baseline pays for neither).
 fn without_chronoguard(yaml: &str) -> anyhow::Result<String> {
-    let start = yaml.find("          - name: chronoguard\n");
-    let end = yaml.find("          - name: envoy.filters.http.router\n");
-    match (start, end) {
-        (Some(start), Some(end)) if start < end => {
-            let mut out = yaml.to_owned();
-            out.replace_range(start..end, "");
-            Ok(out)
+    let mut out = yaml.to_owned();
+    for (from, to, what) in [
+        (
+            "          - name: chronoguard\n",
+            "          - name: envoy.filters.http.router\n",
+            "filter",
+        ),
+        (
+            "              # ChronoGuard's decision id",
+            "          http_filters:\n",
+            "route's decision-id headers",
+        ),
+    ] {
+        match (out.find(from), out.find(to)) {
+            (Some(start), Some(end)) if start < end => out.replace_range(start..end, ""),
+            _ => anyhow::bail!("cannot find the chronoguard {what} in the envoy template"),
         }
-        _ => anyhow::bail!("cannot find the chronoguard filter in the envoy template"),
     }
+    Ok(out)
 }
 
 /// What Envoy logs when a port it was given was taken in the meantime.
@@ -165,7 +178,14 @@ impl Envoy {
             "{} not found: run `cargo xtask setup`",
             binary.display()
         );
-        let mut cmd = Command::new(binary);
+        let mut cmd = match config.wrapper.split_first() {
+            Some((program, args)) => {
+                let mut cmd = Command::new(program);
+                cmd.args(args).arg(binary);
+                cmd
+            }
+            None => Command::new(binary),
+        };
         cmd.arg("-c")
             .arg(&bootstrap)
             .args(["--concurrency", &config.concurrency.to_string()])
@@ -179,7 +199,8 @@ impl Envoy {
             log,
             process,
         };
-        if let Err(err) = envoy.wait_ready().await {
+        let ready_within = if config.wrapper.is_empty() { 30 } else { 600 };
+        if let Err(err) = envoy.wait_ready(ready_within).await {
             let text = std::fs::read_to_string(&envoy.log).unwrap_or_default();
             if text.contains(BIND_RACE) {
                 anyhow::bail!("{BIND_RACE} ({err})");
@@ -189,19 +210,23 @@ impl Envoy {
         Ok(envoy)
     }
 
-    pub async fn wait_ready(&self) -> anyhow::Result<()> {
+    async fn wait_ready(&self, seconds: u64) -> anyhow::Result<()> {
         let client = crate::client::plain_client()?;
         let url = self.admin("/ready");
-        crate::wait_for("envoy ready", std::time::Duration::from_secs(30), || {
-            let request = client.get(&url).send();
-            async move {
-                request
-                    .await
-                    .ok()
-                    .filter(|r| r.status().is_success())
-                    .map(|_| ())
-            }
-        })
+        crate::wait_for(
+            "envoy ready",
+            std::time::Duration::from_secs(seconds),
+            || {
+                let request = client.get(&url).send();
+                async move {
+                    request
+                        .await
+                        .ok()
+                        .filter(|r| r.status().is_success())
+                        .map(|_| ())
+                }
+            },
+        )
         .await
         .map_err(|e| anyhow::anyhow!("{e}; see {}", self.log.display()))
     }
@@ -275,6 +300,7 @@ mod tests {
             dir: Path::new("."),
             without_filter,
             plain_twin,
+            wrapper: &[],
         }
     }
 
@@ -292,6 +318,12 @@ mod tests {
             assert!(twin.contains("stat_prefix: egress_plain\n"), "{yaml}");
             assert!(twin.contains("require_client_certificate: true"), "{yaml}");
             assert!(!twin.contains("- name: chronoguard\n"), "{yaml}");
+            assert!(!twin.contains("x-chronoguard-decision-id"), "{yaml}");
+            assert_eq!(
+                gateway.contains("x-chronoguard-decision-id"),
+                !without_filter
+            );
+            assert!(twin.contains("use_remote_address: true"), "{yaml}");
         }
         let single = render(&config(false, false), 10001, 10002, None)?;
         assert!(!single.contains("egress_mtls_plain"));

@@ -50,6 +50,7 @@ pub struct Stack {
     envoy_fetch_timeout: &'static str,
     plain_envoy: bool,
     plain_twin: bool,
+    envoy_wrapper: Vec<String>,
     audit_port: Option<u16>,
     _postgres: Arc<Postgres>,
     _redis: Arc<Redis>,
@@ -97,6 +98,7 @@ impl Stack {
             dir: &dir,
             without_filter: false,
             plain_twin: false,
+            wrapper: &[],
         })
         .await
         .context("starting envoy")?;
@@ -115,6 +117,7 @@ impl Stack {
             envoy_fetch_timeout: options.initial_fetch_timeout,
             plain_envoy: false,
             plain_twin: false,
+            envoy_wrapper: Vec::new(),
             audit_port: None,
             _postgres: postgres,
             _redis: redis,
@@ -130,6 +133,7 @@ impl Stack {
             cp_http_port: self.audit_port.unwrap_or(self.control_plane.http_port),
             without_filter: self.plain_envoy,
             plain_twin: self.plain_twin,
+            wrapper: &self.envoy_wrapper,
             ..self.envoy_config("gateway-1", FLEET)
         })
         .await?;
@@ -155,6 +159,7 @@ impl Stack {
             dir: &self.dir,
             without_filter: false,
             plain_twin: false,
+            wrapper: &[],
         }
     }
 
@@ -177,6 +182,12 @@ impl Stack {
     /// filter ([`crate::envoy::EnvoyConfig::plain_twin`]; benchmark only).
     pub fn set_plain_twin(&mut self, twin: bool) {
         self.plain_twin = twin;
+    }
+
+    /// The command [`Stack::restart_envoy`] runs Envoy under
+    /// ([`crate::envoy::EnvoyConfig::wrapper`]; benchmark only).
+    pub fn set_envoy_wrapper(&mut self, wrapper: Vec<String>) {
+        self.envoy_wrapper = wrapper;
     }
 
     /// Sends an admin request; fails unless the status is 2xx. Returns the JSON body.
@@ -390,6 +401,27 @@ impl Stack {
     }
 
     /// A client presenting `agent`'s certificate (or none) to Envoy.
+    /// Waits until every one of `ids` is an audit entry of `tenant` in PostgreSQL; returns
+    /// all of the tenant's entry ids.
+    pub async fn audit_entries_with(
+        &self,
+        tenant: &str,
+        ids: &[String],
+        within: std::time::Duration,
+    ) -> anyhow::Result<Vec<String>> {
+        crate::wait_for("audit entries", within, || async {
+            let stored: Vec<String> = sqlx::query_scalar(
+                "SELECT entry_id::text FROM audit_entries WHERE tenant_id = $1::uuid",
+            )
+            .bind(tenant)
+            .fetch_all(&self.db)
+            .await
+            .ok()?;
+            ids.iter().all(|id| stored.contains(id)).then_some(stored)
+        })
+        .await
+    }
+
     pub fn agent_client(&self, agent: Option<&AgentCert>) -> anyhow::Result<reqwest::Client> {
         crate::client::agent_client(&self.pki.ca_pem, agent)
     }

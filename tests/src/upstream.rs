@@ -24,7 +24,7 @@ impl Upstream {
             let counter = counter.clone();
             async move {
                 counter.fetch_add(1, Ordering::Relaxed);
-                let (host, decision_id, path) = {
+                let (host, decision_id, request_id, path) = {
                     let header = |name: &str| {
                         req.headers()
                             .get(name)
@@ -33,7 +33,12 @@ impl Upstream {
                             .to_owned()
                     };
                     let path = req.uri().path().to_owned();
-                    (header("host"), header("x-chronoguard-decision-id"), path)
+                    (
+                        header("host"),
+                        header("x-chronoguard-decision-id"),
+                        header("x-request-id"),
+                        path,
+                    )
                 };
                 // Read the whole body before answering, as a real upstream (or the audit
                 // ingest endpoint it stands in for in the benchmark) does: answering
@@ -45,6 +50,7 @@ impl Upstream {
                     "host": host,
                     "path": path,
                     "decision_id": decision_id,
+                    "request_id": request_id,
                 }))
             }
         });

@@ -365,6 +365,55 @@ async fn a_kept_alive_connection_reads_its_peer_once() {
     );
 }
 
+/// The decision id is the request id Envoy writes (`use_remote_address: true`): a client
+/// cannot choose it, even with a well-formed `x-request-id` of its own. Allowed requests
+/// carry it upstream as both headers, the client sees it on every answer, and the audit
+/// entry has it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_decision_id_is_envoys_request_id_and_no_client_chooses_it() {
+    let (stack, tenant) = stack_with_workers(1).await;
+    let policy = stack
+        .create_policy(&tenant, "p", &["a.example"], &["b.example"])
+        .await
+        .unwrap();
+    let client = agent(&stack, &tenant, "one", &policy).await;
+    let chosen = "11111111-2222-4333-8444-555555555555";
+    let mut ids = Vec::new();
+    for (domain, status) in [("a.example", 200), ("b.example", 403)] {
+        for own in [Some(chosen), Some("not-a-uuid"), None] {
+            let mut request = client.get(stack.envoy.url("/")).header("host", domain);
+            if let Some(own) = own {
+                request = request.header("x-request-id", own);
+            }
+            let response = request.send().await.unwrap();
+            assert_eq!(response.status().as_u16(), status, "{domain} {own:?}");
+            let header = |name: &str| {
+                let all: Vec<_> = response.headers().get_all(name).iter().collect();
+                assert!(all.len() <= 1, "{name}: {all:?}");
+                all.first().map(|v| v.to_str().unwrap().to_owned())
+            };
+            let id = header("x-chronoguard-decision-id").expect("a decision id");
+            let body: Value = response.json().await.unwrap();
+            let uuid = uuid::Uuid::parse_str(&id).unwrap();
+            assert_eq!(uuid.hyphenated().to_string(), id, "lower-case, hyphenated");
+            assert_ne!(id, chosen);
+            if status == 200 {
+                assert_eq!(body["decision_id"], id.as_str(), "upstream's decision id");
+                assert_eq!(body["request_id"], id.as_str(), "upstream's x-request-id");
+            } else {
+                assert_eq!(body["request_id"], id.as_str(), "{body}");
+            }
+            ids.push(id);
+        }
+    }
+    let distinct: std::collections::HashSet<_> = ids.iter().collect();
+    assert_eq!(distinct.len(), ids.len(), "{ids:?}");
+    stack
+        .audit_entries_with(&tenant, &ids, Duration::from_secs(20))
+        .await
+        .unwrap();
+}
+
 /// Envoy loads each configuration first in a fresh VM on its main thread (the canary),
 /// then in its long-lived VMs. The canary validates only the agents and policies no VM
 /// validated before and publishes them; the workers then validate none and prepare

@@ -37,6 +37,7 @@ async fn envoy_without_control_plane_fails_closed() {
         dir: &dir,
         without_filter: false,
         plain_twin: false,
+        wrapper: &[],
     })
     .await
     .unwrap();
@@ -105,22 +106,10 @@ async fn enforcement_and_audit_survive_restarts() {
     .unwrap();
 
     stack.control_plane.restart().await.unwrap();
-    integration_tests::wait_for(
-        "buffered records delivered",
-        Duration::from_secs(40),
-        || async {
-            let stored: Vec<String> = sqlx::query_scalar(
-                "SELECT entry_id::text FROM audit_entries WHERE tenant_id = $1::uuid",
-            )
-            .bind(&tenant)
-            .fetch_all(&stack.db)
-            .await
-            .ok()?;
-            ids.iter().all(|id| stored.contains(id)).then_some(())
-        },
-    )
-    .await
-    .unwrap();
+    stack
+        .audit_entries_with(&tenant, &ids, Duration::from_secs(40))
+        .await
+        .unwrap();
     let duplicates: i64 =
         sqlx::query_scalar("SELECT count(*) - count(DISTINCT entry_id) FROM audit_entries")
             .fetch_one(&stack.db)

@@ -124,17 +124,8 @@ async fn allow_deny_policy_flip_and_verified_audit_chain() {
     // 3. Every decision is a chained audit entry in PostgreSQL.
     let decision_ids = [&allowed, &sub, &blocked, &unlisted, &flipped]
         .map(|r| r.decision_id.clone().expect("decision id header"));
-    let stored: Vec<String> =
-        integration_tests::wait_for("audit entries", Duration::from_secs(20), || async {
-            let ids: Vec<String> = sqlx::query_scalar(
-                "SELECT entry_id::text FROM audit_entries WHERE tenant_id = $1::uuid",
-            )
-            .bind(&tenant)
-            .fetch_all(&stack.db)
-            .await
-            .ok()?;
-            decision_ids.iter().all(|d| ids.contains(d)).then_some(ids)
-        })
+    let stored = stack
+        .audit_entries_with(&tenant, &decision_ids, Duration::from_secs(20))
         .await
         .unwrap();
     assert!(stored.len() >= decision_ids.len());

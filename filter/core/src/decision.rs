@@ -67,8 +67,26 @@ pub struct DenyBody<'a> {
 /// Reason code of a request over its rate limit (answered with 429).
 pub const RATE_LIMITED: &str = "rate_limited";
 
-/// Header carrying the decision id on allowed requests (joins upstream logs with audit).
-pub const DECISION_ID_HEADER: &str = "x-chronoguard-decision-id";
+/// Envoy's request id: the decision id when it is a UUID ([`decision_id`]). The route
+/// copies it as `x-chronoguard-decision-id` onto allowed requests (joining upstream logs
+/// with the audit log) and onto every response, local replies included (`envoy-config/`).
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
+
+/// The decision id a request's `x-request-id` gives, if it is a UUID in the form Envoy
+/// writes (lower-case hex, hyphenated: the form the audit chain hashes, so the id in
+/// upstream logs equals the audited one). Envoy writes a fresh one on every request from
+/// an external address (`use_remote_address: true`, `envoy-config/README.md`); any other
+/// value, or none, makes the filter use an id of its own.
+pub fn decision_id(request_id: &[u8]) -> Option<&str> {
+    let shaped = request_id.len() == 36
+        && request_id.iter().enumerate().all(|(at, b)| match at {
+            8 | 13 | 18 | 23 => *b == b'-',
+            _ => b.is_ascii_digit() || (b'a'..=b'f').contains(b),
+        });
+    shaped
+        .then(|| std::str::from_utf8(request_id).ok())
+        .flatten()
+}
 
 // === impl Decision ===
 
@@ -147,6 +165,28 @@ pub fn message(reason: &str) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_lower_case_hyphenated_uuid_becomes_the_decision_id() {
+        let envoy = "5c8fa7b3-e2de-4161-b400-35d634e279c3";
+        assert_eq!(decision_id(envoy.as_bytes()), Some(envoy));
+        for other in [
+            "",
+            "5C8FA7B3-E2DE-4161-B400-35D634E279C3",
+            "5c8fa7b3e2de4161b40035d634e279c3",
+            "5c8fa7b3-e2de-4161-b400-35d634e279c",
+            "5c8fa7b3-e2de-4161-b400-35d634e279c3a",
+            "5c8fa7b3-e2de-4161-b400_35d634e279c3",
+            "5c8fa7b3-e2de-4161-b400-35d634e279g3",
+            "my-own-id",
+        ] {
+            assert_eq!(decision_id(other.as_bytes()), None, "{other}");
+        }
+        assert_eq!(
+            decision_id(b"5c8fa7b3-e2de-4161-b400-35d634e279\xff3"),
+            None
+        );
+    }
 
     #[test]
     fn deny_body_names_reason_and_policy() {

@@ -25,13 +25,16 @@ pub struct RequestHeaders<'a> {
     pub path: Cow<'a, str>,
     /// The first `user-agent`.
     pub user_agent: Cow<'a, str>,
+    /// The first `x-request-id`, as sent (the decision id if it is a UUID:
+    /// `filter_core::decision::decision_id`).
+    pub request_id: &'a [u8],
 }
 
 /// The request's header map as the host serialised it, owned by this module.
 pub struct HeaderMap(Vec<u8>);
 
 impl HeaderMap {
-    /// The four headers the filter reads, parsed in place.
+    /// The five headers the filter reads, parsed in place.
     pub fn request_headers(&self) -> RequestHeaders<'_> {
         parse_request_headers(&self.0)
     }
@@ -118,6 +121,12 @@ fn parse_request_headers(map: &[u8]) -> RequestHeaders<'_> {
             break;
         };
         at = value_end.saturating_add(1);
+        if name == b"x-request-id" {
+            if headers.request_id.is_empty() {
+                headers.request_id = value;
+            }
+            continue;
+        }
         let slot = match name {
             b":authority" => &mut headers.authority,
             b":method" => &mut headers.method,
@@ -280,8 +289,10 @@ mod tests {
     }
 
     #[test]
-    fn reads_the_four_headers_and_keeps_the_first_user_agent() {
+    fn reads_the_five_headers_and_keeps_the_first_user_agent_and_request_id() {
         let map = serialize(&[
+            ("x-request-id", b"5c8fa7b3-e2de-4161-b400-35d634e279c3"),
+            ("x-request-id", b"second"),
             (":authority", b"api.example.com:443"),
             (":path", b"/v1?q=1"),
             (":method", b"GET"),
@@ -296,6 +307,7 @@ mod tests {
                 method: "GET".into(),
                 path: "/v1?q=1".into(),
                 user_agent: "first".into(),
+                request_id: b"5c8fa7b3-e2de-4161-b400-35d634e279c3",
             }
         );
     }

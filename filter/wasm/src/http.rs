@@ -9,7 +9,7 @@ use crate::vm::Peer;
 use crate::{host, vm};
 use filter_core::audit::AuditRecord;
 use filter_core::config::Mode;
-use filter_core::decision::{DECISION_ID_HEADER, Decision};
+use filter_core::decision::{Decision, REQUEST_ID_HEADER, decision_id};
 use filter_core::input::{RequestFacts, normalize_domain};
 use proxy_wasm::types::{Action, LogLevel};
 use std::borrow::Cow;
@@ -32,7 +32,7 @@ enum Stage {
     Limit,
     /// + the audit record.
     Audit,
-    /// + the decision-id header on allowed requests (denials still go through).
+    /// + the filter's own request id where Envoy wrote none; denials still go through.
     Header,
     /// + the local replies for denials: the whole filter.
     Full,
@@ -76,6 +76,7 @@ impl Request {
             method,
             path,
             user_agent,
+            request_id: _,
         } = headers;
         // Query strings are never evaluated or audited (they carry secrets).
         let path = match path {
@@ -195,7 +196,12 @@ impl Request {
             let metrics = &mut state.metrics;
             metrics.add(metrics.peer_reads, 1);
         }
-        let facts = Self::facts(headers.request_headers(), &peer);
+        let headers = headers.request_headers();
+        // The decision id is Envoy's request id, which the route copies onto the request
+        // and the response as `x-chronoguard-decision-id` (`envoy-config/`): no header
+        // change here, so Envoy keeps its route cache.
+        let envoy_id = decision_id(headers.request_id);
+        let facts = Self::facts(headers, &peer);
         if STAGE == Stage::Facts {
             return Action::Continue;
         }
@@ -205,7 +211,10 @@ impl Request {
             return Action::Continue;
         }
         let (decision, retry_after) = Self::limit(decision, &facts, &mut state.metrics);
-        let id = state.ids.next_id();
+        let id = match envoy_id {
+            Some(id) => Cow::Borrowed(id),
+            None => Cow::Owned(state.ids.next_id()),
+        };
         state.count_decision(&decision);
         if STAGE == Stage::Limit {
             return Action::Continue;
@@ -228,19 +237,20 @@ impl Request {
         if STAGE == Stage::Audit {
             return Action::Continue;
         }
-        if decision.allow {
-            // Envoy's route copies it onto the response (`envoy-config/`).
-            host::set_request_header(DECISION_ID_HEADER, &id);
-            Action::Continue
-        } else if STAGE == Stage::Header {
+        if envoy_id.is_none() {
+            // No request id Envoy wrote (`generate_request_id: false`, or a client's own
+            // id that is no UUID and that Envoy kept): the filter's id takes its place, for
+            // the route to copy.
+            host::set_request_header(REQUEST_ID_HEADER, &id);
+        }
+        if decision.allow || STAGE == Stage::Header {
             Action::Continue
         } else {
             let body = decision.deny_body(&id, retry_after);
             let retry = retry_after.map(|s| s.to_string());
-            let mut headers = vec![
-                ("content-type", "application/json"),
-                (DECISION_ID_HEADER, id.as_str()),
-            ];
+            // The route puts `x-chronoguard-decision-id` on local replies too, before the
+            // headers given here (`envoy-config/`): one more here would be a second copy.
+            let mut headers = vec![("content-type", "application/json")];
             if let Some(retry) = &retry {
                 headers.push(("retry-after", retry.as_str()));
             }

@@ -48,6 +48,9 @@ struct Args {
     latency_seconds: u64,
     /// Length of each push-stall window (without, then with a push every 250 ms).
     stall_seconds: u64,
+    /// Requests per window of the instruction count ([`instructions`]); 0: the CPU
+    /// rounds and the rest instead.
+    instructions: u64,
 }
 
 fn args() -> anyhow::Result<Args> {
@@ -60,6 +63,7 @@ fn args() -> anyhow::Result<Args> {
         changes: 100,
         latency_seconds: 3,
         stall_seconds: 5,
+        instructions: 0,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -76,8 +80,9 @@ fn args() -> anyhow::Result<Args> {
             "--changes" => out.changes = value,
             "--latency-seconds" => out.latency_seconds = value as u64,
             "--stall-seconds" => out.stall_seconds = value as u64,
+            "--instructions" => out.instructions = value as u64,
             other => anyhow::bail!(
-                "unknown flag {other} (--seconds --connections --agents --policies --rounds --changes --latency-seconds --stall-seconds)"
+                "unknown flag {other} (--seconds --connections --agents --policies --rounds --changes --latency-seconds --stall-seconds --instructions)"
             ),
         }
     }
@@ -112,6 +117,9 @@ async fn main() -> anyhow::Result<()> {
     })
     .await;
     ready?;
+    if args.instructions > 0 {
+        return instructions(&mut stack, &agent, &filters, &module, args.instructions).await;
+    }
     if let Some(path) = std::env::var_os("CHRONOGUARD_BENCH_CONFIG_DUMP") {
         // The configuration Envoy received, for offline `on_configure` timing
         // (`CHRONOGUARD_PLUGIN_CONFIG` of `filter/core/tests/configure_timing.rs`).
@@ -1335,6 +1343,138 @@ async fn cpu_against_twin(
             requests[l] as f64 / elapsed[l].as_secs_f64().max(1e-9),
         )
     }))
+}
+
+/// Instructions Envoy executes per request, counted by callgrind (`valgrind`): unlike CPU
+/// time, a count that repeats to within a fraction of a percent on a noisy machine, so it
+/// resolves changes of a few hundred instructions per request that the CPU rounds cannot.
+/// Instructions are not time (a cache miss costs more than an add), so the targets stay
+/// with the CPU rounds; this compares modules. For each module, Envoy restarts under
+/// callgrind with the twin listener; after a warm-up, four windows of `requests`
+/// sequential requests on one keep-alive connection (10% denials, as in [`load`]) go to the
+/// twin and the gateway listener in turns, each counted from a dump after zeroing the
+/// counters; the table has the mean of each listener's two windows. Everything the Envoy
+/// process runs in the window counts, its timers included.
+async fn instructions(
+    stack: &mut Stack,
+    agent: &integration_tests::certs::AgentCert,
+    modules: &[(String, std::path::PathBuf)],
+    module: &std::path::Path,
+    requests: u64,
+) -> anyhow::Result<()> {
+    let out = stack.dir.join("callgrind");
+    stack.set_envoy_wrapper(
+        [
+            "valgrind",
+            "--tool=callgrind",
+            // V8 writes the code it compiles.
+            "--smc-check=all-non-file",
+            "--dump-instr=no",
+        ]
+        .map(str::to_owned)
+        .into_iter()
+        .chain([format!("--callgrind-out-file={}.%p", out.display())])
+        .collect(),
+    );
+    let mut table = Vec::new();
+    for (variant, path) in modules {
+        std::fs::copy(path, module)?;
+        let start_to_ready = restart(stack, false).await?;
+        let pid = stack.envoy.pid();
+        let client = stack.agent_client(Some(agent))?;
+        let urls = listener_urls(stack)?;
+        integration_tests::wait_for(
+            "the bundle, under callgrind",
+            Duration::from_secs(600),
+            || {
+                let request = client
+                    .get(&urls[0])
+                    .header("host", "allowed-0.example")
+                    .send();
+                async move { (request.await.ok()?.status().as_u16() == 200).then_some(()) }
+            },
+        )
+        .await?;
+        for url in &urls {
+            sequential(&client, url, requests / 5).await?;
+        }
+        let mut counts = [Vec::new(), Vec::new()];
+        for window in 0..4 {
+            let listener = (window + window / 2 + 1) % 2;
+            callgrind_control(pid, "--zero")?;
+            sequential(&client, &urls[listener], requests).await?;
+            callgrind_control(pid, "--dump")?;
+            let dump = format!("{}.{pid}.{}", out.display(), window + 1);
+            let total =
+                integration_tests::wait_for("a callgrind dump", Duration::from_secs(60), || {
+                    let dump = dump.clone();
+                    async move {
+                        let text = std::fs::read_to_string(dump).ok()?;
+                        text.lines()
+                            .find_map(|l| l.strip_prefix("totals: "))?
+                            .trim()
+                            .parse::<u64>()
+                            .ok()
+                    }
+                })
+                .await?;
+            counts[listener].push(total as f64 / requests as f64);
+        }
+        let [gateway, twin] = counts;
+        println!(
+            "instructions {variant} (Envoy ready under callgrind in {start_to_ready:?}): gateway listener {gateway:.0?}, twin {twin:.0?} per request"
+        );
+        let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+        table.push((variant.clone(), mean(&gateway), mean(&twin)));
+    }
+    stack.set_envoy_wrapper(Vec::new());
+    println!(
+        "\n| module | instructions/request, gateway listener | twin without the filter | added by the filter | against `{}` |",
+        table.first().map_or("", |t| t.0.as_str())
+    );
+    println!("|---|---|---|---|---|");
+    let first = table.first().map_or(0.0, |t| t.1 - t.2);
+    for (variant, gateway, twin) in &table {
+        let added = gateway - twin;
+        println!(
+            "| {variant} | {gateway:.0} | {twin:.0} | {added:+.0} | {:+.0} ({:+.1}%) |",
+            added - first,
+            (added - first) * 100.0 / first.max(1.0)
+        );
+    }
+    Ok(())
+}
+
+/// `count` requests one after another on `client`'s connection to `url`, 10% of them to
+/// the blocked domain as in [`load`]; an answer other than 200 or 403 is an error.
+async fn sequential(client: &reqwest::Client, url: &str, count: u64) -> anyhow::Result<()> {
+    for i in 0..count {
+        let host = if i % 10 == 0 {
+            "blocked-0.example"
+        } else {
+            "allowed-0.example"
+        };
+        let response = client.get(url).header("host", host).send().await?;
+        let status = response.status().as_u16();
+        anyhow::ensure!(status == 200 || status == 403, "{url} answered {status}");
+        response.bytes().await?;
+    }
+    Ok(())
+}
+
+/// `callgrind_control <action> <pid>`.
+fn callgrind_control(pid: u32, action: &str) -> anyhow::Result<()> {
+    let status = Command::new("callgrind_control")
+        .arg(action)
+        .arg(pid.to_string())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()?;
+    anyhow::ensure!(
+        status.success(),
+        "callgrind_control {action} {pid}: {status}"
+    );
+    Ok(())
 }
 
 /// The processes of the control plane, PostgreSQL and Redis.
