@@ -24,7 +24,7 @@ impl Upstream {
             let counter = counter.clone();
             async move {
                 counter.fetch_add(1, Ordering::Relaxed);
-                let (host, decision_id, request_id, path) = {
+                let (host, decision_id, request_id, path, forwarding) = {
                     let header = |name: &str| {
                         req.headers()
                             .get(name)
@@ -33,11 +33,20 @@ impl Upstream {
                             .to_owned()
                     };
                     let path = req.uri().path().to_owned();
+                    // What the gateway tells a site about the agent or itself.
+                    let forwarding: Vec<String> = req
+                        .headers()
+                        .keys()
+                        .map(|k| k.as_str())
+                        .filter(|k| k.starts_with("x-envoy-") || *k == "x-forwarded-for")
+                        .map(str::to_owned)
+                        .collect();
                     (
                         header("host"),
                         header("x-chronoguard-decision-id"),
                         header("x-request-id"),
                         path,
+                        forwarding,
                     )
                 };
                 // Read the whole body before answering, as a real upstream (or the audit
@@ -51,6 +60,7 @@ impl Upstream {
                     "path": path,
                     "decision_id": decision_id,
                     "request_id": request_id,
+                    "forwarding_headers": forwarding,
                 }))
             }
         });

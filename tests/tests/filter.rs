@@ -368,7 +368,8 @@ async fn a_kept_alive_connection_reads_its_peer_once() {
 /// The decision id is the request id Envoy writes (`use_remote_address: true`): a client
 /// cannot choose it, even with a well-formed `x-request-id` of its own. Allowed requests
 /// carry it upstream as both headers, the client sees it on every answer, and the audit
-/// entry has it.
+/// entry has it. The site learns neither the agent's address (`x-forwarded-for`) nor
+/// Envoy's `x-envoy-*` headers, which `use_remote_address` would otherwise add.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_decision_id_is_envoys_request_id_and_no_client_chooses_it() {
     let (stack, tenant) = stack_with_workers(1).await;
@@ -400,6 +401,8 @@ async fn the_decision_id_is_envoys_request_id_and_no_client_chooses_it() {
             if status == 200 {
                 assert_eq!(body["decision_id"], id.as_str(), "upstream's decision id");
                 assert_eq!(body["request_id"], id.as_str(), "upstream's x-request-id");
+                // The agent's address and Envoy's headers stay inside the gateway.
+                assert_eq!(body["forwarding_headers"], json!([]), "{body}");
             } else {
                 assert_eq!(body["request_id"], id.as_str(), "{body}");
             }
