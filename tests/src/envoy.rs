@@ -34,6 +34,9 @@ pub struct EnvoyConfig<'a> {
     /// Add a second listener, the gateway listener's twin without the ChronoGuard filter
     /// (benchmark only: requests to both, interleaved, meet the machine in the same state).
     pub plain_twin: bool,
+    /// Envoy writes a request id on each request (`generate_request_id`, Envoy's default);
+    /// `false` only to test the filter's own decision ids.
+    pub request_ids: bool,
     /// A command Envoy runs under, e.g. `valgrind --tool=callgrind ...` (benchmark only;
     /// empty: none). Envoy then gets ten minutes to become ready instead of 30 s.
     pub wrapper: &'a [String],
@@ -88,6 +91,18 @@ pub fn render(
         !out.contains("{{"),
         "unfilled placeholder in the envoy template"
     );
+    if !config.request_ids {
+        const AT: &str = "          use_remote_address: true\n";
+        anyhow::ensure!(
+            out.contains(AT),
+            "no use_remote_address in the envoy template"
+        );
+        out = out.replacen(
+            AT,
+            &format!("{AT}          generate_request_id: false\n"),
+            1,
+        );
+    }
     if config.without_filter {
         out = without_chronoguard(&out)?;
     }
@@ -300,6 +315,7 @@ mod tests {
             dir: Path::new("."),
             without_filter,
             plain_twin,
+            request_ids: true,
             wrapper: &[],
         }
     }

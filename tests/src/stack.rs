@@ -51,6 +51,7 @@ pub struct Stack {
     plain_envoy: bool,
     plain_twin: bool,
     envoy_wrapper: Vec<String>,
+    envoy_request_ids: bool,
     audit_port: Option<u16>,
     _postgres: Arc<Postgres>,
     _redis: Arc<Redis>,
@@ -98,6 +99,7 @@ impl Stack {
             dir: &dir,
             without_filter: false,
             plain_twin: false,
+            request_ids: true,
             wrapper: &[],
         })
         .await
@@ -118,6 +120,7 @@ impl Stack {
             plain_envoy: false,
             plain_twin: false,
             envoy_wrapper: Vec::new(),
+            envoy_request_ids: true,
             audit_port: None,
             _postgres: postgres,
             _redis: redis,
@@ -134,6 +137,7 @@ impl Stack {
             without_filter: self.plain_envoy,
             plain_twin: self.plain_twin,
             wrapper: &self.envoy_wrapper,
+            request_ids: self.envoy_request_ids,
             ..self.envoy_config("gateway-1", FLEET)
         })
         .await?;
@@ -159,6 +163,7 @@ impl Stack {
             dir: &self.dir,
             without_filter: false,
             plain_twin: false,
+            request_ids: true,
             wrapper: &[],
         }
     }
@@ -188,6 +193,12 @@ impl Stack {
     /// ([`crate::envoy::EnvoyConfig::wrapper`]; benchmark only).
     pub fn set_envoy_wrapper(&mut self, wrapper: Vec<String>) {
         self.envoy_wrapper = wrapper;
+    }
+
+    /// Whether [`Stack::restart_envoy`]'s Envoy writes request ids
+    /// ([`crate::envoy::EnvoyConfig::request_ids`]).
+    pub fn set_envoy_request_ids(&mut self, request_ids: bool) {
+        self.envoy_request_ids = request_ids;
     }
 
     /// Sends an admin request; fails unless the status is 2xx. Returns the JSON body.

@@ -373,31 +373,56 @@ async fn a_kept_alive_connection_reads_its_peer_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_decision_id_is_envoys_request_id_and_no_client_chooses_it() {
     let (stack, tenant) = stack_with_workers(1).await;
+    let chosen = "11111111-2222-4333-8444-555555555555";
+    let ids = decision_ids(&stack, &tenant, &[Some(chosen), Some("not-a-uuid"), None]).await;
+    assert!(!ids.iter().any(|id| id == chosen), "{ids:?}");
+}
+
+/// With `generate_request_id: false` Envoy writes no request id: the filter makes the
+/// decision id and writes it into `x-request-id`, which the route copies as it copies
+/// Envoy's. A client's id that is not a UUID gets the same treatment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_envoys_request_id_the_filter_makes_the_decision_id() {
+    let (mut stack, tenant) = stack_with_workers(1).await;
+    stack.set_envoy_request_ids(false);
+    stack.restart_envoy().await.unwrap();
+    let ids = decision_ids(&stack, &tenant, &[Some("not-a-uuid"), None]).await;
+    assert!(!ids.iter().any(|id| id == "not-a-uuid"), "{ids:?}");
+}
+
+/// For each of `own` (a client's `x-request-id`, or none), one allowed and one denied
+/// request of a new agent of `tenant`; checks that each answer has exactly one decision
+/// id, a lower-case hyphenated UUID, that the upstream saw it in both headers and no
+/// forwarding headers, that a denial's body names it, that no two are alike and that all
+/// are audit entries. Returns them.
+async fn decision_ids(stack: &Stack, tenant: &str, own: &[Option<&str>]) -> Vec<String> {
     let policy = stack
-        .create_policy(&tenant, "p", &["a.example"], &["b.example"])
+        .create_policy(tenant, "p", &["a.example"], &["b.example"])
         .await
         .unwrap();
-    let client = agent(&stack, &tenant, "one", &policy).await;
-    let chosen = "11111111-2222-4333-8444-555555555555";
+    let client = agent(stack, tenant, "one", &policy).await;
     let mut ids = Vec::new();
     for (domain, status) in [("a.example", 200), ("b.example", 403)] {
-        for own in [Some(chosen), Some("not-a-uuid"), None] {
+        for own in own {
             let mut request = client.get(stack.envoy.url("/")).header("host", domain);
             if let Some(own) = own {
-                request = request.header("x-request-id", own);
+                request = request.header("x-request-id", *own);
             }
             let response = request.send().await.unwrap();
             assert_eq!(response.status().as_u16(), status, "{domain} {own:?}");
-            let header = |name: &str| {
-                let all: Vec<_> = response.headers().get_all(name).iter().collect();
-                assert!(all.len() <= 1, "{name}: {all:?}");
-                all.first().map(|v| v.to_str().unwrap().to_owned())
+            let all: Vec<_> = response
+                .headers()
+                .get_all("x-chronoguard-decision-id")
+                .iter()
+                .map(|v| v.to_str().unwrap().to_owned())
+                .collect();
+            let [id] = all.as_slice() else {
+                panic!("one decision id per answer: {all:?}");
             };
-            let id = header("x-chronoguard-decision-id").expect("a decision id");
+            let id = id.clone();
             let body: Value = response.json().await.unwrap();
             let uuid = uuid::Uuid::parse_str(&id).unwrap();
             assert_eq!(uuid.hyphenated().to_string(), id, "lower-case, hyphenated");
-            assert_ne!(id, chosen);
             if status == 200 {
                 assert_eq!(body["decision_id"], id.as_str(), "upstream's decision id");
                 assert_eq!(body["request_id"], id.as_str(), "upstream's x-request-id");
@@ -412,9 +437,10 @@ async fn the_decision_id_is_envoys_request_id_and_no_client_chooses_it() {
     let distinct: std::collections::HashSet<_> = ids.iter().collect();
     assert_eq!(distinct.len(), ids.len(), "{ids:?}");
     stack
-        .audit_entries_with(&tenant, &ids, Duration::from_secs(20))
+        .audit_entries_with(tenant, &ids, Duration::from_secs(20))
         .await
         .unwrap();
+    ids
 }
 
 /// Envoy loads each configuration first in a fresh VM on its main thread (the canary),

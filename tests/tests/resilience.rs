@@ -37,6 +37,7 @@ async fn envoy_without_control_plane_fails_closed() {
         dir: &dir,
         without_filter: false,
         plain_twin: false,
+        request_ids: true,
         wrapper: &[],
     })
     .await
