@@ -1058,15 +1058,15 @@ async fn open_loop(
     rate: u64,
     duration: Duration,
 ) -> anyhow::Result<(f64, f64, f64)> {
-    open_loop_hosts(stack, client, rate, duration, mixed_host).await
+    open_loop_hosts(stack, client, rate, duration, |i| mixed_host(i).to_owned()).await
 }
 
 /// The load's mix: every tenth request to a blocked domain, the others allowed.
-fn mixed_host(i: u64) -> String {
+fn mixed_host(i: u64) -> &'static str {
     if i.is_multiple_of(10) {
-        "blocked-0.example".to_owned()
+        "blocked-0.example"
     } else {
-        "allowed-0.example".to_owned()
+        "allowed-0.example"
     }
 }
 
@@ -1082,7 +1082,8 @@ async fn open_loop_dump(
 ) -> anyhow::Result<(f64, f64, f64)> {
     let dump = std::env::var_os("CHRONOGUARD_BENCH_LATENCY")
         .map(|dir| std::path::Path::new(&dir).join(format!("latency-{name}.tsv")));
-    open_loop_samples(stack, client, 1_000, duration, mixed_host, dump.as_deref()).await
+    let host = |i| mixed_host(i).to_owned();
+    open_loop_samples(stack, client, 1_000, duration, host, dump.as_deref()).await
 }
 
 /// [`open_loop`] with the `host` of the i-th request chosen by the caller.
@@ -1277,12 +1278,12 @@ async fn load_url(
             let mut i = c;
             while !done.load(Ordering::Relaxed) {
                 i += 1;
-                let host = if i % 10 == 0 {
-                    "blocked-0.example"
-                } else {
-                    "allowed-0.example"
-                };
-                match client.get(&url).header("host", host).send().await {
+                match client
+                    .get(&url)
+                    .header("host", mixed_host(i as u64))
+                    .send()
+                    .await
+                {
                     Ok(r) if r.status().as_u16() == 200 || r.status().as_u16() == 403 => {
                         let _ = r.bytes().await;
                         ok.fetch_add(1, Ordering::Relaxed);
@@ -1445,16 +1446,11 @@ async fn instructions(
     Ok(())
 }
 
-/// `count` requests one after another on `client`'s connection to `url`, 10% of them to
-/// the blocked domain as in [`load`]; an answer other than 200 or 403 is an error.
+/// `count` requests one after another on `client`'s connection to `url`, in the load's mix
+/// ([`mixed_host`]); an answer other than 200 or 403 is an error.
 async fn sequential(client: &reqwest::Client, url: &str, count: u64) -> anyhow::Result<()> {
     for i in 0..count {
-        let host = if i % 10 == 0 {
-            "blocked-0.example"
-        } else {
-            "allowed-0.example"
-        };
-        let response = client.get(url).header("host", host).send().await?;
+        let response = client.get(url).header("host", mixed_host(i)).send().await?;
         let status = response.status().as_u16();
         anyhow::ensure!(status == 200 || status == 403, "{url} answered {status}");
         response.bytes().await?;
