@@ -11,6 +11,9 @@ pub struct Envoy {
     pub admin_port: u16,
     pub node_id: String,
     pub log: PathBuf,
+    /// The peer-header token in Envoy's environment (`CHRONOGUARD_PEER_TOKEN`), random
+    /// per start: the listener's header carries it (`envoy-config/README.md`).
+    pub peer_token: String,
     process: Process,
 }
 
@@ -37,6 +40,9 @@ pub struct EnvoyConfig<'a> {
     /// Envoy writes a request id on each request (`generate_request_id`, Envoy's default);
     /// `false` only to test the filter's own decision ids.
     pub request_ids: bool,
+    /// The listener writes the peer header (`x-chronoguard-peer`) before the filters;
+    /// `false` only to test a bootstrap without it.
+    pub peer_header: bool,
     /// A command Envoy runs under, e.g. `valgrind --tool=callgrind ...` (benchmark only;
     /// empty: none). Envoy then gets ten minutes to become ready instead of 30 s.
     pub wrapper: &'a [String],
@@ -103,6 +109,9 @@ pub fn render(
             1,
         );
     }
+    if !config.peer_header {
+        out = without_block(&out, PEER_HEADER_BLOCK, HTTP_FILTERS, "peer header")?;
+    }
     if config.without_filter {
         out = without_chronoguard(&out)?;
     }
@@ -135,25 +144,47 @@ const LISTENER: &str = "  - name: egress_mtls\n";
 const CLUSTERS: &str = "\n  clusters:\n";
 
 /// The bootstrap (or listener) `yaml` without the ChronoGuard HTTP filter and without the
-/// route's decision-id headers it brings (so a plain baseline pays for neither).
+/// route's decision-id headers and the listener's peer header it brings (so a plain
+/// baseline pays for none of them).
 fn without_chronoguard(yaml: &str) -> anyhow::Result<String> {
+    let mut out = without_block(
+        yaml,
+        "          - name: chronoguard\n",
+        "          - name: envoy.filters.http.router\n",
+        "filter",
+    )?;
+    out = without_block(
+        &out,
+        "              # ChronoGuard's decision id",
+        HTTP_FILTERS,
+        "route's decision-id headers",
+    )?;
+    if out.contains(PEER_HEADER_BLOCK) {
+        out = without_block(&out, PEER_HEADER_BLOCK, HTTP_FILTERS, "peer header")?;
+    }
+    const REMOVED: &str =
+        r#"request_headers_to_remove: ["x-envoy-external-address", "x-chronoguard-peer"]"#;
+    anyhow::ensure!(
+        out.contains(REMOVED),
+        "cannot find the peer header's removal in the envoy template"
+    );
+    Ok(out.replace(
+        REMOVED,
+        r#"request_headers_to_remove: ["x-envoy-external-address"]"#,
+    ))
+}
+
+/// Where the listener's peer header mutation starts in the template.
+const PEER_HEADER_BLOCK: &str = "          # ChronoGuard's peer header";
+const HTTP_FILTERS: &str = "          http_filters:\n";
+
+/// `yaml` without the text from `from` up to (not including) the next `to`.
+fn without_block(yaml: &str, from: &str, to: &str, what: &str) -> anyhow::Result<String> {
     let mut out = yaml.to_owned();
-    for (from, to, what) in [
-        (
-            "          - name: chronoguard\n",
-            "          - name: envoy.filters.http.router\n",
-            "filter",
-        ),
-        (
-            "              # ChronoGuard's decision id",
-            "          http_filters:\n",
-            "route's decision-id headers",
-        ),
-    ] {
-        match (out.find(from), out.find(to)) {
-            (Some(start), Some(end)) if start < end => out.replace_range(start..end, ""),
-            _ => anyhow::bail!("cannot find the chronoguard {what} in the envoy template"),
-        }
+    let start = out.find(from);
+    match (start, start.and_then(|start| out[start..].find(to))) {
+        (Some(start), Some(len)) => out.replace_range(start..start + len, ""),
+        _ => anyhow::bail!("cannot find the chronoguard {what} in the envoy template"),
     }
     Ok(out)
 }
@@ -201,7 +232,9 @@ impl Envoy {
             }
             None => Command::new(binary),
         };
-        cmd.arg("-c")
+        let peer_token = uuid::Uuid::new_v4().simple().to_string();
+        cmd.env("CHRONOGUARD_PEER_TOKEN", &peer_token)
+            .arg("-c")
             .arg(&bootstrap)
             .args(["--concurrency", &config.concurrency.to_string()])
             .args(["--disable-hot-restart", "--log-level", "info"]);
@@ -212,6 +245,7 @@ impl Envoy {
             admin_port,
             node_id: config.node_id.to_owned(),
             log,
+            peer_token,
             process,
         };
         let ready_within = if config.wrapper.is_empty() { 30 } else { 600 };
@@ -316,6 +350,7 @@ mod tests {
             without_filter,
             plain_twin,
             request_ids: true,
+            peer_header: true,
             wrapper: &[],
         }
     }
@@ -340,9 +375,20 @@ mod tests {
                 !without_filter
             );
             assert!(twin.contains("use_remote_address: true"), "{yaml}");
+            assert!(!twin.contains("x-chronoguard-peer"), "{yaml}");
+            assert_eq!(gateway.contains("x-chronoguard-peer"), !without_filter);
+            assert_eq!(
+                gateway.contains("early_header_mutation_extensions"),
+                !without_filter
+            );
         }
         let single = render(&config(false, false), 10001, 10002, None)?;
         assert!(!single.contains("egress_mtls_plain"));
+        let mut no_peer_header = config(false, false);
+        no_peer_header.peer_header = false;
+        let yaml = render(&no_peer_header, 10001, 10002, None)?;
+        assert!(!yaml.contains("early_header_mutation_extensions"), "{yaml}");
+        assert!(yaml.contains("- name: chronoguard\n"), "{yaml}");
         Ok(())
     }
 }

@@ -52,6 +52,7 @@ pub struct Stack {
     plain_twin: bool,
     envoy_wrapper: Vec<String>,
     envoy_request_ids: bool,
+    envoy_peer_header: bool,
     audit_port: Option<u16>,
     _postgres: Arc<Postgres>,
     _redis: Arc<Redis>,
@@ -100,6 +101,7 @@ impl Stack {
             without_filter: false,
             plain_twin: false,
             request_ids: true,
+            peer_header: true,
             wrapper: &[],
         })
         .await
@@ -121,6 +123,7 @@ impl Stack {
             plain_twin: false,
             envoy_wrapper: Vec::new(),
             envoy_request_ids: true,
+            envoy_peer_header: true,
             audit_port: None,
             _postgres: postgres,
             _redis: redis,
@@ -138,6 +141,7 @@ impl Stack {
             plain_twin: self.plain_twin,
             wrapper: &self.envoy_wrapper,
             request_ids: self.envoy_request_ids,
+            peer_header: self.envoy_peer_header,
             ..self.envoy_config("gateway-1", FLEET)
         })
         .await?;
@@ -164,6 +168,7 @@ impl Stack {
             without_filter: false,
             plain_twin: false,
             request_ids: true,
+            peer_header: true,
             wrapper: &[],
         }
     }
@@ -199,6 +204,12 @@ impl Stack {
     /// ([`crate::envoy::EnvoyConfig::request_ids`]).
     pub fn set_envoy_request_ids(&mut self, request_ids: bool) {
         self.envoy_request_ids = request_ids;
+    }
+
+    /// Whether [`Stack::restart_envoy`]'s listener writes the peer header
+    /// ([`crate::envoy::EnvoyConfig::peer_header`]).
+    pub fn set_envoy_peer_header(&mut self, peer_header: bool) {
+        self.envoy_peer_header = peer_header;
     }
 
     /// Sends an admin request; fails unless the status is 2xx. Returns the JSON body.

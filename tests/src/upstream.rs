@@ -38,7 +38,11 @@ impl Upstream {
                         .headers()
                         .keys()
                         .map(|k| k.as_str())
-                        .filter(|k| k.starts_with("x-envoy-") || *k == "x-forwarded-for")
+                        .filter(|k| {
+                            k.starts_with("x-envoy-")
+                                || *k == "x-forwarded-for"
+                                || *k == "x-chronoguard-peer"
+                        })
                         .map(str::to_owned)
                         .collect();
                     (

@@ -365,6 +365,75 @@ async fn a_kept_alive_connection_reads_its_peer_once() {
     );
 }
 
+/// The listener names each request's connection in `x-chronoguard-peer` with a token from
+/// Envoy's environment, over whatever a client sent, and the filter believes the header
+/// only with that token (`envoy-config/README.md`, "Identity"). An agent cannot borrow
+/// another agent's connection: with the listener's mutation its header is overwritten,
+/// token or not; without the mutation (a bootstrap that lacks it) a header without the
+/// token is ignored and counted, and the filter reads the connection itself. The token is
+/// the secret: shown last, with it and no mutation a header does name another connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_envoy_names_a_requests_connection() {
+    // One worker, so every request meets the same VM and its connection cache.
+    let (mut stack, tenant) = stack_with_workers(1).await;
+    let allowed = stack
+        .create_policy(&tenant, "allowed", &["a.example"], &[])
+        .await
+        .unwrap();
+    let blocked = stack
+        .create_policy(&tenant, "blocked", &[], &["a.example"])
+        .await
+        .unwrap();
+    let one = agent(&stack, &tenant, "one", &allowed).await;
+    let two = agent(&stack, &tenant, "two", &blocked).await;
+    const IGNORED: &str = "wasmcustom.chronoguard.peer_header_ignored";
+    let wrong = "0123456789abcdef0123456789abcdef".to_owned();
+    for token in [wrong.clone(), stack.envoy.peer_token.clone()] {
+        let statuses = borrow(&stack, &one, &two, &token).await;
+        assert!(statuses.iter().all(|s| *s == 403), "{statuses:?}");
+    }
+    assert_eq!(stat_after_tick(&stack, IGNORED).await, 0, "Envoy's headers");
+
+    // A bootstrap without the listener's mutation: clients' headers reach the filter.
+    stack.set_envoy_peer_header(false);
+    stack.restart_envoy().await.unwrap();
+    let statuses = borrow(&stack, &one, &two, &wrong).await;
+    assert!(statuses.iter().all(|s| *s == 403), "{statuses:?}");
+    assert_eq!(stat_after_tick(&stack, IGNORED).await, 64);
+    let (status, _, _) = send(&stack, &two, Method::GET, "a.example", "/").await;
+    assert_eq!(status, 403, "two's own request");
+    let statuses = borrow(&stack, &one, &two, &stack.envoy.peer_token).await;
+    assert!(
+        statuses.contains(&200),
+        "with the token a header names a connection: {statuses:?}"
+    );
+    assert_eq!(stat_after_tick(&stack, IGNORED).await, 64);
+}
+
+/// `two` names each of the first connection ids with `token`, after `one` (kept alive,
+/// known to the filter) was allowed on one of them; returns the statuses `two` got.
+async fn borrow(
+    stack: &Stack,
+    one: &reqwest::Client,
+    two: &reqwest::Client,
+    token: &str,
+) -> Vec<u16> {
+    let (status, _, _) = send(stack, one, Method::GET, "a.example", "/").await;
+    assert_eq!(status, 200, "one's own request");
+    let mut statuses = Vec::new();
+    for id in 0..64 {
+        let response = two
+            .get(stack.envoy.url("/"))
+            .header("host", "a.example")
+            .header("x-chronoguard-peer", format!("{token}:{id}"))
+            .send()
+            .await
+            .unwrap();
+        statuses.push(response.status().as_u16());
+    }
+    statuses
+}
+
 /// The decision id is the request id Envoy writes (`use_remote_address: true`): a client
 /// cannot choose it, even with a well-formed `x-request-id` of its own. Allowed requests
 /// carry it upstream as both headers, the client sees it on every answer, and the audit

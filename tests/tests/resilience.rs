@@ -38,6 +38,7 @@ async fn envoy_without_control_plane_fails_closed() {
         without_filter: false,
         plain_twin: false,
         request_ids: true,
+        peer_header: true,
         wrapper: &[],
     })
     .await

@@ -6,10 +6,13 @@ use envoy_types::pb::envoy::config::core::v3::{
     AsyncDataSource, DataSource, TypedExtensionConfig, async_data_source, data_source,
 };
 use envoy_types::pb::envoy::extensions::filters::http::wasm::v3::Wasm;
-use envoy_types::pb::envoy::extensions::wasm::v3::{PluginConfig, VmConfig, plugin_config};
+use envoy_types::pb::envoy::extensions::wasm::v3::{
+    EnvironmentVariables, PluginConfig, VmConfig, plugin_config,
+};
 use envoy_types::pb::envoy::service::discovery::v3::DiscoveryResponse;
 use envoy_types::pb::google::protobuf::{Any, StringValue};
 use envoy_types::util::pack_any;
+use filter_core::input::PEER_TOKEN_ENV;
 
 /// The response type URL Envoy expects for ECDS (not the wasm filter's type).
 pub const TYPED_EXTENSION_CONFIG: &str =
@@ -37,6 +40,12 @@ pub fn wasm_filter(gateway: &Gateway, plugin_config: &str) -> Any {
                         )),
                         ..Default::default()
                     })),
+                }),
+                // The listener's peer-header token (`envoy-config/README.md`,
+                // "Identity"), from Envoy's own environment: it never passes through here.
+                environment_variables: Some(EnvironmentVariables {
+                    host_env_keys: vec![PEER_TOKEN_ENV.into()],
+                    ..Default::default()
                 }),
                 ..Default::default()
             })),

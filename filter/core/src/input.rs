@@ -67,6 +67,41 @@ pub fn source_ip(address: &str) -> String {
     }
 }
 
+/// The request header in which the gateway's Envoy names the request's downstream
+/// connection, `<token>:<connection id>`: the listener's early header mutation writes it
+/// over whatever a client sent (`envoy-config/README.md`, "Identity"). With it the filter
+/// finds the connection's peer without a host call.
+pub const PEER_HEADER: &str = "x-chronoguard-peer";
+
+/// Envoy's environment variable holding the token: the listener's mutation writes it with
+/// `%ENVIRONMENT(...)%` and the VM receives it through `vm_config.environment_variables`.
+pub const PEER_TOKEN_ENV: &str = "CHRONOGUARD_PEER_TOKEN";
+
+/// The shortest token the filter accepts: a client that could send the header (a
+/// bootstrap without the mutation) must not be able to guess it.
+pub const MIN_PEER_TOKEN: usize = 16;
+
+/// The connection id a [`PEER_HEADER`] value names, if the value starts with `token` (so
+/// Envoy wrote it); `None` for an empty token, another token or a malformed id. The token
+/// is compared in constant time: a client must not learn it byte by byte.
+pub fn peer_connection(value: &[u8], token: &[u8]) -> Option<u64> {
+    if token.is_empty() || value.len() <= token.len() {
+        return None;
+    }
+    let (claimed, rest) = value.split_at(token.len());
+    let differ = claimed
+        .iter()
+        .zip(token)
+        .fold(0u8, |acc, (a, b)| acc | (a ^ b));
+    let id = rest.strip_prefix(b":")?;
+    if differ != 0 || id.is_empty() || id.len() > 20 || !id.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    id.iter().try_fold(0u64, |n, d| {
+        n.checked_mul(10)?.checked_add(u64::from(d - b'0'))
+    })
+}
+
 // === impl RequestFacts ===
 
 impl RequestFacts<'_> {
@@ -141,6 +176,42 @@ fn object<const N: usize>(fields: [(&str, Value); N]) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_peer_header_is_believed_only_with_the_token() {
+        let token = b"0123456789abcdef0123";
+        for (value, want) in [
+            (&b"0123456789abcdef0123:42"[..], Some(42)),
+            (b"0123456789abcdef0123:0", Some(0)),
+            (b"0123456789abcdef0123:18446744073709551615", Some(u64::MAX)),
+            // Another token, one byte off, a prefix of it, or none at all.
+            (b"0123456789abcdef0124:42", None),
+            (b"x123456789abcdef0123:42", None),
+            (b"0123456789abcdef:42", None),
+            (b"42", None),
+            (b"", None),
+            // Envoy writes `-` for an unset variable.
+            (b"-:42", None),
+            // Malformed ids.
+            (b"0123456789abcdef0123:", None),
+            (b"0123456789abcdef0123", None),
+            (b"0123456789abcdef0123;42", None),
+            (b"0123456789abcdef0123:4 2", None),
+            (b"0123456789abcdef0123:-1", None),
+            (b"0123456789abcdef0123:18446744073709551616", None),
+            (b"0123456789abcdef0123:000000000000000000001", None),
+        ] {
+            assert_eq!(
+                peer_connection(value, token),
+                want,
+                "{}",
+                String::from_utf8_lossy(value)
+            );
+        }
+        // Without a token nothing is believed.
+        assert_eq!(peer_connection(b":42", b""), None);
+        assert_eq!(peer_connection(b"0123456789abcdef0123:42", b""), None);
+    }
 
     #[test]
     fn domains_are_normalised() {

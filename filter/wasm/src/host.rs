@@ -28,13 +28,15 @@ pub struct RequestHeaders<'a> {
     /// The first `x-request-id`, as sent (the decision id if it is a UUID:
     /// `filter_core::decision::decision_id`).
     pub request_id: &'a [u8],
+    /// The first `x-chronoguard-peer` (`filter_core::input::PEER_HEADER`), as sent.
+    pub peer: &'a [u8],
 }
 
 /// The request's header map as the host serialised it, owned by this module.
 pub struct HeaderMap(Vec<u8>);
 
 impl HeaderMap {
-    /// The five headers the filter reads, parsed in place.
+    /// The six headers the filter reads, parsed in place.
     pub fn request_headers(&self) -> RequestHeaders<'_> {
         parse_request_headers(&self.0)
     }
@@ -121,9 +123,14 @@ fn parse_request_headers(map: &[u8]) -> RequestHeaders<'_> {
             break;
         };
         at = value_end.saturating_add(1);
-        if name == b"x-request-id" {
-            if headers.request_id.is_empty() {
-                headers.request_id = value;
+        let raw = match name {
+            b"x-request-id" => Some(&mut headers.request_id),
+            b"x-chronoguard-peer" => Some(&mut headers.peer),
+            _ => None,
+        };
+        if let Some(raw) = raw {
+            if raw.is_empty() {
+                *raw = value;
             }
             continue;
         }
@@ -289,9 +296,11 @@ mod tests {
     }
 
     #[test]
-    fn reads_the_five_headers_and_keeps_the_first_user_agent_and_request_id() {
+    fn reads_the_six_headers_and_keeps_the_first_user_agent_request_id_and_peer() {
         let map = serialize(&[
+            ("x-chronoguard-peer", b"token:7"),
             ("x-request-id", b"5c8fa7b3-e2de-4161-b400-35d634e279c3"),
+            ("x-chronoguard-peer", b"token:8"),
             ("x-request-id", b"second"),
             (":authority", b"api.example.com:443"),
             (":path", b"/v1?q=1"),
@@ -308,6 +317,7 @@ mod tests {
                 path: "/v1?q=1".into(),
                 user_agent: "first".into(),
                 request_id: b"5c8fa7b3-e2de-4161-b400-35d634e279c3",
+                peer: b"token:7",
             }
         );
     }

@@ -77,6 +77,7 @@ impl Request {
             path,
             user_agent,
             request_id: _,
+            peer: _,
         } = headers;
         // Query strings are never evaluated or audited (they carry secrets).
         let path = match path {
@@ -188,15 +189,19 @@ impl Request {
         }
         let state = vm::state();
         let mut state = state.borrow_mut();
-        // All request headers in one host call; the peer (one property per request on a
-        // kept-alive connection).
-        let headers = host::request_header_map();
-        let (peer, read) = state.peers.peer();
-        if read {
-            let metrics = &mut state.metrics;
+        // All request headers in one host call; the peer from the connection the
+        // listener's `x-chronoguard-peer` names (no host call) or from Envoy's properties.
+        let header_map = host::request_header_map();
+        let headers = header_map.request_headers();
+        let lookup = state.peers.peer(headers.peer);
+        let metrics = &mut state.metrics;
+        if lookup.read {
             metrics.add(metrics.peer_reads, 1);
         }
-        let headers = headers.request_headers();
+        if lookup.header_ignored {
+            metrics.add(metrics.peer_header_ignored, 1);
+        }
+        let peer = lookup.peer;
         // The decision id is Envoy's request id, which the route copies onto the request
         // and the response as `x-chronoguard-decision-id` (`envoy-config/`): no header
         // change here, so Envoy keeps its route cache.

@@ -19,6 +19,11 @@ pub struct Metrics {
     /// Requests whose peer (certificate digest, subject, address) was read from Envoy's
     /// properties rather than from the per-connection cache: about one per connection.
     pub peer_reads: Option<u32>,
+    /// Requests carrying an `x-chronoguard-peer` header without this Envoy's token (a
+    /// client's own, or a listener without the header mutation): their peer was read
+    /// from the connection, as always without the header. Not logged per request: a
+    /// client could flood the log.
+    pub peer_header_ignored: Option<u32>,
     pub rate_limit_errors: Option<u32>,
     pub audit_sent: Option<u32>,
     pub audit_dropped: Option<u32>,
@@ -46,6 +51,7 @@ impl Metrics {
             config_rejected: counter("chronoguard.config_rejected"),
             memo_hits: counter("chronoguard.memo_hits"),
             peer_reads: counter("chronoguard.peer_reads"),
+            peer_header_ignored: counter("chronoguard.peer_header_ignored"),
             rate_limit_errors: counter("chronoguard.rate_limit_errors"),
             audit_sent: counter("chronoguard.audit_sent"),
             audit_dropped: counter("chronoguard.audit_dropped"),

@@ -5,7 +5,7 @@ use crate::metrics::Metrics;
 use filter_core::audit::{AuditBuffer, AuditRecord, IdGenerator};
 use filter_core::config::{AuditSink, FastHash};
 use filter_core::data::EntryCache;
-use filter_core::input::source_ip;
+use filter_core::input::{MIN_PEER_TOKEN, PEER_TOKEN_ENV, peer_connection, source_ip};
 use proxy_wasm::types::LogLevel;
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -28,25 +28,68 @@ pub struct Peer {
 }
 
 /// Peers by downstream connection id: a connection's peer never changes, so a request on
-/// a kept-alive connection reads one property (`connection_id`, unique per Envoy process)
-/// instead of the digest and the address. Certificate subjects (only audited) are kept by
-/// digest, read once per certificate. Both are bounded: cleared when full.
-#[derive(Default)]
+/// a kept-alive connection reads the digest and the address once per connection.
+/// Certificate subjects (only audited) are kept by digest, read once per certificate.
+/// Both are bounded: cleared when full.
+///
+/// The connection id itself comes from the `x-chronoguard-peer` header when the listener
+/// writes it with this Envoy's token (`filter_core::input::peer_connection`): no host
+/// call. Otherwise it is read from Envoy (the `connection_id` property, one host call).
 pub struct PeerCache {
     by_connection: HashMap<u64, Rc<Peer>, FastHash>,
     subjects: HashMap<String, String>,
+    /// The token the listener's header carries (`CHRONOGUARD_PEER_TOKEN` in Envoy's
+    /// environment, passed to the VM); empty: the header is never believed.
+    token: Box<[u8]>,
 }
 
 /// Connections (and certificates) remembered per VM before the cache starts over.
 const PEER_CACHE_SIZE: usize = 4_096;
 
+/// How the current request's peer was found.
+pub struct PeerLookup {
+    pub peer: Rc<Peer>,
+    /// Read from Envoy's properties: the connection was not cached.
+    pub read: bool,
+    /// The request carried an `x-chronoguard-peer` header without this Envoy's token.
+    pub header_ignored: bool,
+}
+
 impl PeerCache {
-    /// The peer of the connection the current request arrived on, and whether it was
-    /// read from Envoy (not cached for this connection).
-    pub fn peer(&mut self) -> (Rc<Peer>, bool) {
-        let connection = host::connection_id();
+    fn new() -> Self {
+        let token = match std::env::var(PEER_TOKEN_ENV) {
+            Ok(token) if token.len() >= MIN_PEER_TOKEN => token.into_bytes().into(),
+            Ok(_) => {
+                host::log(
+                    LogLevel::Error,
+                    &format!(
+                        "{PEER_TOKEN_ENV} is shorter than {MIN_PEER_TOKEN} bytes and is not used: \
+                         peers are read from the connection"
+                    ),
+                );
+                Box::default()
+            }
+            Err(_) => Box::default(),
+        };
+        Self {
+            by_connection: HashMap::default(),
+            subjects: HashMap::new(),
+            token,
+        }
+    }
+
+    /// The peer of the connection the current request arrived on; `header` is the
+    /// request's `x-chronoguard-peer`.
+    pub fn peer(&mut self, header: &[u8]) -> PeerLookup {
+        let named = peer_connection(header, &self.token);
+        let header_ignored = named.is_none() && !header.is_empty();
+        let connection = named.or_else(host::connection_id);
         if let Some(peer) = connection.and_then(|id| self.by_connection.get(&id)) {
-            return (Rc::clone(peer), false);
+            return PeerLookup {
+                peer: Rc::clone(peer),
+                read: false,
+                header_ignored,
+            };
         }
         let mut fingerprint =
             host::property(&["connection", "sha256_peer_certificate_digest"]).unwrap_or_default();
@@ -64,7 +107,11 @@ impl PeerCache {
             }
             self.by_connection.insert(id, Rc::clone(&peer));
         }
-        (peer, true)
+        PeerLookup {
+            peer,
+            read: true,
+            header_ignored,
+        }
     }
 
     /// The subject of the peer certificate whose digest is `fingerprint` (empty without
@@ -117,7 +164,7 @@ impl VmState {
         let prefix = RandomState::new().hash_one(host::now_ns());
         Self {
             ids: IdGenerator::new(prefix),
-            peers: PeerCache::default(),
+            peers: PeerCache::new(),
             entries: EntryCache::default(),
             metrics: Metrics::define(),
             audit: AuditBuffer::new(DEFAULT_CAPACITY),
