@@ -826,6 +826,9 @@ async fn stall(
     Ok(())
 }
 
+/// The domain the propagation changes allow and block on p0, and nothing else names.
+const PROPAGATION_DOMAIN: &str = "propagation.example";
+
 /// REST write → first request decided by the new policy, `args.changes` times.
 async fn propagation(
     stack: &Stack,
@@ -837,12 +840,15 @@ async fn propagation(
     let mut samples = Vec::new();
     for i in 0..args.changes {
         let block = i % 2 == 0;
-        let mut allowed: Vec<String> = (1..5).map(|d| format!("allowed-{d}.example")).collect();
+        // A domain only p0 names: with few policies (`--policies` 10, 15–18) the load
+        // agent's other policies also allow `allowed-0.example` at a higher priority, so
+        // blocking that on p0 would never decide.
+        let mut allowed: Vec<String> = (0..5).map(|d| format!("allowed-{d}.example")).collect();
         let mut blocked = vec!["blocked-0.example".to_owned()];
         if block {
-            blocked.push("allowed-0.example".into());
+            blocked.push(PROPAGATION_DOMAIN.into());
         } else {
-            allowed.push("allowed-0.example".into());
+            allowed.push(PROPAGATION_DOMAIN.into());
         }
         let want = if block { 403 } else { 200 };
         let started = Instant::now();
@@ -855,7 +861,7 @@ async fn propagation(
             .await?;
         let written = started.elapsed();
         loop {
-            let reply = stack.request(&client, "allowed-0.example", "/").await?;
+            let reply = stack.request(&client, PROPAGATION_DOMAIN, "/").await?;
             if reply.status == want {
                 break;
             }
