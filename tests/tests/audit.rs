@@ -1181,19 +1181,40 @@ struct Proxy {
 
 impl Proxy {
     async fn start(target: u16) -> Self {
+        // Port 0: the kernel picks a free port, so no other test can take it between a
+        // probe and the bind.
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
+            .await
+            .unwrap();
         let proxy = Self {
-            port: integration_tests::free_port(),
+            port: listener.local_addr().unwrap().port(),
             target,
             tasks: Arc::default(),
         };
-        proxy.open().await;
+        proxy.serve(listener);
         proxy
     }
 
+    /// Accepts again on the same port (the control plane's database URL names it). An
+    /// outgoing connection of another test may hold it for a moment as its local port:
+    /// retried for up to 5 s.
     async fn open(&self) {
-        let listener = tokio::net::TcpListener::bind(("127.0.0.1", self.port))
-            .await
-            .unwrap();
+        let mut attempts = 0;
+        let listener = loop {
+            match tokio::net::TcpListener::bind(("127.0.0.1", self.port)).await {
+                Ok(listener) => break listener,
+                Err(err) if attempts < 50 => {
+                    attempts += 1;
+                    eprintln!("proxy port {} not free yet: {err}", self.port);
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(err) => panic!("proxy port {}: {err}", self.port),
+            }
+        };
+        self.serve(listener);
+    }
+
+    fn serve(&self, listener: tokio::net::TcpListener) {
         let (target, tasks) = (self.target, self.tasks.clone());
         let accept = tokio::spawn(async move {
             while let Ok((mut client, _)) = listener.accept().await {
