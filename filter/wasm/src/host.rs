@@ -98,6 +98,10 @@ unsafe fn host_buffer(
     Some(unsafe { Vec::from_raw_parts(data, size, size) })
 }
 
+/// The raw headers' names as patterns (the names live in `filter_core`).
+const REQUEST_ID: &[u8] = filter_core::decision::REQUEST_ID_HEADER.as_bytes();
+const PEER: &[u8] = filter_core::input::PEER_HEADER.as_bytes();
+
 /// Reads the proxy-wasm serialized header map (`u32` count, `count` pairs of `u32`
 /// lengths, then each name and value followed by a NUL); a malformed map yields what was
 /// read before the fault.
@@ -124,8 +128,8 @@ fn parse_request_headers(map: &[u8]) -> RequestHeaders<'_> {
         };
         at = value_end.saturating_add(1);
         let raw = match name {
-            b"x-request-id" => Some(&mut headers.request_id),
-            b"x-chronoguard-peer" => Some(&mut headers.peer),
+            REQUEST_ID => Some(&mut headers.request_id),
+            PEER => Some(&mut headers.peer),
             _ => None,
         };
         if let Some(raw) = raw {
