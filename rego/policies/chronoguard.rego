@@ -17,6 +17,11 @@
 # normalised (lower case, no port, no trailing dot), the method upper-cased, and
 # input.time.local[<timezone>] holds the local day and minute for every timezone the
 # bundle uses (computed from Envoy's clock with the bundle's offset tables).
+# Written for regorus's interpreter, where a function call costs about three rule
+# lookups and each further definition of a function half a call more: helpers on the
+# hot path are single definitions with `else` chains, and a policy's verdict spells its
+# lookups out instead of calling helpers (BENCHMARKS.md, "Fourteenth session": a memo
+# miss costs 29% fewer instructions than with one definition per case).
 package chronoguard
 
 import rego.v1
@@ -46,24 +51,17 @@ domain_suffixes contains concat(".", array.slice(labels, i, count(labels))) if {
 	i > 0
 }
 
-# The domain is in a policy's index: by exact name, or by a wildcard's suffix.
-listed(exact, _) if exact[input.request.domain]
-
-listed(_, suffix) if {
-	some parent in domain_suffixes
-	suffix[parent]
-}
-
 # === Time windows ===
 
 local_time(p) := input.time.local[p.timezone]
 
 # A policy without windows is always in its window.
-in_window(p) if count(p.windows) == 0
-
 in_window(p) if {
+	count(p.windows) == 0
+} else if {
+	t := input.time.local[p.timezone]
 	some w in p.windows
-	window_matches(w, local_time(p))
+	window_matches(w, t)
 }
 
 # [start, end) in minutes of the local day; start > end crosses midnight, and the part
@@ -73,15 +71,11 @@ window_matches(w, t) if {
 	t.day in w.days
 	t.minute >= w.start
 	t.minute < w.end
-}
-
-window_matches(w, t) if {
+} else if {
 	w.start > w.end
 	t.day in w.days
 	t.minute >= w.start
-}
-
-window_matches(w, t) if {
+} else if {
 	w.start > w.end
 	t.prev_day in w.days
 	t.minute < w.end
@@ -89,64 +83,70 @@ window_matches(w, t) if {
 
 # === Rule conditions ===
 
-field_value(_, "domain") := input.request.domain
-
-field_value(_, "method") := input.request.method
-
-field_value(_, "path") := input.request.path
-
-field_value(_, "user_agent") := input.request.user_agent
-
-field_value(_, "source_ip") := input.request.source_ip
-
-field_value(p, "hour") := local_time(p).hour
-
-field_value(p, "minute") := local_time(p).minute_of_hour
-
-field_value(p, "day_of_week") := local_time(p).day
-
-field_value(_, "agent_name") := agent.name
-
-field_value(_, field) := agent.metadata[key] if {
+field_value(p, field) := input.request.domain if {
+	field == "domain"
+} else := input.request.method if {
+	field == "method"
+} else := input.request.path if {
+	field == "path"
+} else := input.request.user_agent if {
+	field == "user_agent"
+} else := input.request.source_ip if {
+	field == "source_ip"
+} else := local_time(p).hour if {
+	field == "hour"
+} else := local_time(p).minute_of_hour if {
+	field == "minute"
+} else := local_time(p).day if {
+	field == "day_of_week"
+} else := agent.name if {
+	field == "agent_name"
+} else := agent.metadata[substring(field, 15, -1)] if {
 	startswith(field, "agent_metadata.")
-	key := substring(field, 15, -1)
 }
 
 member(value, values) if value in values
 
-holds("equals", value, expected) if value == expected
-
-holds("not_equals", value, expected) if value != expected
-
-holds("in", value, expected) if member(value, expected)
-
-holds("not_in", value, expected) if not member(value, expected)
-
-holds("contains", value, expected) if contains(value, expected)
-
-holds("starts_with", value, expected) if startswith(value, expected)
-
-holds("ends_with", value, expected) if endswith(value, expected)
-
-holds("matches", value, expected) if regex.match(expected, value)
-
-holds("cidr", value, expected) if net.cidr_contains(expected, value)
-
-condition_holds(p, c) if {
-	value := field_value(p, c.field)
-	holds(c.operator, value, c.value)
-}
-
-# All conditions of a rule hold (a rule without conditions always matches).
-rule_matches(p, rule) if {
-	failing := [c | some c in rule.conditions; not condition_holds(p, c)]
-	count(failing) == 0
+holds(operator, value, expected) if {
+	operator == "equals"
+	value == expected
+} else if {
+	operator == "not_equals"
+	value != expected
+} else if {
+	operator == "in"
+	member(value, expected)
+} else if {
+	operator == "not_in"
+	not member(value, expected)
+} else if {
+	operator == "contains"
+	contains(value, expected)
+} else if {
+	operator == "starts_with"
+	startswith(value, expected)
+} else if {
+	operator == "ends_with"
+	endswith(value, expected)
+} else if {
+	operator == "matches"
+	regex.match(expected, value)
+} else if {
+	operator == "cidr"
+	net.cidr_contains(expected, value)
 }
 
 # Rules arrive sorted by priority (highest first), then id: the first matching one counts.
-matching_rules(p) := [i | some i, rule in p.rules; rule_matches(p, rule)]
-
-first_rule(p) := p.rules[min(matching_rules(p))] if count(matching_rules(p)) > 0
+# A rule matches when all its conditions hold (a rule without conditions always matches).
+first_rule(p) := p.rules[min(matching)] if {
+	matching := [i |
+		some i, rule in p.rules
+		every c in rule.conditions {
+			holds(c.operator, field_value(p, c.field), c.value)
+		}
+	]
+	count(matching) > 0
+}
 
 # === Custom Rego ===
 
@@ -178,29 +178,32 @@ rule_verdict(p, rule) := verdict_of(p, false, "rule_denied", rule.id) if {
 	rule.action == "deny"
 } else := allow_verdict(p, "rule_allowed", rule.id)
 
-# Undefined when the policy does not decide this request.
+# Undefined when the policy does not decide this request. A domain is listed by exact
+# name, or by a wildcard's suffix (`domain_suffixes`).
 verdict(p) := verdict_of(p, false, "domain_blocked", null) if {
-	listed(p.blocked_exact, p.blocked_suffix)
+	p.blocked_exact[input.request.domain]
+} else := verdict_of(p, false, "domain_blocked", null) if {
+	some parent in domain_suffixes
+	p.blocked_suffix[parent]
 } else := verdict_of(p, false, reason, null) if {
+	p.custom != null
 	reason := custom_deny(p)
 } else := rule_verdict(p, rule) if {
+	count(p.rules) > 0
 	rule := first_rule(p)
 } else := allow_verdict(p, "domain_allowed", null) if {
-	listed(p.allowed_exact, p.allowed_suffix)
+	p.allowed_exact[input.request.domain]
+} else := allow_verdict(p, "domain_allowed", null) if {
+	some parent in domain_suffixes
+	p.allowed_suffix[parent]
 }
 
 # === Combining policies ===
 
-# The highest priority wins; at equal priority a deny wins; ties are broken by Rego's
-# total order over the verdicts so the result is deterministic.
-best(verdicts) := min(denies) if {
+# The highest priority wins; at equal priority a deny wins (false orders before true);
+# ties are broken by Rego's total order over the verdicts so the result is deterministic.
+best(verdicts) := min({[v.allow, v] | some v in verdicts; v.priority == top})[1] if {
 	top := max({v.priority | some v in verdicts})
-	denies := {v | some v in verdicts; v.priority == top; v.allow == false}
-	count(denies) > 0
-} else := min(tops) if {
-	top := max({v.priority | some v in verdicts})
-	tops := {v | some v in verdicts; v.priority == top}
-	count(tops) > 0
 }
 
 enforced_verdicts contains v if {

@@ -9,7 +9,10 @@
 // It loads the configuration like a worker VM (no canary, nothing in shared data), then
 // sends the bench's load: 90% `allowed-0.example`, 10% `blocked-0.example`, one kept-alive
 // connection of the given agent, Envoy's clock advancing 50 µs per read, a tick and an
-// acknowledged audit callout every 1,000 requests. It prints one JSON line: the module's
+// acknowledged audit callout every 1,000 requests. With `CHRONOGUARD_GUEST_MISSES=1` every
+// request names a domain of its own that no policy lists instead (`m<i>.example`, denied
+// `no_matching_policy`), so each one is a memo miss: a whole Rego evaluation, as after a
+// push that changed the agent's policy. It prints one JSON line: the module's
 // compile time, the time per request (guest work plus this host's share, which is the
 // same for every module: compare modules, not absolute figures) and the host calls per
 // request. A module that does not decide the load as the bench expects is an error.
@@ -21,8 +24,9 @@ if (!modulePath || !configPath || !fingerprint) {
   console.error('usage: host.cjs <module.wasm> <configuration.json> <fingerprint> [requests]');
   process.exit(2);
 }
-const REQUESTS = Number(requestsArg || 300000);
-const WARMUP = 20000;
+const MISSES = process.env.CHRONOGUARD_GUEST_MISSES === '1';
+const REQUESTS = Number(requestsArg || (MISSES ? 3000 : 300000));
+const WARMUP = MISSES ? 300 : 20000;
 const configuration = fs.readFileSync(configPath);
 const encoder = new TextEncoder();
 const decoder = new TextDecoder();
@@ -183,9 +187,11 @@ if (!wasm.proxy_on_configure(1, configuration.length)) {
   process.exit(1);
 }
 
+// Memo misses: a domain per request, never the same twice in a run.
+let missed = 0;
 function run(requests) {
   for (let i = 0; i < requests; i++) {
-    headers = i % 10 === 0 ? blocked : allowed;
+    headers = MISSES ? headerMap(`m${missed++}.example`) : i % 10 === 0 ? blocked : allowed;
     wasm.proxy_on_request_headers(2, 8, 1);
     if (i % 1000 === 999) {
       wasm.proxy_on_tick(1);
@@ -212,8 +218,10 @@ const perRequest = Object.fromEntries(
 // go through).
 const near = (value, expected) => Math.abs((value || 0) - expected) <= 0.01;
 const answered = (perRequest.set_header || 0) + (perRequest.local_replies || 0) > 0;
-const asExpected = (near(perRequest.set_header, 0.9) || near(perRequest.set_header, 0))
-  && (near(perRequest.local_replies, 0.1) || near(perRequest.local_replies, 0));
+const asExpected = MISSES
+  ? near(perRequest.local_replies, 1)
+  : (near(perRequest.set_header, 0.9) || near(perRequest.set_header, 0))
+    && (near(perRequest.local_replies, 0.1) || near(perRequest.local_replies, 0));
 if (answered && !asExpected) {
   console.error(`the module did not decide the load as expected: ${JSON.stringify(perRequest)}`);
   process.exit(1);
@@ -221,6 +229,7 @@ if (answered && !asExpected) {
 console.log(JSON.stringify({
   module: modulePath,
   compile_ms: Math.round(compileMs * 10) / 10,
+  misses: MISSES,
   us_per_request: Math.round((elapsedNs / REQUESTS) * 1000) / 1e6,
   requests: REQUESTS,
   per_request: perRequest,
