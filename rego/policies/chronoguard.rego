@@ -179,7 +179,9 @@ rule_verdict(p, rule) := verdict_of(p, false, "rule_denied", rule.id) if {
 } else := allow_verdict(p, "rule_allowed", rule.id)
 
 # Undefined when the policy does not decide this request. A domain is listed by exact
-# name, or by a wildcard's suffix (`domain_suffixes`).
+# name, or by a wildcard's suffix (`domain_suffixes`). These lookups are the only reads of
+# the domain sets: the filter keeps a memoised decision across a push that changed no
+# lookup of its domain (Entries::domain_signature in filter/core/src/data.rs).
 verdict(p) := verdict_of(p, false, "domain_blocked", null) if {
 	p.blocked_exact[input.request.domain]
 } else := verdict_of(p, false, "domain_blocked", null) if {

@@ -263,7 +263,8 @@ async fn rate_limit_holds_across_workers() {
 }
 
 /// A push keeps the memoised decisions of the agents it left alone (agent, policies,
-/// modules and timezones unchanged) and decides again for the agents it changed
+/// modules and timezones unchanged), and of the agents it changed only in domain lists
+/// those decisions' domains do not meet, and decides again for the others
 /// (`CompiledPolicy::inherit_memo`): counted by the filter's `memo_hits`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_push_keeps_the_decisions_it_did_not_change() {
@@ -283,44 +284,83 @@ async fn a_push_keeps_the_decisions_it_did_not_change() {
         let (status, _, _) = send(&stack, client, Method::GET, domain, "/").await;
         assert_eq!(status, 200);
     }
-    // Policy `changed` also allows c.example now: a push that changes agent two's policy.
-    stack
-        .admin(
-            Method::PUT,
-            &format!("/api/v1/policies/{changed}"),
-            Some(json!({"name": "changed", "priority": 100, "allowed_domains": ["b.example", "c.example"]})),
-        )
-        .await
-        .unwrap();
-    integration_tests::wait_for(
-        "the push on the worker",
-        Duration::from_secs(15),
-        || async {
-            let (status, _, _) = send(&stack, &two, Method::GET, "c.example", "/").await;
-            (status == 200).then_some(())
-        },
-    )
-    .await
-    .unwrap();
+    // Pushes that change agent two's policy; each waits until c.example's decision on the
+    // worker shows it.
+    let push = |policy: serde_json::Value, c_status: u16| {
+        let (stack, two, changed) = (&stack, &two, &changed);
+        async move {
+            stack
+                .admin(
+                    Method::PUT,
+                    &format!("/api/v1/policies/{changed}"),
+                    Some(policy),
+                )
+                .await
+                .unwrap();
+            integration_tests::wait_for(
+                "the push on the worker",
+                Duration::from_secs(15),
+                || async {
+                    let (status, _, _) = send(stack, two, Method::GET, "c.example", "/").await;
+                    (status == c_status).then_some(())
+                },
+            )
+            .await
+            .unwrap();
+        }
+    };
     let hits = || stat_after_tick(&stack, "wasmcustom.chronoguard.memo_hits");
-    let before = hits().await;
-    let (status, _, _) = send(&stack, &one, Method::GET, "a.example", "/").await;
-    assert_eq!(status, 200);
-    assert_eq!(
-        hits().await,
-        before + 1,
-        "agent one's decision survives the push"
-    );
-    let (status, _, _) = send(&stack, &two, Method::GET, "b.example", "/").await;
-    assert_eq!(status, 200);
-    assert_eq!(
-        hits().await,
-        before + 1,
-        "agent two's policy changed: decided again"
-    );
-    let (status, _, _) = send(&stack, &two, Method::GET, "b.example", "/").await;
-    assert_eq!(status, 200);
-    assert_eq!(hits().await, before + 2, "and memoised again");
+    let expect_hits = |client, domain, more: u64, why: &'static str| {
+        let hits = &hits;
+        let stack = &stack;
+        async move {
+            let before = hits().await;
+            let (status, _, _) = send(stack, client, Method::GET, domain, "/").await;
+            assert_eq!(status, 200);
+            assert_eq!(hits().await, before + more, "{domain}: {why}");
+        }
+    };
+    // `changed` also allows c.example now: only its domain list changes.
+    push(
+        json!({"name": "changed", "priority": 100, "allowed_domains": ["b.example", "c.example"]}),
+        200,
+    )
+    .await;
+    expect_hits(
+        &one,
+        "a.example",
+        1,
+        "agent one's decision survives the push",
+    )
+    .await;
+    expect_hits(
+        &two,
+        "b.example",
+        1,
+        "agent two's policy changed only in a domain b.example does not meet: its decision survives",
+    )
+    .await;
+    // Its priority changes (and c.example goes): agent two's decisions are taken again.
+    push(
+        json!({"name": "changed", "priority": 50, "allowed_domains": ["b.example"]}),
+        403,
+    )
+    .await;
+    expect_hits(
+        &two,
+        "b.example",
+        0,
+        "the policy's priority changed: decided again",
+    )
+    .await;
+    expect_hits(&two, "b.example", 1, "and memoised again").await;
+    expect_hits(
+        &one,
+        "a.example",
+        1,
+        "agent one's decision survives both pushes",
+    )
+    .await;
 }
 
 /// The filter reads a connection's peer (certificate digest, subject, address) from Envoy

@@ -159,31 +159,43 @@ fn rego_cases() {
 
 /// The memo never changes a decision: cached == fresh on every case, and on randomised
 /// requests mixing the cases' fingerprints, domains, methods, paths, addresses and times.
-#[test]
-fn memoised_decisions_equal_fresh_ones() {
+/// A xorshift generator: the randomised tests repeat exactly.
+fn random() -> impl FnMut() -> u64 {
     let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
-    let mut next = move || {
+    move || {
         seed ^= seed << 13;
         seed ^= seed >> 7;
         seed ^= seed << 17;
         seed
-    };
+    }
+}
+
+/// The cases' requests, then `n` more, each mixing the fingerprint, authority, method,
+/// path, address, user agent and time of random cases.
+fn mixed_requests(cases: &[Case], n: usize, next: &mut impl FnMut() -> u64) -> Vec<Request> {
+    let pool: Vec<Request> = cases.iter().map(|c| c.request.clone()).collect();
+    let mut requests: Vec<Request> = pool.clone();
+    for _ in 0..n {
+        let mut pick = || &pool[(next() % pool.len() as u64) as usize];
+        let mut r = pick().clone();
+        r.authority = pick().authority.clone();
+        r.method = pick().method.clone();
+        r.path = pick().path.clone();
+        r.source_ip = pick().source_ip.clone();
+        r.user_agent = pick().user_agent.clone();
+        r.time = pick().time.clone();
+        requests.push(r);
+    }
+    requests
+}
+
+#[test]
+fn memoised_decisions_equal_fresh_ones() {
+    let mut next = random();
     let mut checked = 0;
     for file in case_files() {
         let (mut policy, cases) = load(&file);
-        let pool: Vec<Request> = cases.iter().map(|c| c.request.clone()).collect();
-        let mut requests: Vec<Request> = pool.clone();
-        for _ in 0..300 {
-            let pick = |n: u64| &pool[(n % pool.len() as u64) as usize];
-            let mut r = pick(next()).clone();
-            r.authority = pick(next()).authority.clone();
-            r.method = pick(next()).method.clone();
-            r.path = pick(next()).path.clone();
-            r.source_ip = pick(next()).source_ip.clone();
-            r.user_agent = pick(next()).user_agent.clone();
-            r.time = pick(next()).time.clone();
-            requests.push(r);
-        }
+        let requests = mixed_requests(&cases, 300, &mut next);
         // Twice: the second pass is served from the memo.
         for _ in 0..2 {
             for r in &requests {
@@ -210,7 +222,7 @@ fn memoised_decisions_equal_fresh_ones() {
                     _ => next() % 600 + 1,
                 };
                 facts.unix_ns += step_s * 1_000_000_000 + next() % 1_000_000_000;
-                if next() % 50 == 0 {
+                if next().is_multiple_of(50) {
                     facts.unix_ns -= 1_800_000_000_000;
                 }
                 let cached = policy.evaluate(&facts).unwrap();
@@ -338,4 +350,105 @@ fn cached_compiles_equal_fresh_ones() {
     }
     assert!(checked > 300);
     assert!(inherited > 100, "{inherited} decisions inherited");
+}
+
+/// Decisions inherited across pushes that edit domain lists equal fresh ones
+/// ([`crate::data::Entries::domain_signature`]): per case file, the mixed requests are
+/// decided, then 30 pushes each add or remove, in a random policy's random domain set, a
+/// name the requests meet (a requested domain or one of its parents) or one they do not,
+/// or now and then change a policy's priority or mode; after each push every request is
+/// decided again through the inherited memo and compared with a fresh evaluation.
+#[test]
+fn decisions_inherited_across_domain_list_edits_equal_fresh_ones() {
+    let mut next = random();
+    let (mut checked, mut kept_over_a_change) = (0, 0);
+    for file in case_files() {
+        let (mut bundle, cases) = load_bundle(&file);
+        let requests: Vec<RequestFacts<'static>> = mixed_requests(&cases, 60, &mut next)
+            .iter()
+            .map(facts)
+            .collect();
+        // What the pushes list: the requested domains and their parents, and a name no
+        // request meets.
+        let valid = |name: &str| {
+            !name.is_empty()
+                && !name.starts_with('.')
+                && !name.ends_with('.')
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+        };
+        let mut names: Vec<String> = vec!["unrequested.example".into()];
+        for facts in &requests {
+            let domain: &str = &facts.domain;
+            let parents = domain.match_indices('.').map(|(at, _)| &domain[at + 1..]);
+            for name in std::iter::once(domain).chain(parents) {
+                if valid(name) && !names.iter().any(|n| n == name) {
+                    names.push(name.to_owned());
+                }
+            }
+        }
+        let ids: Vec<String> = bundle.data["policies"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .cloned()
+            .collect();
+        let mut cache = crate::data::EntryCache::default();
+        let mut policy = CompiledPolicy::compile_with(&bundle, &mut cache).unwrap();
+        for facts in &requests {
+            policy.evaluate_memo(facts).unwrap();
+        }
+        for push in 0..30 {
+            let id = &ids[(next() % ids.len() as u64) as usize];
+            let entry = &mut bundle.data["policies"][id];
+            match next() % 10 {
+                0 => entry["priority"] = (next() % 5).into(),
+                1 => {
+                    let dry = entry["mode"] == "dry_run";
+                    entry["mode"] = if dry { "enforce" } else { "dry_run" }.into();
+                }
+                _ => {
+                    let set = [
+                        "allowed_exact",
+                        "allowed_suffix",
+                        "blocked_exact",
+                        "blocked_suffix",
+                    ][(next() % 4) as usize];
+                    let name = &names[(next() % names.len() as u64) as usize];
+                    if !entry[set].is_object() {
+                        entry[set] = serde_json::json!({});
+                    }
+                    let listed = entry[set].as_object_mut().unwrap();
+                    if listed.remove(name).is_none() {
+                        listed.insert(name.clone(), true.into());
+                    }
+                }
+            }
+            let before: Vec<Option<u64>> = requests
+                .iter()
+                .map(|f| policy.signature(&f.fingerprint))
+                .collect();
+            let mut pushed = CompiledPolicy::compile_with(&bundle, &mut cache).unwrap();
+            pushed.inherit_memo(&mut policy);
+            policy = pushed;
+            for (facts, before) in requests.iter().zip(before) {
+                let (memoised, hit) = policy.evaluate_memo(facts).unwrap();
+                // A miss was just evaluated fresh.
+                if hit {
+                    let fresh = policy.evaluate_fresh(facts).unwrap();
+                    let at = format!("{} push {push}: {facts:?}", file.display());
+                    assert_eq!(*memoised, fresh, "{at}");
+                    checked += 1;
+                    if before != policy.signature(&facts.fingerprint) {
+                        kept_over_a_change += 1;
+                    }
+                }
+            }
+        }
+    }
+    println!("{checked} inherited decisions checked, {kept_over_a_change} kept over a change");
+    assert!(checked > 5_000, "{checked}");
+    // Decisions kept although a push changed their agent's policies.
+    assert!(kept_over_a_change > 1_000, "{kept_over_a_change}");
 }

@@ -166,6 +166,8 @@ pub(crate) struct PolicyEntry {
     facts: PolicyFacts,
     id: Box<str>,
     value: Lazy,
+    /// [`PolicyEntry::shape`], computed on first use.
+    shape: OnceLock<Option<u64>>,
 }
 
 /// The agents' and policies' JSON texts (by [`EntryCache`] hash) that a VM of this Envoy
@@ -289,6 +291,55 @@ impl Entries {
         Some(h.finish())
     }
 
+    /// What a decision about this agent's requests for `domain` depends on in the
+    /// bundle, as one hash: its entry, and for each policy it names, the policy without
+    /// its domain sets and which of those sets list `domain` (the exact sets) or one of
+    /// its strict parent suffixes (the suffix sets). The library reads a policy's domain
+    /// sets only by those lookups (`verdict` in `rego/policies/chronoguard.rego`), so two
+    /// configurations with the same modules, timezones and read fields decide the agent's
+    /// requests for `domain` alike when these hashes are equal, even where the domain
+    /// lists changed: a push that edits domain lists keeps the memoised decisions of
+    /// every other domain. `None` (compare [`Entries::signature`] instead) for an
+    /// unknown agent, an unusable entry, and an agent with a policy that has custom Rego,
+    /// which may read the domain sets in any way.
+    pub fn domain_signature(&self, fingerprint: &str, domain: &str) -> Option<u64> {
+        use std::hash::{Hash, Hasher};
+        let entry = self.agents.map.get(fingerprint)?;
+        let agent = entry.value().ok()?;
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        entry.hash.hash(&mut h);
+        // The strict parent suffixes: what follows each dot (`domain_suffixes` in Rego).
+        let parents: Vec<regorus::Value> = domain
+            .match_indices('.')
+            .map(|(at, _)| regorus::Value::from(&domain[at + 1..]))
+            .collect();
+        let exact = [regorus::Value::from(domain)];
+        for (_, policy) in self.named_policies(agent) {
+            let Some(policy) = policy else {
+                None::<u64>.hash(&mut h);
+                continue;
+            };
+            if policy.facts.custom.is_some() {
+                return None;
+            }
+            Some(policy.shape()?).hash(&mut h);
+            let value = policy.value().ok()?;
+            for (set, suffixes) in DOMAIN_SETS {
+                let keys = if suffixes { &parents[..] } else { &exact[..] };
+                let listed = value[set].as_object().ok();
+                for key in keys {
+                    // Rego's lookup succeeds for a present value other than false (the
+                    // sets hold only `true`).
+                    let hit = listed
+                        .and_then(|set| set.get(key))
+                        .is_some_and(|v| *v != regorus::Value::Bool(false));
+                    hit.hash(&mut h);
+                }
+            }
+        }
+        Some(h.finish())
+    }
+
     /// The ids an agent's entry names, each with the bundle's entry for it (if any).
     pub(crate) fn named_policies<'a>(
         &'a self,
@@ -387,6 +438,19 @@ impl PolicyEntry {
         // Its timezone's table was checked when the configuration was loaded.
         self.value
             .get(|v| prepare_policy(&self.id, v, &|_| true).map(|(value, _)| value))
+    }
+
+    /// The hash of the prepared policy without its domain sets ([`DOMAIN_SETS`]);
+    /// `None` when its value is unusable.
+    fn shape(&self) -> Option<u64> {
+        *self.shape.get_or_init(|| {
+            let mut object = self.value().ok()?.as_object().ok()?.clone();
+            for (set, _) in DOMAIN_SETS {
+                object.remove(&regorus::Value::from(set));
+            }
+            let text = serde_json::to_vec(&regorus::Value::from(object)).ok()?;
+            Some(text_hash(&text))
+        })
     }
 }
 
@@ -563,6 +627,7 @@ fn prepare_doc(
                     facts,
                     id: id.into(),
                     value: Lazy::deferred(text),
+                    shape: OnceLock::new(),
                 });
             }
             validated_here.1 += 1;
@@ -572,6 +637,7 @@ fn prepare_doc(
                 facts,
                 id: id.into(),
                 value: Lazy::prepared(to_regorus(value)?),
+                shape: OnceLock::new(),
             })
         },
     )?;
@@ -979,6 +1045,16 @@ fn prepare_policy(
     });
     Ok((value, facts))
 }
+
+/// A prepared policy's domain sets, each with whether Rego looks the request domain's
+/// strict parent suffixes up in it (the suffix sets) or the domain itself (the exact
+/// sets).
+const DOMAIN_SETS: [(&str, bool); 4] = [
+    ("allowed_exact", false),
+    ("allowed_suffix", true),
+    ("blocked_exact", false),
+    ("blocked_suffix", true),
+];
 
 /// A policy's domain patterns indexed for the request path: exact names, and the suffixes
 /// of `*.suffix` wildcards (`*.example.org` → `example.org`), each an object keyed by name

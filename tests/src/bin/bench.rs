@@ -588,10 +588,11 @@ const DECIDED: &[&str] = &[
 ];
 
 /// Decisions memoised before a push, asked for again after it: `KEYS` keys of the load's
-/// agent warmed, then a push that changes a policy the agent is not on, then one that
-/// changes the agent's own policy; after each, 1,000 req/s over the keys for 1 s, counting
-/// the decisions not taken from the memo (`CompiledPolicy::inherit_memo`: only the
-/// agents a push touched are decided again).
+/// agent warmed, then a push that changes a policy the agent is not on, then one that adds
+/// a domain none of the keys meets to the agent's own policy, then one that changes that
+/// policy's priority; after each, 1,000 req/s over the keys for 1 s, counting the
+/// decisions not taken from the memo (`CompiledPolicy::inherit_memo`: only the agents a
+/// push touched are decided again, and of a domain-list edit only the domains it meets).
 async fn memo_across_pushes(
     stack: &Stack,
     agent: &integration_tests::certs::AgentCert,
@@ -625,9 +626,14 @@ async fn memo_across_pushes(
             json!({"name": "p1", "priority": 1, "allowed_domains": ["changed.example"]}),
         ),
         (
-            "a push that changes this agent's policy",
+            "a push that adds a domain to this agent's policy",
             policy0,
             json!({"name": "p0", "priority": 0, "allowed_domains": ["*.churn.example", "changed.example"]}),
+        ),
+        (
+            "a push that changes this agent's policy's priority",
+            policy0,
+            json!({"name": "p0", "priority": 2, "allowed_domains": ["*.churn.example", "changed.example"]}),
         ),
     ] {
         put(id, body).await?;
@@ -695,9 +701,10 @@ async fn stall(
     let client = stack.agent_client(Some(agent))?;
     let window = Duration::from_secs(seconds);
     let pushes_per_window = (seconds * 4) as usize;
-    // Pushes change the load agent's own policy p0 (its decisions are then taken again
-    // after every push: the worst case), or another agents' policy p1, which leaves the
-    // load's memoised decisions alone.
+    // Pushes change the load agent's own policy p0's domain list (a domain the load does
+    // not ask for), or also its priority (the load's decisions are then taken again after
+    // every push: the worst case), or another agents' policy p1; the first and the last
+    // leave the load's memoised decisions alone.
     // A draft policy, which no bundle carries: changing it costs the control plane and
     // this process the same work as a push, and Envoy nothing (the bundle is unchanged,
     // so no update is sent). Its windows show what the pushes' p99 owes to the harness.
@@ -708,7 +715,7 @@ async fn stall(
             .await?;
     let policy = |target: Target, i: usize| {
         let (name, n) = match target {
-            Target::Own => ("p0", 0),
+            Target::Own | Target::OwnPriority => ("p0", 0),
             Target::Other => ("p1", 1),
             Target::Draft => {
                 return json!({"name": "bench-trigger", "status": "draft", "allowed_domains": [format!("trigger-{i}.example")]});
@@ -718,10 +725,14 @@ async fn stall(
             .map(|d| format!("allowed-{}.example", d + n))
             .collect();
         allowed.push(format!("extra-{i}.example"));
-        json!({"name": name, "priority": n, "allowed_domains": allowed, "blocked_domains": [format!("blocked-{n}.example")]})
+        let priority = match target {
+            Target::OwnPriority => i % 2 * 2,
+            _ => n,
+        };
+        json!({"name": name, "priority": priority, "allowed_domains": allowed, "blocked_domains": [format!("blocked-{n}.example")]})
     };
     let target = |target: Target| match target {
-        Target::Own => policy0,
+        Target::Own | Target::OwnPriority => policy0,
         Target::Other => p1,
         Target::Draft => draft,
     };
@@ -820,6 +831,11 @@ async fn stall(
     measure(
         "the worker alone on CPU 0, Envoy's other threads on CPU 1 at the lowest priority",
         Target::Own,
+    )
+    .await?;
+    measure(
+        "the same; each push also changes the load agent's policy's priority, so its decisions are taken again",
+        Target::OwnPriority,
     )
     .await?;
     measure(
@@ -1522,8 +1538,12 @@ fn envoy_threads(pid: u32) -> Vec<(u32, String)> {
 /// Which policy the push-stall windows change.
 #[derive(Clone, Copy)]
 enum Target {
-    /// The load agent's own policy: its decisions are taken again after every push.
+    /// The load agent's own policy's domain list: a domain the load does not ask for is
+    /// added and another removed, so the load's memoised decisions stay.
     Own,
+    /// The same, and the policy's priority changes: the load's decisions are taken again
+    /// after every push (the worst case).
+    OwnPriority,
     /// Another agents' policy: the load's memoised decisions stay.
     Other,
     /// A draft policy: the bundle does not change, no update reaches Envoy.
