@@ -363,6 +363,68 @@ async fn a_push_keeps_the_decisions_it_did_not_change() {
     .await;
 }
 
+/// The tick decides ahead of time the memoised decisions in use that a time boundary is
+/// about to change (`CompiledPolicy::warm`): the first request after a window opens finds
+/// its new decision memoised. Counted by `memo_warmed` and `memo_hits`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn decisions_are_taken_ahead_of_a_time_boundary() {
+    // One worker, so every request meets the same VM and its memo.
+    let (stack, tenant) = stack_with_workers(1).await;
+    let unix_s = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+    };
+    // A window opening at the start of the minute after next, in Asia/Kolkata (UTC+05:30
+    // all year).
+    let opens_at = (unix_s() / 60 + 2) * 60;
+    let start = (opens_at / 60 % 1440 + 330) % 1440;
+    let hhmm = |m: u64| format!("{:02}:{:02}", m % 1440 / 60, m % 60);
+    let all_days = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"];
+    let id = policy(
+        &stack,
+        json!({
+            "tenant_id": tenant, "name": "opens-soon", "allowed_domains": ["soon.example"],
+            "time_restrictions": {"timezone": "Asia/Kolkata",
+                "windows": [{"days": all_days, "start": hhmm(start), "end": hhmm(start + 60)}]}
+        }),
+    )
+    .await;
+    let bot = agent(&stack, &tenant, "bot", &id).await;
+    // Decided, then asked for again: a decision in use.
+    for _ in 0..2 {
+        let (status, body, _) = send(&stack, &bot, Method::GET, "soon.example", "/").await;
+        assert_eq!(status, 403, "{body}");
+        assert_eq!(body["reason"], "outside_time_window");
+    }
+    integration_tests::wait_for(
+        "the decision taken ahead of the window",
+        Duration::from_secs(150),
+        || async {
+            let warmed = stack.envoy.stat("wasmcustom.chronoguard.memo_warmed").await;
+            let warmed: u64 = warmed.ok()??.parse().ok()?;
+            (warmed >= 1).then_some(())
+        },
+    )
+    .await
+    .unwrap();
+    assert!(
+        unix_s() < opens_at,
+        "decided ahead, before the window opens"
+    );
+    tokio::time::sleep(Duration::from_secs(opens_at + 1 - unix_s())).await;
+    let hits = || stat_after_tick(&stack, "wasmcustom.chronoguard.memo_hits");
+    let before = hits().await;
+    let (status, body, _) = send(&stack, &bot, Method::GET, "soon.example", "/").await;
+    assert_eq!(status, 200, "inside the window: {body}");
+    assert_eq!(
+        hits().await,
+        before + 1,
+        "the new decision was memoised ahead"
+    );
+}
+
 /// The filter reads a connection's peer (certificate digest, subject, address) from Envoy
 /// once and keeps it by connection id (`connection_id`): at most one read per connection,
 /// none for further requests on a kept-alive one.

@@ -158,7 +158,9 @@ fn rego_cases() {
 }
 
 /// The memo never changes a decision: cached == fresh on every case, and on randomised
-/// requests mixing the cases' fingerprints, domains, methods, paths, addresses and times.
+/// requests mixing the cases' fingerprints, domains, methods, paths, addresses and times;
+/// also as the clock moves on, with decisions taken ahead of their expiry
+/// ([`CompiledPolicy::warm`]).
 /// A xorshift generator: the randomised tests repeat exactly.
 fn random() -> impl FnMut() -> u64 {
     let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
@@ -192,7 +194,7 @@ fn mixed_requests(cases: &[Case], n: usize, next: &mut impl FnMut() -> u64) -> V
 #[test]
 fn memoised_decisions_equal_fresh_ones() {
     let mut next = random();
-    let mut checked = 0;
+    let (mut checked, mut warmed) = (0, 0);
     for file in case_files() {
         let (mut policy, cases) = load(&file);
         let requests = mixed_requests(&cases, 300, &mut next);
@@ -225,6 +227,8 @@ fn memoised_decisions_equal_fresh_ones() {
                 if next().is_multiple_of(50) {
                     facts.unix_ns -= 1_800_000_000_000;
                 }
+                // The filter's tick decides ahead what expires soon.
+                warmed += policy.warm(facts.unix_ns, 1_000_000_000, 16);
                 let cached = policy.evaluate(&facts).unwrap();
                 let fresh = policy.evaluate_fresh(&facts).unwrap();
                 assert_eq!(cached, fresh, "{}: {facts:?}", file.display());
@@ -233,6 +237,7 @@ fn memoised_decisions_equal_fresh_ones() {
         }
     }
     assert!(checked > 10_000);
+    assert!(warmed > 50, "{warmed} decided ahead");
 }
 
 /// The entry cache (entries, and the engine prepared for the same modules) never changes a

@@ -5,7 +5,10 @@
 //! decision holds from its evaluation until the next instant a time input may change it
 //! ([`Clock`]: the next local minute at which a window opens or closes or a day or hour
 //! condition can flip, or the next UTC offset change; the next minute when a `minute`
-//! condition or custom Rego is in the bundle). A new configuration builds a new
+//! condition or custom Rego is in the bundle). Decisions in use that expire soon are
+//! taken again ahead of time, as of their expiry, from the filter's tick
+//! ([`CompiledPolicy::warm`]), so a time boundary does not send every key in use through
+//! regorus at once. A new configuration builds a new
 //! `CompiledPolicy`; it takes over the previous one's decisions
 //! ([`CompiledPolicy::inherit_memo`]) only where nothing they depend on changed: same
 //! modules, timezones and read fields, and the same entries for the agent and its
@@ -20,6 +23,7 @@ use crate::input::RequestFacts;
 use crate::time::{MINUTE_NS, OffsetTable};
 use crate::{DECISION_RULE, REGO_LIBRARY};
 use regorus::{Engine, Value};
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, OnceLock};
 
@@ -69,13 +73,50 @@ struct Memo {
     agent: Option<u64>,
     /// The agent's [`Entries::domain_signature`] for the request's domain when decided.
     domain: Option<u64>,
+    /// Asked for again within its span: [`CompiledPolicy::warm`] decides it ahead of
+    /// its expiry.
+    used: bool,
+    /// The decision from `until_ns` on, taken ahead of time ([`CompiledPolicy::warm`]),
+    /// with the end of its span.
+    next: Option<(u64, Arc<Decision>)>,
+    /// The request facts the key leaves out, which only custom Rego may read, for
+    /// deciding ahead of time: the certificate's subject and the scheme.
+    subject: Box<str>,
+    scheme: Box<str>,
 }
+
+/// How long before a memoised decision expires [`CompiledPolicy::warm`] may decide it
+/// again.
+pub const WARM_HORIZON_NS: u64 = 30_000_000_000;
 
 /// Memoised decisions by [`memo_hash`], and how many.
 #[derive(Debug, Clone, Default)]
 struct MemoMap {
     buckets: HashMap<u64, Vec<Memo>, crate::config::FastHash>,
     len: usize,
+}
+
+// === impl Memo ===
+
+impl Memo {
+    /// Whether the memo decides a request at `now`: within its span, or within the
+    /// span of the decision taken ahead of time, which then takes over. Returns the end
+    /// of the span when that happened.
+    fn holds(&mut self, now: u64) -> (bool, Option<u64>) {
+        let mut promoted = None;
+        if now >= self.until_ns
+            && let Some((until_ns, _)) = self.next
+            && now < until_ns
+            && let Some((until_ns, decision)) = self.next.take()
+        {
+            self.from_ns = self.until_ns;
+            self.until_ns = until_ns;
+            self.decision = decision;
+            self.used = false;
+            promoted = Some(until_ns);
+        }
+        ((self.from_ns..self.until_ns).contains(&now), promoted)
+    }
 }
 
 // === impl MemoKey ===
@@ -206,6 +247,9 @@ pub struct CompiledPolicy {
     /// Agents, policies and module sets validated while compiling (not reused, not known
     /// as validated already).
     validated_here: (usize, usize, usize),
+    /// No memoised decision in `memo` that [`CompiledPolicy::warm`] may decide ahead
+    /// expires before this (it may be earlier than the first that does).
+    next_expiry: u64,
 }
 
 // === impl MemoMap ===
@@ -332,6 +376,7 @@ impl CompiledPolicy {
             memo: MemoMap::default(),
             inherited: MemoMap::default(),
             validated_here: (agents, policies, built),
+            next_expiry: u64::MAX,
         })
     }
 
@@ -363,12 +408,19 @@ impl CompiledPolicy {
         let now = facts.unix_ns;
         // One scan of the bucket: a hit answers; a miss remembers where an expired entry of
         // the same request sits, to replace it after evaluating.
-        let bucket = self.memo.buckets.get(&hash);
-        let slot = bucket.and_then(|b| b.iter().position(|m| m.key.matches(facts, &self.reads)));
-        if let Some(memo) = bucket.zip(slot).and_then(|(b, i)| b.get(i))
-            && (memo.from_ns..memo.until_ns).contains(&now)
-        {
-            return Ok((memo.decision.clone(), true));
+        let reads = &self.reads;
+        let bucket = self.memo.buckets.get_mut(&hash);
+        let memo = bucket.and_then(|b| b.iter_mut().find(|m| m.key.matches(facts, reads)));
+        let slot = memo.is_some();
+        if let Some(memo) = memo {
+            let (holds, promoted) = memo.holds(now);
+            if let Some(until_ns) = promoted {
+                self.next_expiry = self.next_expiry.min(until_ns);
+            }
+            if holds {
+                memo.used = true;
+                return Ok((memo.decision.clone(), true));
+            }
         }
         let agent = self.entries.signature(&facts.fingerprint);
         // A previous configuration's decision, while it holds and nothing it depends on
@@ -378,7 +430,7 @@ impl CompiledPolicy {
             _ => self
                 .inherited
                 .take(hash, facts, &self.reads)
-                .filter(|m| (m.from_ns..m.until_ns).contains(&now))
+                .and_then(|mut m| m.holds(now).0.then_some(m))
                 .and_then(|mut m| {
                     if m.agent != agent {
                         // The push changed the agent's entries; the decision stands if
@@ -395,7 +447,10 @@ impl CompiledPolicy {
                 }),
         };
         let (memo, hit) = match inherited {
-            Some(memo) => (memo, true),
+            Some(mut memo) => {
+                memo.used = true;
+                (memo, true)
+            }
             None => {
                 let decision = Arc::new(self.evaluate_fresh(facts)?);
                 let memo = Memo {
@@ -407,12 +462,24 @@ impl CompiledPolicy {
                     domain: self
                         .entries
                         .domain_signature(&facts.fingerprint, &facts.domain),
+                    used: false,
+                    next: None,
+                    subject: facts.subject.as_ref().into(),
+                    scheme: facts.scheme.as_ref().into(),
                 };
                 (memo, false)
             }
         };
         let decision = memo.decision.clone();
-        if let Some(stale) = slot.and_then(|i| self.memo.buckets.get_mut(&hash)?.get_mut(i)) {
+        self.next_expiry = self.next_expiry.min(memo.until_ns);
+        let reads = &self.reads;
+        if slot
+            && let Some(stale) = self
+                .memo
+                .buckets
+                .get_mut(&hash)
+                .and_then(|b| b.iter_mut().find(|m| m.key.matches(facts, reads)))
+        {
             *stale = memo;
             return Ok((decision, hit));
         }
@@ -452,6 +519,78 @@ impl CompiledPolicy {
             older = MemoMap::default();
         }
         self.inherited = older.merge(newer, true);
+    }
+
+    /// Decides again, ahead of time, the memoised decisions asked for again within their
+    /// span that expire within [`WARM_HORIZON_NS`] of `now`. Each is evaluated as of its
+    /// expiry and takes over then, so the requests after a time boundary (a window
+    /// opening, a new day, every minute with a `minute` condition) find their decisions
+    /// memoised instead of all running regorus at once, on the worker, between requests.
+    /// Paced to spread the work over the calls left, `period_ns` apart, before the first
+    /// of them expires; at most `max` per call. A decision that fails to evaluate is left
+    /// to its next request (which counts the error). Returns how many were decided.
+    pub fn warm(&mut self, now: u64, period_ns: u64, max: usize) -> usize {
+        if self.next_expiry.saturating_sub(now) > WARM_HORIZON_NS {
+            return 0;
+        }
+        // Due: (expiry, hash, index in its bucket), soonest first.
+        let mut due = Vec::new();
+        let mut later = u64::MAX;
+        for (hash, bucket) in &self.memo.buckets {
+            for (i, m) in bucket.iter().enumerate() {
+                if m.next.is_some() || m.until_ns <= now || m.until_ns == u64::MAX {
+                    continue;
+                }
+                if m.used && m.until_ns - now <= WARM_HORIZON_NS {
+                    due.push((m.until_ns, *hash, i));
+                } else {
+                    later = later.min(m.until_ns);
+                }
+            }
+        }
+        due.sort_unstable();
+        let Some(&(first, _, _)) = due.first() else {
+            self.next_expiry = later;
+            return 0;
+        };
+        let calls_left = usize::try_from((first - now) / period_ns.max(1))
+            .unwrap_or(usize::MAX)
+            .max(1);
+        let budget = due.len().div_ceil(calls_left).min(max);
+        let (now_due, left) = due.split_at(budget);
+        for &(until_ns, _, _) in left {
+            later = later.min(until_ns);
+        }
+        let mut decided = 0;
+        for &(until_ns, hash, i) in now_due {
+            let Some(m) = self.memo.buckets.get(&hash).and_then(|b| b.get(i)) else {
+                continue;
+            };
+            let field = |f: &Option<String>| Cow::Owned(f.clone().unwrap_or_default());
+            let facts = RequestFacts {
+                fingerprint: Cow::Owned(m.key.fingerprint.clone()),
+                subject: Cow::Owned(m.subject.to_string()),
+                domain: Cow::Owned(m.key.domain.clone()),
+                method: field(&m.key.method),
+                path: field(&m.key.path),
+                user_agent: field(&m.key.user_agent),
+                source_ip: field(&m.key.source_ip),
+                scheme: Cow::Owned(m.scheme.to_string()),
+                unix_ns: until_ns,
+            };
+            let next = self.evaluate_fresh(&facts).ok().map(|decision| {
+                let next_until = valid_until(&self.reads.clock, &self.tables, until_ns);
+                (next_until, Arc::new(decision))
+            });
+            if let Some(m) = self.memo.buckets.get_mut(&hash).and_then(|b| b.get_mut(i)) {
+                decided += usize::from(next.is_some());
+                // A failure is not tried again before the decision's next request.
+                m.used = next.is_some();
+                m.next = next;
+            }
+        }
+        self.next_expiry = later;
+        decided
     }
 
     /// Evaluates one request with regorus, bypassing the memo.
@@ -706,18 +845,27 @@ mod tests {
     /// A decision is re-evaluated only where the bundle's clock says it may change: a
     /// request repeated every 10 s through a Tuesday in New York, against a 09:00-17:00
     /// weekday window, misses at the first request, at 09:00 and at 17:00 only.
-    #[test]
-    fn memoised_decisions_last_until_a_boundary() {
+    /// Agent `ab` on one policy allowing `domains` on weekdays 09:00-17:00 in New York.
+    fn office_hours(domains: &[&str]) -> CompiledPolicy {
         let table =
             crate::time::offset_table("America/New_York", 1_767_225_600, 1_798_761_600).unwrap();
+        let allowed: serde_json::Map<String, serde_json::Value> = domains
+            .iter()
+            .map(|d| ((*d).to_owned(), true.into()))
+            .collect();
         let data = serde_json::json!({
             "timezones": {"America/New_York": table},
             "agents": {"ab": {"id": "a", "status": "active", "policies": ["p"]}},
             "policies": {"p": {"id": "p", "timezone": "America/New_York",
-                "allowed_exact": {"example.com": true},
+                "allowed_exact": allowed,
                 "windows": [{"days": ["mon", "tue", "wed", "thu", "fri"], "start": 540, "end": 1020}]}}
         });
-        let mut policy = CompiledPolicy::compile(&bundle(data)).unwrap();
+        CompiledPolicy::compile(&bundle(data)).unwrap()
+    }
+
+    #[test]
+    fn memoised_decisions_last_until_a_boundary() {
+        let mut policy = office_hours(&["example.com"]);
         // Tuesday 2026-03-10 00:00:05 EDT = 04:00:05 UTC, for 24 h.
         let start = 1_773_115_205 * SECOND;
         let mut misses = Vec::new();
@@ -739,6 +887,84 @@ mod tests {
         // Minutes after 00:00:05 local: the first request, 09:00 and 17:00.
         assert_eq!(misses, [0, 540, 1020]);
         assert_eq!(allowed, 8 * 360);
+    }
+
+    /// The same day with [`CompiledPolicy::warm`] called before every request (a tick
+    /// every 10 s): the decisions at 09:00, 17:00 and midnight are taken ahead of time and the
+    /// requests after the boundaries find them memoised; a request asked once only is
+    /// not decided ahead.
+    #[test]
+    fn warmed_decisions_take_over_at_a_boundary() {
+        let mut policy = office_hours(&["example.com", "once.example"]);
+        let start = 1_773_115_205 * SECOND;
+        let request = |domain: &'static str, at: u64| RequestFacts {
+            fingerprint: "ab".into(),
+            domain: domain.into(),
+            unix_ns: at,
+            ..RequestFacts::default()
+        };
+        // Asked once, at the start: never decided ahead, decided again after 09:00.
+        assert!(
+            !policy
+                .evaluate_memo(&request("once.example", start))
+                .unwrap()
+                .1
+        );
+        let (mut misses, mut warmed, mut allowed) = (Vec::new(), 0, 0);
+        for step in 0..(24 * 360) {
+            let at = start + step * 10 * SECOND;
+            warmed += policy.warm(at, 10 * SECOND, 16);
+            let facts = request("example.com", at);
+            let (decision, hit) = policy.evaluate_memo(&facts).unwrap();
+            assert_eq!(*decision, policy.evaluate_fresh(&facts).unwrap(), "{step}");
+            allowed += u32::from(decision.allow);
+            if !hit {
+                misses.push(step * 10 / 60);
+            }
+        }
+        assert_eq!(misses, [0]);
+        // 09:00, 17:00, and the next midnight (the last request is at 23:59:55).
+        assert_eq!(warmed, 3);
+        assert_eq!(allowed, 8 * 360);
+        let late = request("once.example", start + 10 * 3_600 * SECOND);
+        let (decision, hit) = policy.evaluate_memo(&late).unwrap();
+        assert!(!hit && decision.allow);
+        // Nothing due: a call costs no scan.
+        assert_eq!(policy.warm(start + 10 * 3_600 * SECOND, 10 * SECOND, 16), 0);
+    }
+
+    /// Warming is paced: decisions due together are spread over the calls left before
+    /// they expire, at most `max` per call.
+    #[test]
+    fn warming_is_paced_over_the_calls_left() {
+        let data = serde_json::json!({
+            "agents": {"ab": {"id": "a", "status": "active", "policies": ["p"]}},
+            "policies": {"p": {"id": "p", "allowed_suffix": {"example": true},
+                "rules": [{"id": "r", "action": "allow", "conditions": [{"field": "minute", "operator": "in", "value": [0, 1, 2]}]}]}}
+        });
+        let mut policy = CompiledPolicy::compile(&bundle(data)).unwrap();
+        // 12:00:05 UTC; every minute is a boundary.
+        let start = 1_773_144_005 * SECOND;
+        for d in 0..40u64 {
+            let facts = RequestFacts {
+                fingerprint: "ab".into(),
+                domain: format!("d{d}.example").into(),
+                unix_ns: start,
+                ..RequestFacts::default()
+            };
+            policy.evaluate_memo(&facts).unwrap();
+            policy.evaluate_memo(&facts).unwrap();
+        }
+        // Not due before 30 s ahead of 12:01.
+        assert_eq!(policy.warm(start + 20 * SECOND, SECOND, 16), 0);
+        // 30 s before: 40 due over 30 calls (2 per call), then fewer left over fewer calls.
+        let mut per_call = Vec::new();
+        for s in 30..60 {
+            per_call.push(policy.warm(start + (s - 5) * SECOND, SECOND, 16));
+        }
+        assert_eq!(per_call.iter().sum::<usize>(), 40, "{per_call:?}");
+        assert!(per_call.iter().all(|&n| n <= 2), "{per_call:?}");
+        assert_eq!(policy.warm(start + 56 * SECOND, SECOND, 1), 0);
     }
 
     #[test]

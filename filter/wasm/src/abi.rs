@@ -43,7 +43,15 @@ pub extern "C" fn on_configure(root_context_id: u32, _plugin_configuration_size:
 
 #[unsafe(export_name = "chronoguard_on_tick")]
 pub extern "C" fn on_tick(_root_context_id: u32) {
-    vm::state().borrow_mut().tick();
+    let warmed = root::warm();
+    let state = vm::state();
+    let mut state = state.borrow_mut();
+    let metrics = &mut state.metrics;
+    metrics.add(
+        metrics.memo_warmed,
+        i64::try_from(warmed).unwrap_or(i64::MAX),
+    );
+    state.tick();
 }
 
 #[unsafe(export_name = "chronoguard_on_http_call_response")]

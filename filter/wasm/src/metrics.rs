@@ -16,6 +16,9 @@ pub struct Metrics {
     pub not_configured: Option<u32>,
     pub config_rejected: Option<u32>,
     pub memo_hits: Option<u32>,
+    /// Memoised decisions taken ahead of their expiry on the tick (the requests after a
+    /// time boundary then count as memo hits).
+    pub memo_warmed: Option<u32>,
     /// Requests whose peer (certificate digest, subject, address) was read from Envoy's
     /// properties rather than from the per-connection cache: about one per connection.
     pub peer_reads: Option<u32>,
@@ -50,6 +53,7 @@ impl Metrics {
             not_configured: counter("chronoguard.decisions_not_configured"),
             config_rejected: counter("chronoguard.config_rejected"),
             memo_hits: counter("chronoguard.memo_hits"),
+            memo_warmed: counter("chronoguard.memo_warmed"),
             peer_reads: counter("chronoguard.peer_reads"),
             peer_header_ignored: counter("chronoguard.peer_header_ignored"),
             rate_limit_errors: counter("chronoguard.rate_limit_errors"),

@@ -146,6 +146,8 @@ pub struct VmState {
     pending: Option<(u32, u64)>,
     backoff_ns: u64,
     next_attempt_ns: u64,
+    /// When the tick next sends audit: every flush interval (ticks may come more often).
+    next_tick_flush_ns: u64,
 }
 
 thread_local! {
@@ -172,6 +174,7 @@ impl VmState {
             pending: None,
             backoff_ns: 0,
             next_attempt_ns: 0,
+            next_tick_flush_ns: 0,
         }
     }
 
@@ -207,10 +210,16 @@ impl VmState {
         }
     }
 
-    /// The root context's tick: hands stats to Envoy and sends audit if due.
+    /// The root context's tick: hands stats to Envoy, and sends audit if due, once per
+    /// flush interval (the tick may be shorter: `root::warm`).
     pub fn tick(&mut self) {
         self.metrics.flush();
-        self.flush(false);
+        let now = host::now_ns();
+        if now >= self.next_tick_flush_ns {
+            let every = self.sink.as_ref().map_or(0, |s| s.flush_interval_ms);
+            self.next_tick_flush_ns = now.saturating_add(every.saturating_mul(1_000_000));
+            self.flush(false);
+        }
     }
 
     /// Sends the next batch if the sink is idle and due. Called from ticks and responses.

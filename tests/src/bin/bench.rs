@@ -526,8 +526,8 @@ async fn warm_keys(stack: &Stack, client: &reqwest::Client) -> anyhow::Result<()
 }
 
 /// Many memo keys across a UTC minute boundary: 1,000 req/s over `KEYS` distinct domains
-/// (each a key of the decision memo), warmed first, measured for 5 s around the start of
-/// a minute. Twice: with a policy that reads the minute (every minute is then a boundary,
+/// (each a key of the decision memo), warmed first, run for 30 s before the 5 s measured
+/// around the start of a minute. Twice: with a policy that reads the minute (every minute is then a boundary,
 /// which is how every decision expired before memoised decisions lasted until the bundle's
 /// next time boundary), and without it (the decisions then last until the next midnight
 /// in New York, where the other policies' windows are).
@@ -565,11 +565,14 @@ async fn memo_churn(
             .await?;
         tokio::time::sleep(Duration::from_millis(500)).await;
         warm_keys(stack, &client).await?;
-        // Start 2.5 s before the next minute.
+        // The load runs from 32.5 s before the next minute, measured from 2.5 s before
+        // it: as on a gateway in use, every key is asked for in the 30 s before the
+        // boundary, when the filter decides the decisions in use ahead of their expiry.
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?;
         let into_minute = now.as_millis() % 60_000;
-        let wait = (60_000 - into_minute + 57_500) % 60_000;
+        let wait = (60_000 - into_minute + 27_500) % 60_000;
         tokio::time::sleep(Duration::from_millis(wait as u64)).await;
+        open_loop_hosts(stack, &client, 1_000, Duration::from_secs(30), host).await?;
         let (p50, p99, max, misses, decided) =
             memo_misses(stack, &client, Duration::from_secs(5), host).await?;
         println!(
