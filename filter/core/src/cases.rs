@@ -375,20 +375,12 @@ fn decisions_inherited_across_domain_list_edits_equal_fresh_ones() {
             .collect();
         // What the pushes list: the requested domains and their parents, and a name no
         // request meets.
-        let valid = |name: &str| {
-            !name.is_empty()
-                && !name.starts_with('.')
-                && !name.ends_with('.')
-                && name
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
-        };
         let mut names: Vec<String> = vec!["unrequested.example".into()];
         for facts in &requests {
             let domain: &str = &facts.domain;
-            let parents = domain.match_indices('.').map(|(at, _)| &domain[at + 1..]);
+            let parents = crate::data::parent_suffixes(domain);
             for name in std::iter::once(domain).chain(parents) {
-                if valid(name) && !names.iter().any(|n| n == name) {
+                if crate::data::domain_name(name) && !names.iter().any(|n| n == name) {
                     names.push(name.to_owned());
                 }
             }

@@ -308,11 +308,8 @@ impl Entries {
         let agent = entry.value().ok()?;
         let mut h = std::collections::hash_map::DefaultHasher::new();
         entry.hash.hash(&mut h);
-        // The strict parent suffixes: what follows each dot (`domain_suffixes` in Rego).
-        let parents: Vec<regorus::Value> = domain
-            .match_indices('.')
-            .map(|(at, _)| regorus::Value::from(&domain[at + 1..]))
-            .collect();
+        let parents: Vec<regorus::Value> =
+            parent_suffixes(domain).map(regorus::Value::from).collect();
         let exact = [regorus::Value::from(domain)];
         for (_, policy) in self.named_policies(agent) {
             let Some(policy) = policy else {
@@ -1072,6 +1069,24 @@ pub fn index_domains(patterns: &[String]) -> (Map<String, Value>, Map<String, Va
     (exact, suffix)
 }
 
+/// A domain's strict parent suffixes, what follows each dot (`domain_suffixes` in Rego):
+/// `a.b.example.com` → `b.example.com`, `example.com`, `com`.
+pub(crate) fn parent_suffixes(domain: &str) -> impl Iterator<Item = &str> {
+    domain
+        .match_indices('.')
+        .filter_map(|(at, _)| domain.get(at + 1..))
+}
+
+/// Whether a domain set may hold `name`: letters, digits, hyphens and inner dots.
+pub(crate) fn domain_name(name: &str) -> bool {
+    !name.is_empty()
+        && !name.starts_with('.')
+        && !name.ends_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+}
+
 /// One domain index (`allowed_exact`, ...): an object of lower-case names → `true`.
 fn domain_set(value: Option<&Value>, key: &str) -> Result<Value, String> {
     let entries = match value {
@@ -1084,13 +1099,7 @@ fn domain_set(value: Option<&Value>, key: &str) -> Result<Value, String> {
         if flag != &Value::Bool(true) {
             return Err(format!("{key}.{name} must be true"));
         }
-        let valid = !name.is_empty()
-            && !name.starts_with('.')
-            && !name.ends_with('.')
-            && name
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
-        if !valid {
+        if !domain_name(name) {
             return Err(format!(
                 "{key} holds {name:?}, which is not a domain name (wildcards go in *_suffix without \"*.\")"
             ));
