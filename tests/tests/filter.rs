@@ -439,19 +439,13 @@ async fn a_kept_alive_connection_reads_its_peer_once() {
     let one = agent(&stack, &tenant, "one", &policy).await;
     let two = agent(&stack, &tenant, "two", &policy).await;
     // Peers read by the filter, and connections the gateway listener accepted.
-    let counts = || async {
-        [
-            stat_after_tick(&stack, "wasmcustom.chronoguard.peer_reads").await,
-            stat_after_tick(&stack, "http.egress.downstream_cx_total").await,
-        ]
-    };
-    let [reads, connections] = counts().await;
+    let [reads, connections] = peer_reads_and_connections(&stack).await;
     let requests = 21;
     for client in std::iter::repeat_n(&one, requests - 1).chain([&two]) {
         let (status, _, _) = send(&stack, client, Method::GET, "a.example", "/").await;
         assert_eq!(status, 200);
     }
-    let [reads_after, connections_after] = counts().await;
+    let [reads_after, connections_after] = peer_reads_and_connections(&stack).await;
     let opened = connections_after - connections;
     assert!(
         (2..requests as u64).contains(&opened),
@@ -467,6 +461,60 @@ async fn a_kept_alive_connection_reads_its_peer_once() {
     );
 }
 
+/// The gateway offers HTTP/2 by ALPN: an agent that takes it sends its requests as
+/// streams of one connection. Each stream is decided for the agent whose certificate that
+/// connection verified (the peer header names the connection, not the stream), the filter
+/// reads that peer once, and a burst of concurrent requests opens no connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_streams_are_decided_for_their_connections_agent() {
+    // One worker, so every request meets the same VM and its connection cache.
+    let (stack, tenant) = stack_with_workers(1).await;
+    let (allowed, blocked) = allowed_and_blocked(&stack, &tenant).await;
+    let mut clients = Vec::new();
+    for (name, policy) in [("one", &allowed), ("two", &blocked)] {
+        let (_, cert) = stack
+            .create_active_agent(&tenant, name, &[policy])
+            .await
+            .unwrap();
+        clients.push(stack.agent_client_h2(Some(&cert)).unwrap());
+    }
+    let [reads, connections] = peer_reads_and_connections(&stack).await;
+    let get =
+        |client: &reqwest::Client| client.get(stack.envoy.domain_url("a.example", "/")).send();
+    // One request each first: the client learns from the handshake that it may multiplex.
+    for (client, want) in clients.iter().zip([200, 403]) {
+        let response = get(client).await.unwrap();
+        assert_eq!(response.version(), reqwest::Version::HTTP_2);
+        let status = response.status().as_u16();
+        assert_eq!(status, want, "{}", response.text().await.unwrap());
+    }
+    // Then 2 × 50 requests in flight together, interleaved between the two agents.
+    let burst = (0..50).flat_map(|_| clients.iter().zip([200u16, 403]));
+    let answers = futures::future::join_all(burst.map(|(client, want)| {
+        let response = get(client);
+        async move {
+            let response = response.await.unwrap();
+            (response.version(), response.status().as_u16(), want)
+        }
+    }))
+    .await;
+    for (version, status, want) in &answers {
+        assert_eq!(*version, reqwest::Version::HTTP_2);
+        assert_eq!(
+            status, want,
+            "a stream decided for the other connection's agent"
+        );
+    }
+    let [reads_after, connections_after] = peer_reads_and_connections(&stack).await;
+    assert_eq!(
+        connections_after - connections,
+        2,
+        "one connection per agent for {} requests",
+        answers.len() + 2
+    );
+    assert_eq!(reads_after - reads, 2, "one peer read per connection");
+}
+
 /// The listener names each request's connection in `x-chronoguard-peer` with a token from
 /// Envoy's environment, over whatever a client sent, and the filter believes the header
 /// only with that token (`envoy-config/README.md`, "Identity"). An agent cannot borrow
@@ -478,14 +526,7 @@ async fn a_kept_alive_connection_reads_its_peer_once() {
 async fn only_envoy_names_a_requests_connection() {
     // One worker, so every request meets the same VM and its connection cache.
     let (mut stack, tenant) = stack_with_workers(1).await;
-    let allowed = stack
-        .create_policy(&tenant, "allowed", &["a.example"], &[])
-        .await
-        .unwrap();
-    let blocked = stack
-        .create_policy(&tenant, "blocked", &[], &["a.example"])
-        .await
-        .unwrap();
+    let (allowed, blocked) = allowed_and_blocked(&stack, &tenant).await;
     let one = agent(&stack, &tenant, "one", &allowed).await;
     let two = agent(&stack, &tenant, "two", &blocked).await;
     const IGNORED: &str = "wasmcustom.chronoguard.peer_header_ignored";
@@ -704,6 +745,27 @@ fn validated_by_the_last_loads(stack: &Stack) -> (Vec<Counts>, Vec<Counts>) {
     let (canary, long_lived): (Vec<_>, Vec<_>) = of_last.partition(|(root, _, _)| *root == 1);
     let validated = |loads: Vec<&(u32, u64, Counts)>| loads.iter().map(|l| l.2).collect();
     (validated(canary), validated(long_lived))
+}
+
+/// Peers the filter read, and connections the gateway listener accepted.
+async fn peer_reads_and_connections(stack: &Stack) -> [u64; 2] {
+    [
+        stat_after_tick(stack, "wasmcustom.chronoguard.peer_reads").await,
+        stat_after_tick(stack, "http.egress.downstream_cx_total").await,
+    ]
+}
+
+/// Two policies of `tenant`: one allows a.example, the other blocks it.
+async fn allowed_and_blocked(stack: &Stack, tenant: &str) -> (String, String) {
+    let allowed = stack
+        .create_policy(tenant, "allowed", &["a.example"], &[])
+        .await
+        .unwrap();
+    let blocked = stack
+        .create_policy(tenant, "blocked", &[], &["a.example"])
+        .await
+        .unwrap();
+    (allowed, blocked)
 }
 
 /// A counter of Envoy's (0 until defined), read after the filter's next tick: the filter

@@ -574,7 +574,7 @@ async fn memo_churn(
         tokio::time::sleep(Duration::from_millis(wait as u64)).await;
         open_loop_hosts(stack, &client, 1_000, Duration::from_secs(30), host).await?;
         let (p50, p99, max, misses, decided) =
-            memo_misses(stack, &client, Duration::from_secs(5), host).await?;
+            memo_misses(stack, Wire::Http1(&client), Duration::from_secs(5), host).await?;
         println!(
             "\nmemo churn ({what}; {KEYS} keys, 1,000 req/s open loop for 5 s across a minute boundary): p50 {p50:.3} / p99 {p99:.3} / max {max:.3} ms; {misses} of {decided} decisions not from the memo"
         );
@@ -585,6 +585,9 @@ async fn memo_churn(
 /// The sum of Envoy counters `names` (0 for one not defined yet).
 /// Decisions the memo answered, and all decisions (the filter's counters).
 const HITS: &[&str] = &["wasmcustom.chronoguard.memo_hits"];
+/// Client connections the gateway listener accepted: with HTTP/1.1, a load that queues
+/// opens more, each one an mTLS handshake on the worker.
+const CONNECTIONS: &str = "http.egress.downstream_cx_total";
 const DECIDED: &[&str] = &[
     "wasmcustom.chronoguard.decisions_allow",
     "wasmcustom.chronoguard.decisions_deny",
@@ -616,53 +619,67 @@ async fn memo_across_pushes(
         tokio::time::sleep(Duration::from_millis(300)).await;
         anyhow::Ok(())
     };
-    put(
-        policy0,
-        json!({"name": "p0", "priority": 0, "allowed_domains": ["*.churn.example"]}),
-    )
-    .await?;
-    warm_keys(stack, &client).await?;
-    // What, the policy, its new body, and how long after the push the load starts.
-    for (what, id, body, after) in [
-        (
-            "a push that changes another agents' policy",
-            other,
-            json!({"name": "p1", "priority": 1, "allowed_domains": ["changed.example"]}),
-            0,
-        ),
-        (
-            "a push that adds a domain to this agent's policy",
+    let h2 = stack.agent_h2_connection(Some(agent)).await?;
+    // Each series twice: HTTP/1.1 (a connection per request in flight: when requests
+    // queue, the client opens more, each an mTLS handshake on the worker), then one
+    // HTTP/2 connection (no new connections: what the filter itself costs).
+    for (pass, wire) in [Wire::Http1(&client), Wire::Http2(&h2)]
+        .into_iter()
+        .enumerate()
+    {
+        put(
             policy0,
-            json!({"name": "p0", "priority": 0, "allowed_domains": ["*.churn.example", "changed.example"]}),
-            0,
-        ),
-        (
-            "a push that changes this agent's policy's priority",
-            policy0,
-            json!({"name": "p0", "priority": 2, "allowed_domains": ["*.churn.example", "changed.example"]}),
-            0,
-        ),
-        // The same again, the load 5 s later: whether the misses cost more right after
-        // a push (Envoy's own work after an update) than later.
-        (
-            "the same, the load 5 s after the push",
-            policy0,
-            json!({"name": "p0", "priority": 3, "allowed_domains": ["*.churn.example", "changed.example"]}),
-            5,
-        ),
-    ] {
-        put(id, body).await?;
-        tokio::time::sleep(Duration::from_secs(after)).await;
-        let cpu0 = thread_cpu(stack.envoy.pid());
-        let (p50, p99, max, misses, decided) =
-            memo_misses(stack, &client, Duration::from_secs(1), host).await?;
-        let cpu1 = thread_cpu(stack.envoy.pid());
-        let ms = |ticks: u64| ticks as f64 * 1e3 / ticks_per_second();
-        println!(
-            "\nmemo across a push ({what}; {KEYS} keys memoised before it, 1,000 req/s for 1 s after it): {misses} of {decided} decisions not from the memo; p50 {p50:.3} / p99 {p99:.3} / max {max:.3} ms; Envoy CPU over the load: worker {:.0} ms, other threads {:.0} ms",
-            ms(cpu1.0.saturating_sub(cpu0.0)),
-            ms(cpu1.1.saturating_sub(cpu0.1)),
-        );
+            json!({"name": "p0", "priority": 0, "allowed_domains": ["*.churn.example"]}),
+        )
+        .await?;
+        warm_keys(stack, &client).await?;
+        let changed = format!("changed-{pass}.example");
+        let priority = 2 + 2 * pass;
+        // What, the policy, its new body, and how long after the push the load starts.
+        for (what, id, body, after) in [
+            (
+                "a push that changes another agents' policy",
+                other,
+                json!({"name": "p1", "priority": 1, "allowed_domains": [changed]}),
+                0,
+            ),
+            (
+                "a push that adds a domain to this agent's policy",
+                policy0,
+                json!({"name": "p0", "priority": 0, "allowed_domains": ["*.churn.example", changed]}),
+                0,
+            ),
+            (
+                "a push that changes this agent's policy's priority",
+                policy0,
+                json!({"name": "p0", "priority": priority, "allowed_domains": ["*.churn.example", changed]}),
+                0,
+            ),
+            // The same again, the load 5 s later: whether the misses cost more right
+            // after a push (Envoy's own work after an update) than later.
+            (
+                "the same, the load 5 s after the push",
+                policy0,
+                json!({"name": "p0", "priority": priority + 1, "allowed_domains": ["*.churn.example", changed]}),
+                5,
+            ),
+        ] {
+            put(id, body).await?;
+            tokio::time::sleep(Duration::from_secs(after)).await;
+            let cpu0 = thread_cpu(stack.envoy.pid());
+            let cx0 = counters(stack, &[CONNECTIONS]).await?;
+            let (p50, p99, max, misses, decided) =
+                memo_misses(stack, wire, Duration::from_secs(1), host).await?;
+            let cpu1 = thread_cpu(stack.envoy.pid());
+            let connections = counters(stack, &[CONNECTIONS]).await?.saturating_sub(cx0);
+            let ms = |ticks: u64| ticks as f64 * 1e3 / ticks_per_second();
+            println!(
+                "\nmemo across a push ({what}; {}; {KEYS} keys memoised before it, 1,000 req/s for 1 s after it): {misses} of {decided} decisions not from the memo; p50 {p50:.3} / p99 {p99:.3} / max {max:.3} ms; Envoy CPU over the load: worker {:.0} ms, other threads {:.0} ms; {connections} new client connections (mTLS handshakes)",
+                wire.name(),
+                ms(cpu1.0.saturating_sub(cpu0.0)),
+                ms(cpu1.1.saturating_sub(cpu0.1)),
+            );
+        }
     }
     Ok(())
 }
@@ -671,7 +688,7 @@ async fn memo_across_pushes(
 /// latency (ms), then how many decisions did not come from the memo, of how many.
 async fn memo_misses(
     stack: &Stack,
-    client: &reqwest::Client,
+    wire: Wire<'_>,
     duration: Duration,
     host: impl Fn(u64) -> String,
 ) -> anyhow::Result<(f64, f64, f64, u64, u64)> {
@@ -679,7 +696,7 @@ async fn memo_misses(
         counters(stack, HITS).await?,
         counters(stack, DECIDED).await?,
     );
-    let (p50, p99, max) = open_loop_hosts(stack, client, 1_000, duration, host).await?;
+    let (p50, p99, max) = open_loop_wire(stack, wire, 1_000, duration, host, None).await?;
     // The filter hands its stats to Envoy on its tick.
     tokio::time::sleep(Duration::from_millis(600)).await;
     let (h1, d1) = (
@@ -774,17 +791,36 @@ async fn stall(
     for &pid in &backend {
         renice(pid, 19);
     }
+    // The load over HTTP/1.1 (as in every other section), or over one HTTP/2 connection:
+    // then requests that queue behind a push open no connections (mTLS handshakes on the
+    // worker), and what remains is the filter's own stall.
+    let h2 = stack.agent_h2_connection(Some(agent)).await?;
     let mut pushed = 0;
-    let mut measure = |what: &'static str, which: Target| {
+    let mut measure = |what: &'static str, which: Target, http2: bool| {
         let first = pushed + 1;
         pushed += pushes_per_window;
-        let (client, policy) = (&client, &policy);
+        let policy = &policy;
+        let wire = if http2 {
+            Wire::Http2(&h2)
+        } else {
+            Wire::Http1(&client)
+        };
         let target = target(which);
         async move {
             let perf =
                 |name: &str| stall_perf(stack.envoy.pid(), &format!("{module}-{first}-{name}"));
+            let load = || {
+                open_loop_wire(
+                    stack,
+                    wire,
+                    1_000,
+                    window,
+                    |i| mixed_host(i).to_owned(),
+                    None,
+                )
+            };
             let recording = perf("without")?;
-            let (q50, q99, qmax) = open_loop(stack, client, 1_000, window).await?;
+            let (q50, q99, qmax) = load().await?;
             if let Some(recording) = recording {
                 stop(recording);
             }
@@ -802,19 +838,20 @@ async fn stall(
                 }
                 anyhow::Ok(())
             };
-            let (load, pushes) = tokio::join!(open_loop(stack, client, 1_000, window), pushes);
+            let (load, pushes) = tokio::join!(load(), pushes);
             if let Some(recording) = recording {
                 stop(recording);
             }
             pushes?;
             let (c50, c99, cmax) = load?;
             println!(
-                "\npolicy pushes under load, module {module} ({what}; 1,000 req/s open loop, {seconds} s each): without pushes p50 {q50:.3} / p99 {q99:.3} / max {qmax:.3} ms; with a push every 250 ms p50 {c50:.3} / p99 {c99:.3} / max {cmax:.3} ms"
+                "\npolicy pushes under load, module {module} ({what}; {}; 1,000 req/s open loop, {seconds} s each): without pushes p50 {q50:.3} / p99 {q99:.3} / max {qmax:.3} ms; with a push every 250 ms p50 {c50:.3} / p99 {c99:.3} / max {cmax:.3} ms",
+                wire.name()
             );
             anyhow::Ok(())
         }
     };
-    measure("every Envoy thread on CPU 0", Target::Own).await?;
+    measure("every Envoy thread on CPU 0", Target::Own, false).await?;
     // Per push Envoy also loads the bundle twice on its main thread (the configuration
     // canary, then the main thread's VM). On a gateway with a spare core that work does
     // not compete with the worker: the worker's own `on_configure` is what stalls its
@@ -830,11 +867,13 @@ async fn stall(
     measure(
         "the worker alone on CPU 0, Envoy's main thread on CPU 1",
         Target::Own,
+        false,
     )
     .await?;
     measure(
         "the worker alone on CPU 0; the pushes change another agents' policy",
         Target::Other,
+        false,
     )
     .await?;
     // Envoy's main thread shares CPU 1 with the load generator: the canary and the main
@@ -852,18 +891,35 @@ async fn stall(
     measure(
         "the worker alone on CPU 0, Envoy's other threads on CPU 1 at the lowest priority",
         Target::Own,
+        false,
     )
     .await?;
     measure(
         "the same; each push also changes the load agent's policy's priority, so its decisions are taken again",
         Target::OwnPriority,
+        false,
     )
     .await?;
     measure(
         "the same; the changes go to a draft policy, no update reaches Envoy",
         Target::Draft,
+        false,
     )
     .await?;
+    // The last three again over one HTTP/2 connection.
+    for (what, which) in [
+        (
+            "the worker alone on CPU 0, Envoy's other threads on CPU 1 at the lowest priority",
+            Target::Own,
+        ),
+        (
+            "the same; each push also changes the load agent's policy's priority",
+            Target::OwnPriority,
+        ),
+        ("the same; the changes go to a draft policy", Target::Draft),
+    ] {
+        measure(what, which, true).await?;
+    }
     for &tid in &others {
         renice(tid, 0);
     }
@@ -1104,17 +1160,6 @@ async fn restart(stack: &mut Stack, plain: bool) -> anyhow::Result<Duration> {
     started
 }
 
-/// Open-loop load: one request every `1 / rate` seconds for `duration`, whatever the
-/// responses do; returns the p50, p99 and max latency in milliseconds.
-async fn open_loop(
-    stack: &Stack,
-    client: &reqwest::Client,
-    rate: u64,
-    duration: Duration,
-) -> anyhow::Result<(f64, f64, f64)> {
-    open_loop_hosts(stack, client, rate, duration, |i| mixed_host(i).to_owned()).await
-}
-
 /// The load's mix: every tenth request to a blocked domain, the others allowed.
 fn mixed_host(i: u64) -> &'static str {
     if i.is_multiple_of(10) {
@@ -1124,7 +1169,7 @@ fn mixed_host(i: u64) -> &'static str {
     }
 }
 
-/// [`open_loop`] at 1,000 req/s that also writes every request's send time and latency
+/// [`open_loop_hosts`] at 1,000 req/s over [`mixed_host`] that also writes every request's send time and latency
 /// (µs since the window began, µs) to `<dir>/latency-<name>.tsv` when
 /// `CHRONOGUARD_BENCH_LATENCY=<dir>` is set: to see when the slow requests happen (e.g. in
 /// step with the filter's tick).
@@ -1140,7 +1185,9 @@ async fn open_loop_dump(
     open_loop_samples(stack, client, 1_000, duration, host, dump.as_deref()).await
 }
 
-/// [`open_loop`] with the `host` of the i-th request chosen by the caller.
+/// Open-loop load over HTTP/1.1: one request every `1 / rate` seconds for `duration`,
+/// whatever the responses do, the i-th to `host(i)`; returns the p50, p99 and max latency
+/// in milliseconds.
 async fn open_loop_hosts(
     stack: &Stack,
     client: &reqwest::Client,
@@ -1149,6 +1196,25 @@ async fn open_loop_hosts(
     host: impl Fn(u64) -> String,
 ) -> anyhow::Result<(f64, f64, f64)> {
     open_loop_samples(stack, client, rate, duration, host, None).await
+}
+
+/// How a load reaches the gateway.
+#[derive(Clone, Copy)]
+enum Wire<'a> {
+    /// HTTP/1.1 (reqwest), the domain in the Host header: a connection, and so an mTLS
+    /// handshake, for each request in flight beyond the idle ones.
+    Http1(&'a reqwest::Client),
+    /// One HTTP/2 connection, each request's domain in its `:authority`.
+    Http2(&'a integration_tests::client::H2Sender),
+}
+
+impl Wire<'_> {
+    fn name(self) -> &'static str {
+        match self {
+            Wire::Http1(_) => "HTTP/1.1",
+            Wire::Http2(_) => "HTTP/2, one connection",
+        }
+    }
 }
 
 /// [`open_loop_hosts`], writing the samples to `dump` if given.
@@ -1160,7 +1226,20 @@ async fn open_loop_samples(
     host: impl Fn(u64) -> String,
     dump: Option<&std::path::Path>,
 ) -> anyhow::Result<(f64, f64, f64)> {
-    let url = stack.envoy.url("/v1/objects/abc");
+    open_loop_wire(stack, Wire::Http1(client), rate, duration, host, dump).await
+}
+
+/// [`open_loop_samples`] over `wire`.
+async fn open_loop_wire(
+    stack: &Stack,
+    wire: Wire<'_>,
+    rate: u64,
+    duration: Duration,
+    host: impl Fn(u64) -> String,
+    dump: Option<&std::path::Path>,
+) -> anyhow::Result<(f64, f64, f64)> {
+    const PATH: &str = "/v1/objects/abc";
+    let url = stack.envoy.url(PATH);
     let mut interval = tokio::time::interval(Duration::from_nanos(1_000_000_000 / rate.max(1)));
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let started = Instant::now();
@@ -1169,7 +1248,24 @@ async fn open_loop_samples(
     while started.elapsed() < duration {
         interval.tick().await;
         i += 1;
-        let request = client.get(&url).header("host", host(i)).send();
+        let request: std::pin::Pin<Box<dyn Future<Output = bool> + Send>> = match wire {
+            Wire::Http1(client) => Box::pin(whole(client.get(&url).header("host", host(i)).send())),
+            Wire::Http2(sender) => {
+                let mut sender = sender.clone();
+                let request = hyper::Request::get(format!("https://{}{PATH}", host(i)))
+                    .body(http_body_util::Empty::new());
+                Box::pin(async move {
+                    use http_body_util::BodyExt;
+                    let (Ok(request), Ok(())) = (request, sender.ready().await) else {
+                        return false;
+                    };
+                    match sender.send_request(request).await {
+                        Ok(r) => r.into_body().collect().await.is_ok(),
+                        Err(_) => false,
+                    }
+                })
+            }
+        };
         tasks.push(tokio::spawn(async move {
             let (sent, latency) = timed(request).await?;
             Some((sent.duration_since(started), latency))
@@ -1213,15 +1309,17 @@ fn median_where<T>(items: &[T], keep: impl Fn(&T) -> bool, value: impl Fn(&T) ->
 
 /// How long `request` took until its whole body arrived (`None` if it failed), and when
 /// it was sent.
-async fn timed(
-    request: impl std::future::Future<Output = reqwest::Result<reqwest::Response>>,
-) -> Option<(Instant, Duration)> {
+async fn timed(request: impl Future<Output = bool>) -> Option<(Instant, Duration)> {
     let sent = Instant::now();
-    let ok = match request.await {
+    request.await.then(|| (sent, sent.elapsed()))
+}
+
+/// Whether `response` arrives, with its whole body.
+async fn whole(response: impl Future<Output = reqwest::Result<reqwest::Response>>) -> bool {
+    match response.await {
         Ok(r) => r.bytes().await.is_ok(),
         Err(_) => false,
-    };
-    ok.then(|| (sent, sent.elapsed()))
+    }
 }
 
 /// p50, p99 and max of `samples`, in milliseconds.
@@ -1283,7 +1381,7 @@ async fn interleaved(
             .header("host", mixed_host(i / 2))
             .send();
         tasks.push(tokio::spawn(async move {
-            Some((listener, timed(request).await?.1))
+            Some((listener, timed(whole(request)).await?.1))
         }));
     }
     let _ = pacer.join();
