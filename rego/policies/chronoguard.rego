@@ -204,6 +204,9 @@ verdict(p) := verdict_of(p, false, "domain_blocked", null) if {
 
 # The highest priority wins; at equal priority a deny wins (false orders before true);
 # ties are broken by Rego's total order over the verdicts so the result is deterministic.
+# Priorities are only compared with each other, here, and left out of the outcome: the
+# filter keeps a memoised decision across a push that changed priorities but not their
+# order among the agent's policies (Entries::domain_signature).
 best(verdicts) := min({[v.allow, v] | some v in verdicts; v.priority == top})[1] if {
 	top := max({v.priority | some v in verdicts})
 }

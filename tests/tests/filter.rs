@@ -264,7 +264,8 @@ async fn rate_limit_holds_across_workers() {
 
 /// A push keeps the memoised decisions of the agents it left alone (agent, policies,
 /// modules and timezones unchanged), and of the agents it changed only in domain lists
-/// those decisions' domains do not meet, and decides again for the others
+/// those decisions' domains do not meet or in priorities that keep the agent's policies
+/// in their order, and decides again for the others
 /// (`CompiledPolicy::inherit_memo`): counted by the filter's `memo_hits`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_push_keeps_the_decisions_it_did_not_change() {
@@ -340,9 +341,13 @@ async fn a_push_keeps_the_decisions_it_did_not_change() {
         "agent two's policy changed only in a domain b.example does not meet: its decision survives",
     )
     .await;
-    // Its priority changes (and c.example goes): agent two's decisions are taken again.
+    // It gains a rule (one that no request here meets, on a field every decision reads
+    // already, so the memo's key stays), and c.example goes: agent two's decisions are
+    // taken again.
+    let rules = json!([{"id": "not-here", "priority": 1, "action": "deny", "conditions": [
+        {"field": "domain", "operator": "equals", "value": "d.example"}]}]);
     push(
-        json!({"name": "changed", "priority": 50, "allowed_domains": ["b.example"]}),
+        json!({"name": "changed", "priority": 100, "allowed_domains": ["b.example"], "rules": rules}),
         403,
     )
     .await;
@@ -350,15 +355,29 @@ async fn a_push_keeps_the_decisions_it_did_not_change() {
         &two,
         "b.example",
         0,
-        "the policy's priority changed: decided again",
+        "the policy's rules changed: decided again",
     )
     .await;
     expect_hits(&two, "b.example", 1, "and memoised again").await;
+    // Its priority changes (and c.example comes back): agent two has no other policy for
+    // the priority to be ordered against, so its decisions survive.
+    push(
+        json!({"name": "changed", "priority": 50, "allowed_domains": ["b.example", "c.example"], "rules": rules}),
+        200,
+    )
+    .await;
+    expect_hits(
+        &two,
+        "b.example",
+        1,
+        "a priority that keeps the agent's policies in their order: the decision survives",
+    )
+    .await;
     expect_hits(
         &one,
         "a.example",
         1,
-        "agent one's decision survives both pushes",
+        "agent one's decision survives every push",
     )
     .await;
 }

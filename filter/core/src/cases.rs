@@ -361,12 +361,13 @@ fn cached_compiles_equal_fresh_ones() {
 /// ([`crate::data::Entries::domain_signature`]): per case file, the mixed requests are
 /// decided, then 30 pushes each add or remove, in a random policy's random domain set, a
 /// name the requests meet (a requested domain or one of its parents) or one they do not,
-/// or now and then change a policy's priority or mode; after each push every request is
+/// or now and then change a policy's priority (the decisions stand when that keeps the
+/// order of their agent's policies) or mode; after each push every request is
 /// decided again through the inherited memo and compared with a fresh evaluation.
 #[test]
 fn decisions_inherited_across_domain_list_edits_equal_fresh_ones() {
     let mut next = random();
-    let (mut checked, mut kept_over_a_change) = (0, 0);
+    let (mut checked, mut kept_over_a_change, mut kept_over_a_priority) = (0, 0, 0);
     for file in case_files() {
         let (mut bundle, cases) = load_bundle(&file);
         let requests: Vec<RequestFacts<'static>> = mixed_requests(&cases, 60, &mut next)
@@ -399,7 +400,8 @@ fn decisions_inherited_across_domain_list_edits_equal_fresh_ones() {
         for push in 0..30 {
             let id = &ids[(next() % ids.len() as u64) as usize];
             let entry = &mut bundle.data["policies"][id];
-            match next() % 10 {
+            let kind = next() % 10;
+            match kind {
                 0 => entry["priority"] = (next() % 5).into(),
                 1 => {
                     let dry = entry["mode"] == "dry_run";
@@ -439,13 +441,18 @@ fn decisions_inherited_across_domain_list_edits_equal_fresh_ones() {
                     checked += 1;
                     if before != policy.signature(&facts.fingerprint) {
                         kept_over_a_change += 1;
+                        kept_over_a_priority += u32::from(kind == 0);
                     }
                 }
             }
         }
     }
-    println!("{checked} inherited decisions checked, {kept_over_a_change} kept over a change");
+    println!(
+        "{checked} inherited decisions checked, {kept_over_a_change} kept over a change, {kept_over_a_priority} of them over a priority change"
+    );
     assert!(checked > 5_000, "{checked}");
-    // Decisions kept although a push changed their agent's policies.
+    // Decisions kept although a push changed their agent's policies; some over a change
+    // of priority that left the agent's policies in their order.
     assert!(kept_over_a_change > 1_000, "{kept_over_a_change}");
+    assert!(kept_over_a_priority > 20, "{kept_over_a_priority}");
 }

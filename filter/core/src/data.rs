@@ -293,15 +293,18 @@ impl Entries {
 
     /// What a decision about this agent's requests for `domain` depends on in the
     /// bundle, as one hash: its entry, and for each policy it names, the policy without
-    /// its domain sets and which of those sets list `domain` (the exact sets) or one of
-    /// its strict parent suffixes (the suffix sets). The library reads a policy's domain
-    /// sets only by those lookups (`verdict` in `rego/policies/chronoguard.rego`), so two
-    /// configurations with the same modules, timezones and read fields decide the agent's
-    /// requests for `domain` alike when these hashes are equal, even where the domain
-    /// lists changed: a push that edits domain lists keeps the memoised decisions of
-    /// every other domain. `None` (compare [`Entries::signature`] instead) for an
-    /// unknown agent, an unusable entry, and an agent with a policy that has custom Rego,
-    /// which may read the domain sets in any way.
+    /// its domain sets and its priority, which of those sets list `domain` (the exact
+    /// sets) or one of its strict parent suffixes (the suffix sets), and the rank of its
+    /// priority among the agent's policies. The library reads a policy's domain sets only
+    /// by those lookups (`verdict` in `rego/policies/chronoguard.rego`), and compares
+    /// policies' priorities only with each other (`best`). So two configurations with
+    /// the same modules, timezones and read fields decide the agent's requests for
+    /// `domain` alike when these hashes are equal, even where the domain lists or the
+    /// priorities changed: a push that edits domain lists keeps the memoised decisions of
+    /// every other domain, and one that changes priorities without reordering the
+    /// agent's policies keeps them all. `None` (compare [`Entries::signature`] instead)
+    /// for an unknown agent, an unusable entry, and an agent with a policy that has
+    /// custom Rego, which may read the domain sets in any way.
     pub fn domain_signature(&self, fingerprint: &str, domain: &str) -> Option<u64> {
         use std::hash::{Hash, Hasher};
         let entry = self.agents.map.get(fingerprint)?;
@@ -311,9 +314,11 @@ impl Entries {
         let parents: Vec<regorus::Value> =
             parent_suffixes(domain).map(regorus::Value::from).collect();
         let exact = [regorus::Value::from(domain)];
+        let mut priorities = Vec::new();
         for (_, policy) in self.named_policies(agent) {
             let Some(policy) = policy else {
                 None::<u64>.hash(&mut h);
+                priorities.push(None);
                 continue;
             };
             if policy.facts.custom.is_some() {
@@ -321,6 +326,7 @@ impl Entries {
             }
             Some(policy.shape()?).hash(&mut h);
             let value = policy.value().ok()?;
+            priorities.push(Some(value["priority"].as_i64().ok()?));
             for (set, suffixes) in DOMAIN_SETS {
                 let keys = if suffixes { &parents[..] } else { &exact[..] };
                 let listed = value[set].as_object().ok();
@@ -333,6 +339,15 @@ impl Entries {
                     hit.hash(&mut h);
                 }
             }
+        }
+        // Each priority's dense rank among the agent's policies': what `best` compares.
+        let mut distinct: Vec<i64> = priorities.iter().flatten().copied().collect();
+        distinct.sort_unstable();
+        distinct.dedup();
+        for priority in priorities {
+            priority
+                .map(|p| distinct.partition_point(|d| *d < p))
+                .hash(&mut h);
         }
         Some(h.finish())
     }
@@ -437,13 +452,17 @@ impl PolicyEntry {
             .get(|v| prepare_policy(&self.id, v, &|_| true).map(|(value, _)| value))
     }
 
-    /// The hash of the prepared policy without its domain sets ([`DOMAIN_SETS`]);
-    /// `None` when its value is unusable.
+    /// The hash of the prepared policy without its domain sets ([`DOMAIN_SETS`]) and its
+    /// priority (see [`Entries::domain_signature`]); `None` when its value is unusable.
     fn shape(&self) -> Option<u64> {
         *self.shape.get_or_init(|| {
             let mut object = self.value().ok()?.as_object().ok()?.clone();
-            for (set, _) in DOMAIN_SETS {
-                object.remove(&regorus::Value::from(set));
+            for key in DOMAIN_SETS
+                .map(|(set, _)| set)
+                .into_iter()
+                .chain(["priority"])
+            {
+                object.remove(&regorus::Value::from(key));
             }
             let text = serde_json::to_vec(&regorus::Value::from(object)).ok()?;
             Some(text_hash(&text))

@@ -1245,10 +1245,18 @@ mod tests {
                     [false; 5],
                     [true; 5],
                 ),
-                // Not a domain set: all are taken again.
+                // A priority that keeps pa above pc: every decision stands.
                 (
                     serde_json::json!({"allowed_suffix": {"example": true}}),
                     2,
+                    [true; 5],
+                    [true; 5],
+                ),
+                // pa now ties with pc, which orders the policies anew: all are taken
+                // again.
+                (
+                    serde_json::json!({"allowed_suffix": {"example": true}}),
+                    0,
                     [false; 5],
                     [true; 5],
                 ),

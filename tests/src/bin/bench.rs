@@ -596,7 +596,7 @@ const DECIDED: &[&str] = &[
 /// Decisions memoised before a push, asked for again after it: `KEYS` keys of the load's
 /// agent warmed, then a push that changes a policy the agent is not on, then one that adds
 /// a domain none of the keys meets to the agent's own policy, then one that changes that
-/// policy's priority; after each, 1,000 req/s over the keys for 1 s, counting the
+/// policy's rules (a rule no request meets, under a new id); after each, 1,000 req/s over the keys for 1 s, counting the
 /// decisions not taken from the memo (`CompiledPolicy::inherit_memo`: only the agents a
 /// push touched are decided again, and of a domain-list edit only the domains it meets).
 async fn memo_across_pushes(
@@ -634,7 +634,14 @@ async fn memo_across_pushes(
         .await?;
         warm_keys(stack, &client).await?;
         let changed = format!("changed-{pass}.example");
-        let priority = 2 + 2 * pass;
+        // A rule no request meets, under a new id each time: a change to the policy that
+        // re-decides every key. (A priority change would not when it keeps the order of
+        // the agent's policies.) Its field, the domain, is one every decision reads, so
+        // the memo's key stays as it was.
+        let rule = |n: usize| {
+            json!([{"id": format!("never-{pass}-{n}"), "priority": 1, "action": "deny", "conditions": [
+                {"field": "domain", "operator": "equals", "value": "never.example"}]}])
+        };
         // What, the policy, its new body, and how long after the push the load starts.
         for (what, id, body, after) in [
             (
@@ -650,9 +657,9 @@ async fn memo_across_pushes(
                 0,
             ),
             (
-                "a push that changes this agent's policy's priority",
+                "a push that changes this agent's policy's rules",
                 policy0,
-                json!({"name": "p0", "priority": priority, "allowed_domains": ["*.churn.example", changed]}),
+                json!({"name": "p0", "priority": 0, "allowed_domains": ["*.churn.example", changed], "rules": rule(0)}),
                 0,
             ),
             // The same again, the load 5 s later: whether the misses cost more right
@@ -660,7 +667,7 @@ async fn memo_across_pushes(
             (
                 "the same, the load 5 s after the push",
                 policy0,
-                json!({"name": "p0", "priority": priority + 1, "allowed_domains": ["*.churn.example", changed]}),
+                json!({"name": "p0", "priority": 0, "allowed_domains": ["*.churn.example", changed], "rules": rule(1)}),
                 5,
             ),
         ] {
@@ -740,7 +747,7 @@ async fn stall(
     let window = Duration::from_secs(seconds);
     let pushes_per_window = (seconds * 4) as usize;
     // Pushes change the load agent's own policy p0's domain list (a domain the load does
-    // not ask for), or also its priority (the load's decisions are then taken again after
+    // not ask for), or also its rules (the load's decisions are then taken again after
     // every push: the worst case), or another agents' policy p1; the first and the last
     // leave the load's memoised decisions alone.
     // A draft policy, which no bundle carries: changing it costs the control plane and
@@ -753,7 +760,7 @@ async fn stall(
             .await?;
     let policy = |target: Target, i: usize| {
         let (name, n) = match target {
-            Target::Own | Target::OwnPriority => ("p0", 0),
+            Target::Own | Target::OwnRules => ("p0", 0),
             Target::Other => ("p1", 1),
             Target::Draft => {
                 return json!({"name": "bench-trigger", "status": "draft", "allowed_domains": [format!("trigger-{i}.example")]});
@@ -763,14 +770,19 @@ async fn stall(
             .map(|d| format!("allowed-{}.example", d + n))
             .collect();
         allowed.push(format!("extra-{i}.example"));
-        let priority = match target {
-            Target::OwnPriority => i % 2 * 2,
-            _ => n,
+        // A rule no request meets, on a field every decision reads, under a new id each
+        // push.
+        let rules = match target {
+            Target::OwnRules => {
+                json!([{"id": format!("never-{i}"), "priority": 1, "action": "deny", "conditions": [
+                {"field": "domain", "operator": "equals", "value": "never.example"}]}])
+            }
+            _ => json!([]),
         };
-        json!({"name": name, "priority": priority, "allowed_domains": allowed, "blocked_domains": [format!("blocked-{n}.example")]})
+        json!({"name": name, "priority": n, "allowed_domains": allowed, "blocked_domains": [format!("blocked-{n}.example")], "rules": rules})
     };
     let target = |target: Target| match target {
-        Target::Own | Target::OwnPriority => policy0,
+        Target::Own | Target::OwnRules => policy0,
         Target::Other => p1,
         Target::Draft => draft,
     };
@@ -895,8 +907,8 @@ async fn stall(
     )
     .await?;
     measure(
-        "the same; each push also changes the load agent's policy's priority, so its decisions are taken again",
-        Target::OwnPriority,
+        "the same; each push also changes the load agent's policy's rules, so its decisions are taken again",
+        Target::OwnRules,
         false,
     )
     .await?;
@@ -913,8 +925,8 @@ async fn stall(
             Target::Own,
         ),
         (
-            "the same; each push also changes the load agent's policy's priority",
-            Target::OwnPriority,
+            "the same; each push also changes the load agent's policy's rules",
+            Target::OwnRules,
         ),
         ("the same; the changes go to a draft policy", Target::Draft),
     ] {
@@ -1659,9 +1671,9 @@ enum Target {
     /// The load agent's own policy's domain list: a domain the load does not ask for is
     /// added and another removed, so the load's memoised decisions stay.
     Own,
-    /// The same, and the policy's priority changes: the load's decisions are taken again
-    /// after every push (the worst case).
-    OwnPriority,
+    /// The same, and the policy's rules change (a rule the load does not meet, under a
+    /// new id): the load's decisions are taken again after every push (the worst case).
+    OwnRules,
     /// Another agents' policy: the load's memoised decisions stay.
     Other,
     /// A draft policy: the bundle does not change, no update reaches Envoy.
