@@ -8,17 +8,10 @@ use std::sync::Arc;
 /// A client that trusts `ca_pem` and presents `agent`'s certificate (or none). It speaks
 /// HTTP/1.1: a connection per request in flight.
 pub fn agent_client(ca_pem: &str, agent: Option<&AgentCert>) -> anyhow::Result<reqwest::Client> {
-    agent_client_with(ca_pem, agent, false)
-}
-
-/// An HTTP/2 client of the gateway, presenting `agent`'s certificate: over HTTP/2 the
-/// target domain travels in `:authority`, which clients take from the URL, so this client
-/// is sent URLs naming the domain (`Envoy::domain_url`). It connects every name to the
-/// gateway and checks the gateway's certificate for the gateway's own name (`localhost`),
-/// as an agent configured with the gateway as its endpoint does. It offers HTTP/2 by ALPN
-/// (the gateway accepts it): its requests share one connection.
-pub fn agent_client_h2(ca_pem: &str, agent: Option<&AgentCert>) -> anyhow::Result<reqwest::Client> {
-    agent_client_with(ca_pem, agent, true)
+    Ok(reqwest::Client::builder()
+        .tls_backend_preconfigured(tls_config(ca_pem, agent, false)?)
+        .timeout(std::time::Duration::from_secs(10))
+        .build()?)
 }
 
 /// A request sender on one HTTP/2 connection to the gateway at `gateway` as `agent`: each
@@ -53,22 +46,26 @@ pub async fn agent_h2_connection(
 pub type H2Sender =
     hyper::client::conn::http2::SendRequest<http_body_util::Empty<hyper::body::Bytes>>;
 
-fn agent_client_with(
-    ca_pem: &str,
-    agent: Option<&AgentCert>,
-    http2: bool,
-) -> anyhow::Result<reqwest::Client> {
-    let mut client = reqwest::Client::builder()
-        .tls_backend_preconfigured(tls_config(ca_pem, agent, http2)?)
-        .timeout(std::time::Duration::from_secs(10));
-    if http2 {
-        client = client.dns_resolver(Arc::new(Gateway));
-    }
-    Ok(client.build()?)
+/// `GET https://<domain><path>` on `sender`'s connection, the domain in `:authority`; the
+/// response with its whole body.
+pub async fn h2_get(
+    sender: &H2Sender,
+    domain: &str,
+    path: &str,
+) -> anyhow::Result<hyper::Response<hyper::body::Bytes>> {
+    use http_body_util::BodyExt;
+    let request =
+        hyper::Request::get(format!("https://{domain}{path}")).body(http_body_util::Empty::new())?;
+    let mut sender = sender.clone();
+    sender.ready().await?;
+    let (head, body) = sender.send_request(request).await?.into_parts();
+    Ok(hyper::Response::from_parts(
+        head,
+        body.collect().await?.to_bytes(),
+    ))
 }
 
-/// TLS towards the gateway as `agent`; with `http2`, offering HTTP/2 by ALPN and checking
-/// the gateway's certificate for its own name whatever name the connection asks for.
+/// TLS towards the gateway as `agent`; with `http2`, offering HTTP/2 by ALPN.
 fn tls_config(
     ca_pem: &str,
     agent: Option<&AgentCert>,
@@ -82,15 +79,8 @@ fn tls_config(
     let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
-    .with_safe_default_protocol_versions()?;
-    let builder = if http2 {
-        let webpki = rustls::client::WebPkiServerVerifier::builder(Arc::new(roots)).build()?;
-        builder
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(GatewayName(webpki)))
-    } else {
-        builder.with_root_certificates(roots)
-    };
+    .with_safe_default_protocol_versions()?
+    .with_root_certificates(roots);
     let mut config = match agent {
         Some(agent) => {
             let chain = CertificateDer::pem_slice_iter(agent.cert_pem.as_bytes())
@@ -104,61 +94,6 @@ fn tls_config(
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     }
     Ok(config)
-}
-
-/// Resolves every name to the gateway (the port comes from the URL).
-struct Gateway;
-
-impl reqwest::dns::Resolve for Gateway {
-    fn resolve(&self, _: reqwest::dns::Name) -> reqwest::dns::Resolving {
-        let gateway = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
-        Box::pin(std::future::ready(Ok(
-            Box::new(std::iter::once(gateway)) as reqwest::dns::Addrs
-        )))
-    }
-}
-
-/// The CA's verifier, checking the gateway's certificate for `localhost` whatever name
-/// the URL (and so the TLS server name) carries.
-#[derive(Debug)]
-struct GatewayName(Arc<rustls::client::WebPkiServerVerifier>);
-
-impl rustls::client::danger::ServerCertVerifier for GatewayName {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        _: &rustls::pki_types::ServerName<'_>,
-        ocsp_response: &[u8],
-        now: rustls::pki_types::UnixTime,
-    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        let gateway = rustls::pki_types::ServerName::try_from("localhost")
-            .map_err(|e| rustls::Error::General(e.to_string()))?;
-        self.0
-            .verify_server_cert(end_entity, intermediates, &gateway, ocsp_response, now)
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.0.supported_verify_schemes()
-    }
 }
 
 /// A client for the control plane's REST API.

@@ -289,13 +289,6 @@ impl Envoy {
         format!("https://127.0.0.1:{}{path}", self.listen_port)
     }
 
-    /// The URL of `path` on `domain` through the gateway, for clients that connect every
-    /// name to the gateway (`crate::client::agent_client_h2`): over HTTP/2 the domain
-    /// travels in `:authority`, which comes from the URL.
-    pub fn domain_url(&self, domain: &str, path: &str) -> String {
-        format!("https://{domain}:{}{path}", self.listen_port)
-    }
-
     /// The URL for `path` on the listener without the filter (`EnvoyConfig::plain_twin`).
     pub fn twin_url(&self, path: &str) -> Option<String> {
         let port = self.twin_port?;

@@ -457,12 +457,6 @@ impl Stack {
         crate::client::agent_h2_connection(&self.pki.ca_pem, agent, gateway).await
     }
 
-    /// An HTTP/2 agent client (`crate::client::agent_client_h2`): send it
-    /// `self.envoy.domain_url(..)`s.
-    pub fn agent_client_h2(&self, agent: Option<&AgentCert>) -> anyhow::Result<reqwest::Client> {
-        crate::client::agent_client_h2(&self.pki.ca_pem, agent)
-    }
-
     /// `GET https://<domain><path>` through the gateway with `client`.
     pub async fn request(
         &self,

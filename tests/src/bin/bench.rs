@@ -1263,18 +1263,11 @@ async fn open_loop_wire(
         let request: std::pin::Pin<Box<dyn Future<Output = bool> + Send>> = match wire {
             Wire::Http1(client) => Box::pin(whole(client.get(&url).header("host", host(i)).send())),
             Wire::Http2(sender) => {
-                let mut sender = sender.clone();
-                let request = hyper::Request::get(format!("https://{}{PATH}", host(i)))
-                    .body(http_body_util::Empty::new());
+                let (sender, domain) = (sender.clone(), host(i));
                 Box::pin(async move {
-                    use http_body_util::BodyExt;
-                    let (Ok(request), Ok(())) = (request, sender.ready().await) else {
-                        return false;
-                    };
-                    match sender.send_request(request).await {
-                        Ok(r) => r.into_body().collect().await.is_ok(),
-                        Err(_) => false,
-                    }
+                    integration_tests::client::h2_get(&sender, &domain, PATH)
+                        .await
+                        .is_ok()
                 })
             }
         };
