@@ -23,12 +23,7 @@ pub async fn agent_h2_connection(
     agent: Option<&AgentCert>,
     gateway: std::net::SocketAddr,
 ) -> anyhow::Result<H2Sender> {
-    let config = tls_config(ca_pem, agent, true)?;
-    let tcp = tokio::net::TcpStream::connect(gateway).await?;
-    tcp.set_nodelay(true)?;
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
-        .connect(rustls::pki_types::ServerName::try_from("localhost")?, tcp)
-        .await?;
+    let tls = tls_connect(Arc::new(tls_config(ca_pem, agent, true)?), gateway).await?;
     anyhow::ensure!(
         tls.get_ref().1.alpn_protocol() == Some(b"h2"),
         "the gateway did not accept HTTP/2"
@@ -40,6 +35,96 @@ pub async fn agent_h2_connection(
     .await?;
     tokio::spawn(connection);
     Ok(sender)
+}
+
+/// A TLS connection to the gateway at `gateway`, which presents the name `localhost`.
+async fn tls_connect(
+    config: Arc<rustls::ClientConfig>,
+    gateway: std::net::SocketAddr,
+) -> anyhow::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    let tcp = tokio::net::TcpStream::connect(gateway).await?;
+    tcp.set_nodelay(true)?;
+    Ok(tokio_rustls::TlsConnector::from(config)
+        .connect(rustls::pki_types::ServerName::try_from("localhost")?, tcp)
+        .await?)
+}
+
+/// A fixed set of HTTP/1.1 connections to one gateway listener as one agent, all opened
+/// (mTLS handshakes done) before use. A request waits, first come first served, for an
+/// idle connection, as with clients whose pools are bounded: however requests queue, no
+/// connection is opened while a load runs. A connection that fails leaves the pool.
+pub struct H1Pool {
+    idle: std::sync::Mutex<Vec<H1Sender>>,
+    free: tokio::sync::Semaphore,
+}
+
+type H1Sender = hyper::client::conn::http1::SendRequest<http_body_util::Empty<hyper::body::Bytes>>;
+
+impl H1Pool {
+    /// `size` connections to `gateway` as `agent`.
+    pub async fn open(
+        ca_pem: &str,
+        agent: Option<&AgentCert>,
+        gateway: std::net::SocketAddr,
+        size: usize,
+    ) -> anyhow::Result<Self> {
+        let config = Arc::new(tls_config(ca_pem, agent, false)?);
+        let mut idle = Vec::with_capacity(size);
+        for _ in 0..size {
+            let tls = tls_connect(config.clone(), gateway).await?;
+            let (sender, connection) =
+                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls)).await?;
+            tokio::spawn(connection);
+            idle.push(sender);
+        }
+        Ok(Self {
+            idle: std::sync::Mutex::new(idle),
+            free: tokio::sync::Semaphore::new(size),
+        })
+    }
+
+    /// `GET <path>` with `Host: <domain>` on every connection at once: a TLS 1.3 server
+    /// finishes its handshake after the client has, so this leaves none of that work to
+    /// fall into a load.
+    pub async fn warm(&self, domain: &str, path: &str) -> anyhow::Result<()> {
+        let size = self.free.available_permits();
+        for response in futures::future::join_all((0..size).map(|_| self.get(domain, path))).await {
+            response?;
+        }
+        Ok(())
+    }
+
+    /// `GET <path>` with `Host: <domain>` on the next idle connection; the response with
+    /// its whole body.
+    pub async fn get(
+        &self,
+        domain: &str,
+        path: &str,
+    ) -> anyhow::Result<hyper::Response<hyper::body::Bytes>> {
+        use http_body_util::BodyExt;
+        let permit = self.free.acquire().await?;
+        let idle = || self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        let mut sender = idle()
+            .pop()
+            .ok_or_else(|| anyhow::anyhow!("no idle connection behind a permit"))?;
+        let response = async {
+            sender.ready().await?;
+            let request = hyper::Request::get(path)
+                .header(hyper::header::HOST, domain)
+                .body(http_body_util::Empty::new())?;
+            let (head, body) = sender.send_request(request).await?.into_parts();
+            anyhow::Ok(hyper::Response::from_parts(
+                head,
+                body.collect().await?.to_bytes(),
+            ))
+        }
+        .await;
+        match response {
+            Ok(_) => idle().push(sender),
+            Err(_) => permit.forget(),
+        }
+        response
+    }
 }
 
 /// The sending half of an HTTP/2 connection ([`agent_h2_connection`]); clone it per request.

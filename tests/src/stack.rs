@@ -457,6 +457,25 @@ impl Stack {
         crate::client::agent_h2_connection(&self.pki.ca_pem, agent, gateway).await
     }
 
+    /// `size` HTTP/1.1 connections as `agent` to the gateway listener, or with `twin` to
+    /// its twin without the filter (`crate::client::H1Pool`).
+    pub async fn agent_pool(
+        &self,
+        agent: Option<&AgentCert>,
+        twin: bool,
+        size: usize,
+    ) -> anyhow::Result<crate::client::H1Pool> {
+        let port = if twin {
+            self.envoy
+                .twin_port
+                .ok_or_else(|| anyhow::anyhow!("Envoy has no twin listener"))?
+        } else {
+            self.envoy.listen_port
+        };
+        let listener = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        crate::client::H1Pool::open(&self.pki.ca_pem, agent, listener, size).await
+    }
+
     /// `GET https://<domain><path>` through the gateway with `client`.
     pub async fn request(
         &self,
