@@ -832,6 +832,34 @@ async fn stall(
     // a single HTTP/2 connection's client was the bottleneck instead).
     let pool = pool(stack, agent, false).await?;
     let wire = Wire::Pool(&pool);
+    // What a push costs the worker in all (Envoy's update of the filter configuration and
+    // the filter's `on_configure`), with no requests to blur it: the worker threads' CPU
+    // time over a span with a push every 250 ms, minus over as long without.
+    let idle_pushes = 40usize;
+    let span = Duration::from_millis(250) * idle_pushes as u32 + SETTLE;
+    let worker = || worker_ns(stack.envoy.pid());
+    let before = worker();
+    tokio::time::sleep(span).await;
+    let quiet = worker().saturating_sub(before);
+    let (before, started) = (worker(), Instant::now());
+    for k in 0..idle_pushes {
+        tokio::time::sleep_until((started + Duration::from_millis(250) * k as u32).into()).await;
+        stack
+            .admin(
+                reqwest::Method::PUT,
+                &format!("/api/v1/policies/{policy0}"),
+                Some(policy(Target::Own, 1_000_000 + k)),
+            )
+            .await?;
+    }
+    tokio::time::sleep_until((started + span).into()).await;
+    let pushing = worker().saturating_sub(before);
+    println!(
+        "\nworker CPU per push without requests, module {module}: {:.3} ms ({:.1} ms over {span:?} without pushes, {:.1} ms over as long with {idle_pushes})",
+        (pushing as f64 - quiet as f64) / idle_pushes as f64 / 1e6,
+        quiet as f64 / 1e6,
+        pushing as f64 / 1e6,
+    );
     let mut pushed = 0;
     let mut measure = |what: &'static str, which: Target| {
         let first = pushed + 1;
@@ -1838,6 +1866,23 @@ fn thread_cpu(pid: u32) -> (u64, u64) {
         }
     }
     out
+}
+
+/// CPU time of `pid`'s worker threads in nanoseconds (`/proc/…/schedstat`: exact, where
+/// `stat` counts clock ticks).
+fn worker_ns(pid: u32) -> u64 {
+    envoy_threads(pid)
+        .into_iter()
+        .filter(|(_, name)| name.starts_with("wrk:"))
+        .filter_map(|(tid, _)| {
+            std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/schedstat"))
+                .ok()?
+                .split_whitespace()
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum()
 }
 
 fn ticks_per_second() -> f64 {
