@@ -838,9 +838,16 @@ async fn stall(
     let idle_pushes = 40usize;
     let span = Duration::from_millis(250) * idle_pushes as u32 + SETTLE;
     let worker = || worker_ns(stack.envoy.pid());
+    // With `CHRONOGUARD_BENCH_PERF`, each span's worker profile (`stall-<module>-idle-
+    // {quiet,pushes}.data`), to split a push's cost with `tests/perf/attribute.py`.
+    let recording = stall_perf(stack.envoy.pid(), &format!("{module}-idle-quiet"))?;
     let before = worker();
     tokio::time::sleep(span).await;
     let quiet = worker().saturating_sub(before);
+    if let Some(recording) = recording {
+        stop(recording);
+    }
+    let recording = stall_perf(stack.envoy.pid(), &format!("{module}-idle-pushes"))?;
     let (before, started) = (worker(), Instant::now());
     for k in 0..idle_pushes {
         tokio::time::sleep_until((started + Duration::from_millis(250) * k as u32).into()).await;
@@ -854,6 +861,9 @@ async fn stall(
     }
     tokio::time::sleep_until((started + span).into()).await;
     let pushing = worker().saturating_sub(before);
+    if let Some(recording) = recording {
+        stop(recording);
+    }
     println!(
         "\nworker CPU per push without requests, module {module}: {:.3} ms ({:.1} ms over {span:?} without pushes, {:.1} ms over as long with {idle_pushes})",
         (pushing as f64 - quiet as f64) / idle_pushes as f64 / 1e6,
