@@ -129,7 +129,20 @@ pub struct Gateway {
     pub audit_batch_size: usize,
     pub audit_flush_interval_ms: u64,
     pub audit_max_buffered: usize,
+    /// Least time between two pushes to one Envoy (`xds::ecds`); 0 pushes every change.
+    /// At most [`MAX_PUSH_INTERVAL_MS`].
+    #[serde(default = "default_push_min_interval_ms")]
+    pub push_min_interval_ms: u64,
 }
+
+/// The default of `gateway.push_min_interval_ms`.
+fn default_push_min_interval_ms() -> u64 {
+    1_000
+}
+
+/// The longest `gateway.push_min_interval_ms`: a change waits at most this long for the
+/// next push.
+pub const MAX_PUSH_INTERVAL_MS: u64 = 60_000;
 
 /// Audit chain signing. Secrets come from the environment (`APP__AUDIT__HMAC_KEYS`,
 /// `APP__AUDIT__CHECKPOINT_SIGNING_KEY`), never from a file in the repository.
@@ -275,6 +288,12 @@ impl Settings {
             return Err(SettingsError::Invalid {
                 setting: "audit.partitions_ahead",
                 problem: "at most 520 weeks".into(),
+            });
+        }
+        if self.gateway.push_min_interval_ms > MAX_PUSH_INTERVAL_MS {
+            return Err(SettingsError::Invalid {
+                setting: "gateway.push_min_interval_ms",
+                problem: format!("at most {MAX_PUSH_INTERVAL_MS} ms (0 pushes every change)"),
             });
         }
         if self.audit.retention_days > 36_500 {

@@ -43,7 +43,19 @@ async fn rapid_changes_converge_and_a_nacked_bundle_changes_nothing() {
         .unwrap();
     let agent = stack.agent_client(Some(&cert)).unwrap();
 
-    // 20 writes back to back; Envoy must end on the last one.
+    // 20 writes back to back; Envoy must end on the last one, in a few pushes: the control
+    // plane pushes at most once per `gateway.push_min_interval_ms` (1 s by default).
+    let reloads = || async {
+        stack
+            .envoy
+            .stat("extension_config_discovery.http_filter.chronoguard.config_reload")
+            .await
+            .unwrap()
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let reloads_before = reloads().await;
+    let writing = std::time::Instant::now();
     for i in 1..=20 {
         stack
             .admin(
@@ -54,6 +66,7 @@ async fn rapid_changes_converge_and_a_nacked_bundle_changes_nothing() {
             .await
             .unwrap();
     }
+    let written = writing.elapsed();
     let last = published(&stack).await;
     integration_tests::wait_for(
         "envoy acks the last version",
@@ -62,6 +75,13 @@ async fn rapid_changes_converge_and_a_nacked_bundle_changes_nothing() {
     )
     .await
     .unwrap();
+    // One push at the first write, one per second while writing, one after the last.
+    let pushes = reloads().await - reloads_before;
+    let most = written.as_secs() + 2;
+    assert!(
+        (1..=most).contains(&pushes),
+        "20 writes in {written:?} reached Envoy as {pushes} pushes (at most {most})"
+    );
     assert_eq!(
         stack
             .request(&agent, "d20.example", "/")

@@ -3,6 +3,13 @@
 //! A node names its fleet in `node.cluster` and gets that fleet's bundle only; a node of a
 //! fleet that is not registered gets the deny-all configuration (and an `error` in
 //! `GET /api/v1/envoys`).
+//!
+//! Changes are paced per stream: the first change after a quiet
+//! `gateway.push_min_interval_ms` goes out at once, later ones wait until that long after
+//! the previous push and go out as one (the latest bundle). Each push costs every Envoy
+//! worker about 1.5 ms between requests and its main thread two loads of the bundle
+//! (BENCHMARKS.md), so a burst of admin writes becomes a few pushes, not one per write.
+//! A node's own request (a new stream, a re-request) is answered at once.
 
 use super::proto::{self, TYPED_EXTENSION_CONFIG};
 use crate::bundle::{Published, Publisher, Snapshot};
@@ -159,6 +166,10 @@ impl ExtensionConfigDiscoveryService for EcdsServer {
             let mut fleet = String::new();
             let mut subscribed = false;
             let mut last_sent: Option<Arc<Snapshot>> = None;
+            let pace = std::time::Duration::from_millis(publisher.gateway().push_min_interval_ms);
+            // When the last push went out, and when a change held back by the pacing goes.
+            let mut pushed_at: Option<tokio::time::Instant> = None;
+            let mut held: Option<tokio::time::Instant> = None;
             loop {
                 let send_now = tokio::select! {
                     message = inbound.message() => match message {
@@ -189,6 +200,10 @@ impl ExtensionConfigDiscoveryService for EcdsServer {
                         if changed.is_err() { break; }
                         false
                     }
+                    () = tokio::time::sleep_until(held.unwrap_or_else(tokio::time::Instant::now)), if held.is_some() => {
+                        held = None;
+                        false
+                    }
                 };
                 let current = published.borrow_and_update().clone();
                 let Some(current) = current else { continue };
@@ -203,6 +218,14 @@ impl ExtensionConfigDiscoveryService for EcdsServer {
                 if !(send_now || (subscribed && fresh)) {
                     continue;
                 }
+                if !send_now
+                    && let Some(at) = pushed_at.map(|at| at + pace)
+                    && at > tokio::time::Instant::now()
+                {
+                    held = Some(at);
+                    continue;
+                }
+                held = None;
                 if snapshot.deny_all && fresh {
                     tracing::warn!(node = %node, fleet = %fleet, "{}", unknown_fleet(&fleet));
                 }
@@ -213,6 +236,7 @@ impl ExtensionConfigDiscoveryService for EcdsServer {
                     break;
                 }
                 last_sent = Some(snapshot);
+                pushed_at = Some(tokio::time::Instant::now());
                 registry.update(&node, |s| s.sent_version = Some(version));
             }
             if !node.is_empty() {

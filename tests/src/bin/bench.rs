@@ -753,8 +753,10 @@ const BLOCK: Duration = Duration::from_secs(2);
 const PUSHES_PER_BLOCK: u32 = 8;
 /// The first moments of each block, left out of its figures.
 const SETTLE: Duration = Duration::from_millis(300);
-/// The path of the push-stall load.
-const STALL_PATH: &str = "/v1/objects/abc";
+/// Envoy's count of filter configurations it applied (one per push that reached it).
+const RELOADS: &[&str] = &["extension_config_discovery.http_filter.chronoguard.config_reload"];
+/// The path every load asks for.
+const LOAD_PATH: &str = "/v1/objects/abc";
 
 /// Whether a policy push stalls requests: open-loop load at 1,000 req/s for `seconds`
 /// (`--stall-seconds`, default 5) without changes, then as long with a policy change every
@@ -848,6 +850,7 @@ async fn stall(
         stop(recording);
     }
     let recording = stall_perf(stack.envoy.pid(), &format!("{module}-idle-pushes"))?;
+    let reloads = counters(stack, RELOADS).await?;
     let (before, started) = (worker(), Instant::now());
     for k in 0..idle_pushes {
         tokio::time::sleep_until((started + Duration::from_millis(250) * k as u32).into()).await;
@@ -864,9 +867,15 @@ async fn stall(
     if let Some(recording) = recording {
         stop(recording);
     }
+    // The control plane paces pushes (`gateway.push_min_interval_ms`): the writes reach
+    // Envoy as fewer pushes, each carrying the latest bundle.
+    let reached = counters(stack, RELOADS)
+        .await?
+        .saturating_sub(reloads)
+        .max(1);
     println!(
-        "\nworker CPU per push without requests, module {module}: {:.3} ms ({:.1} ms over {span:?} without pushes, {:.1} ms over as long with {idle_pushes})",
-        (pushing as f64 - quiet as f64) / idle_pushes as f64 / 1e6,
+        "\nworker CPU per push without requests, module {module}: {:.3} ms ({:.1} ms over {span:?} without pushes, {:.1} ms over as long with {idle_pushes} writes that reached Envoy as {reached} pushes)",
+        (pushing as f64 - quiet as f64) / reached as f64 / 1e6,
         quiet as f64 / 1e6,
         pushing as f64 / 1e6,
     );
@@ -883,8 +892,9 @@ async fn stall(
             // machine's slow moments (tens to hundreds of milliseconds on these VMs) then
             // fall on both kinds of block alike instead of on one window of each.
             let pushes_in = |block: u32| (block % 2 == 1) != ((block / 2) % 2 == 1);
+            let reloads = counters(stack, RELOADS).await?;
             let started = Instant::now();
-            let load = open_loop_timed(stack, wire, STALL_PATH, 1_000, BLOCK * blocks, |i| {
+            let load = open_loop_timed(stack, wire, LOAD_PATH, 1_000, BLOCK * blocks, |i| {
                 mixed_host(i).to_owned()
             });
             let pushes = async {
@@ -910,6 +920,7 @@ async fn stall(
                 stop(recording);
             }
             pushes?;
+            let reached = counters(stack, RELOADS).await?.saturating_sub(reloads);
             // Per block, leaving out the requests sent in its first [`SETTLE`]: a push
             // reaches the worker about 0.1 s after its REST write, so a block's first
             // moments still belong to the one before.
@@ -945,7 +956,7 @@ async fn stall(
                 .collect();
             let rounds: Vec<String> = added.iter().map(|d| format!("{d:+.3}")).collect();
             println!(
-                "\npolicy pushes under load, module {module} ({what}; {}; 1,000 req/s open loop for {} s in blocks of {} s, {PUSHES_PER_BLOCK} pushes in every other block): without pushes p50 {q50:.3} / p99 {q99:.3} / max {qmax:.3} ms; with pushes p50 {c50:.3} / p99 {c99:.3} / max {cmax:.3} ms; p99 added by the pushes per pair of blocks {} ms, median {:+.3} ms",
+                "\npolicy pushes under load, module {module} ({what}; {}; 1,000 req/s open loop for {} s in blocks of {} s, {PUSHES_PER_BLOCK} writes in every other block, {reached} pushes reached Envoy): without pushes p50 {q50:.3} / p99 {q99:.3} / max {qmax:.3} ms; with pushes p50 {c50:.3} / p99 {c99:.3} / max {cmax:.3} ms; p99 added by the pushes per pair of blocks {} ms, median {:+.3} ms",
                 wire.name(),
                 BLOCK.as_secs() * u64::from(blocks),
                 BLOCK.as_secs(),
@@ -1312,7 +1323,7 @@ async fn pool(
     twin: bool,
 ) -> anyhow::Result<Arc<H1Pool>> {
     let pool = stack.agent_pool(Some(agent), twin, POOL).await?;
-    pool.warm(mixed_host(1), "/v1/objects/abc").await?;
+    pool.warm(mixed_host(1), LOAD_PATH).await?;
     Ok(Arc::new(pool))
 }
 
@@ -1322,11 +1333,11 @@ async fn pool(
 const POOL: usize = 32;
 
 impl Wire<'_> {
-    fn name(self) -> &'static str {
+    fn name(self) -> String {
         match self {
-            Wire::Http1(_) => "HTTP/1.1, a connection per request in flight",
-            Wire::Http2(_) => "HTTP/2, one connection",
-            Wire::Pool(_) => "HTTP/1.1, 32 connections opened before the load",
+            Wire::Http1(_) => "HTTP/1.1, a connection per request in flight".to_owned(),
+            Wire::Http2(_) => "HTTP/2, one connection".to_owned(),
+            Wire::Pool(_) => format!("HTTP/1.1, {POOL} connections opened before the load"),
         }
     }
 }
@@ -1341,7 +1352,7 @@ async fn open_loop_wire(
     host: impl Fn(u64) -> String,
     dump: Option<&std::path::Path>,
 ) -> anyhow::Result<(f64, f64, f64)> {
-    let timed = open_loop_timed(stack, wire, "/v1/objects/abc", rate, duration, host).await;
+    let timed = open_loop_timed(stack, wire, LOAD_PATH, rate, duration, host).await;
     if let Some(path) = dump {
         let lines: String = timed
             .iter()
@@ -1449,12 +1460,11 @@ fn percentiles(mut samples: Vec<Duration>) -> (f64, f64, f64) {
 /// The load's URL on the gateway listener and on its twin without the filter
 /// (`EnvoyConfig::plain_twin`); an error if this Envoy has no twin.
 fn listener_urls(stack: &Stack) -> anyhow::Result<[String; 2]> {
-    const PATH: &str = "/v1/objects/abc";
     let twin = stack
         .envoy
-        .twin_url(PATH)
+        .twin_url(LOAD_PATH)
         .ok_or_else(|| anyhow::anyhow!("Envoy has no twin listener"))?;
-    Ok([stack.envoy.url(PATH), twin])
+    Ok([stack.envoy.url(LOAD_PATH), twin])
 }
 
 /// Open-loop load at 1,000 req/s on the gateway listener and, half a period later each
@@ -1468,7 +1478,6 @@ async fn interleaved(
     agent: &integration_tests::certs::AgentCert,
     duration: Duration,
 ) -> anyhow::Result<[[(f64, f64, f64); 2]; 2]> {
-    const PATH: &str = "/v1/objects/abc";
     // Connections opened before the window, [`POOL`] per listener: a slow moment makes
     // requests wait for a connection, never open one (an mTLS handshake on the worker,
     // which at 2,000 req/s tipped HTTP/1.1 clients into opening hundreds).
@@ -1498,7 +1507,7 @@ async fn interleaved(
     while let Some(i) = due.recv().await {
         let listener = (i % 2) as usize;
         let pool = pools[listener].clone();
-        let request = async move { pool.get(mixed_host(i / 2), PATH).await.is_ok() };
+        let request = async move { pool.get(mixed_host(i / 2), LOAD_PATH).await.is_ok() };
         tasks.push(tokio::spawn(async move {
             Some((listener, (i / 2, timed(request).await?.1)))
         }));
@@ -1532,13 +1541,7 @@ async fn load(
     connections: usize,
     duration: Duration,
 ) -> (u64, u64, Duration) {
-    load_url(
-        &stack.envoy.url("/v1/objects/abc"),
-        client,
-        connections,
-        duration,
-    )
-    .await
+    load_url(&stack.envoy.url(LOAD_PATH), client, connections, duration).await
 }
 
 /// [`load`] on `url`.
