@@ -193,6 +193,11 @@ pub fn now_ns() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
 }
 
+/// Makes host calls act for another live context of this VM; `false` if it is gone.
+pub fn set_effective_context(context_id: u32) -> bool {
+    hostcalls::set_effective_context(context_id).is_ok()
+}
+
 pub fn set_tick_period(period: Duration) {
     if hostcalls::set_tick_period(period).is_err() {
         log(LogLevel::Error, "cannot set tick period");

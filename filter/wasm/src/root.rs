@@ -41,6 +41,43 @@ const WARM_TICK_MS: u64 = 100;
 const WARM_PER_TICK: usize = 4;
 
 thread_local! {
+    /// The root context whose tick timer runs on this VM (the latest configured one).
+    static TICKING: std::cell::Cell<Option<u32>> = const { std::cell::Cell::new(None) };
+}
+
+/// Makes `root_context_id` the one root context of this VM with a tick timer. Envoy
+/// re-arms a root context's tick timer for as long as the process lives, also after the
+/// context is deleted (its tick handler finds no context, calls nobody and arms the timer
+/// again), so each push used to leave one more timer firing every `WARM_TICK_MS` on every
+/// VM: the worker's idle CPU grew by about 1.2 ms per second per 100 pushes (BENCHMARKS.md,
+/// "Eighteenth session"). The previous root context is still alive while the next one is
+/// configured (Envoy shuts the old plugin down after the new one is in place), so its timer
+/// is stopped here, acting as that context. One timer is enough: a VM serves one filter
+/// instance ([`admit`]) and every tick's work is VM-wide. Stopping it in `proxy_on_done`
+/// instead would cost one more entry into V8 per request, because Envoy calls that export
+/// for every stream too.
+fn tick_only(root_context_id: u32, period: Duration) {
+    host::set_tick_period(period);
+    let Some(previous) = TICKING.replace(Some(root_context_id)) else {
+        return;
+    };
+    if previous == root_context_id {
+        return;
+    }
+    if host::set_effective_context(previous) {
+        host::set_tick_period(Duration::ZERO);
+        host::set_effective_context(root_context_id);
+    } else {
+        host::log(
+            LogLevel::Warn,
+            &format!(
+                "root {root_context_id}: the previous root context {previous} is already gone; its tick timer keeps firing for nothing"
+            ),
+        );
+    }
+}
+
+thread_local! {
     /// The tick period set with the configuration.
     static TICK_NS: std::cell::Cell<u64> = const { std::cell::Cell::new(WARM_TICK_MS * 1_000_000) };
 }
@@ -220,7 +257,7 @@ pub fn configure(root_context_id: u32) -> bool {
             let flush = sink.as_ref().map_or(1_000, |a| a.flush_interval_ms);
             let period = flush.clamp(1, WARM_TICK_MS);
             TICK_NS.set(period * 1_000_000);
-            host::set_tick_period(Duration::from_millis(period));
+            tick_only(root_context_id, Duration::from_millis(period));
             if admit(&active.mode) {
                 if let Ok(version) = active.version.parse::<u64>() {
                     host::record(state.metrics.config_version, version);

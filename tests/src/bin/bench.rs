@@ -1027,6 +1027,20 @@ async fn stall(
         renice(tid, 0);
     }
     pin(envoy, "0");
+    // Envoy re-arms a deleted root context's tick timer for the rest of the process: had
+    // each push left its root's timer running (`tick_only` in `filter/wasm/src/root.rs`),
+    // the worker's CPU with nothing to do would grow with the pushes (by ≈ 1.2 ms per
+    // second per 100 pushes before that fix). The same span as before the windows.
+    let total = counters(stack, RELOADS).await?;
+    let before = worker();
+    tokio::time::sleep(span).await;
+    let after = worker().saturating_sub(before);
+    println!(
+        "\nworker CPU without requests or pushes, module {module}: {:.1} ms over {span:?} after {total} pushes since Envoy started; {:.1} ms before the push windows ({:.2}x)",
+        after as f64 / 1e6,
+        quiet as f64 / 1e6,
+        after as f64 / quiet.max(1) as f64,
+    );
     for pid in backend {
         renice(pid, 0);
     }
