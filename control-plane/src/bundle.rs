@@ -119,6 +119,7 @@ impl Publisher {
         // No bundle and no audit credential: a node that does not say which fleet it
         // belongs to learns nothing about any tenant.
         let deny_all = PluginConfig {
+            base: None,
             version: DENY_ALL_VERSION.to_owned(),
             mode: Mode::DenyAll,
             bundle: None,
@@ -264,6 +265,7 @@ impl Publisher {
         bundle: Bundle,
     ) -> Result<Snapshot, BundleError> {
         let config = PluginConfig {
+            base: None,
             version: version.to_string(),
             mode: Mode::Enforce,
             bundle: Some(bundle),

@@ -133,6 +133,14 @@ pub struct Gateway {
     /// At most [`MAX_PUSH_INTERVAL_MS`].
     #[serde(default = "default_push_min_interval_ms")]
     pub push_min_interval_ms: u64,
+    /// Send a push as the changes since the version last sent on the stream when that is
+    /// under half the bundle's size (`filter_core::delta`); false: always in full.
+    #[serde(default = "default_push_deltas")]
+    pub push_deltas: bool,
+}
+
+fn default_push_deltas() -> bool {
+    true
 }
 
 /// The default of `gateway.push_min_interval_ms`.

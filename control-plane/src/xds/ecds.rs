@@ -10,6 +10,12 @@
 //! worker about 1.5 ms between requests and its main thread two loads of the bundle
 //! (BENCHMARKS.md), so a burst of admin writes becomes a few pushes, not one per write.
 //! A node's own request (a new stream, a re-request) is answered at once.
+//!
+//! A push after the first on a stream is sent as the changes since the previous one when
+//! that is under half the bundle (`filter_core::delta`, `gateway.push_deltas`): what a
+//! push costs each worker grows with the configuration Envoy hands it. A NACK of a delta
+//! gets the same version in full at once, and the stream gets only full configurations
+//! from then on.
 
 use super::proto::{self, TYPED_EXTENSION_CONFIG};
 use crate::bundle::{Published, Publisher, Snapshot};
@@ -44,6 +50,12 @@ pub struct EnvoyStatus {
     pub acked_version: Option<String>,
     pub last_nack: Option<Nack>,
     pub nacks_total: u64,
+    /// Pushes sent with the whole configuration.
+    pub full_pushes: u64,
+    /// Pushes sent as the changes since the stream's previous push (`filter_core::delta`).
+    pub delta_pushes: u64,
+    /// The size of the last push's filter configuration, in bytes.
+    pub last_push_bytes: usize,
     pub last_seen_at: Option<DateTime<Utc>>,
 }
 
@@ -166,6 +178,16 @@ impl ExtensionConfigDiscoveryService for EcdsServer {
             let mut fleet = String::new();
             let mut subscribed = false;
             let mut last_sent: Option<Arc<Snapshot>> = None;
+            // The configuration the next delta is against: the last one sent on this stream,
+            // unless Envoy refused it. A refused delta is sent again in full at once; if
+            // Envoy takes that, the delta was the problem (a filter that does not know
+            // them, or a VM that lost its base) and the stream gets no more deltas.
+            let mut base: Option<Arc<Snapshot>> = None;
+            let mut deltas = publisher.gateway().push_deltas;
+            let mut sent_delta = false;
+            let mut last_nonce = String::new();
+            let mut retrying = false;
+            let mut retry_nonce: Option<String> = None;
             let pace = std::time::Duration::from_millis(publisher.gateway().push_min_interval_ms);
             // When the last push went out, and when a change held back by the pacing goes.
             let mut pushed_at: Option<tokio::time::Instant> = None;
@@ -189,9 +211,22 @@ impl ExtensionConfigDiscoveryService for EcdsServer {
                             } else if req.response_nonce.is_empty() {
                                 subscribed = true;
                                 true
-                            } else {
-                                acknowledge(&registry, &node, &req);
+                            } else if acknowledge(&registry, &node, &req) {
+                                if retry_nonce.as_deref() == Some(req.response_nonce.as_str()) {
+                                    retry_nonce = None;
+                                    deltas = false;
+                                    tracing::warn!(node = %node, version = %req.version_info, "envoy refused a version as a delta and took it in full: this stream gets full configurations from now on");
+                                }
                                 false
+                            } else {
+                                // Envoy keeps what it had: the next push goes in full, and a
+                                // refused delta goes again in full at once.
+                                base = None;
+                                if retry_nonce.as_deref() == Some(req.response_nonce.as_str()) {
+                                    retry_nonce = None;
+                                }
+                                retrying = sent_delta && req.response_nonce == last_nonce;
+                                retrying
                             }
                         }
                         Ok(None) | Err(_) => break,
@@ -229,15 +264,37 @@ impl ExtensionConfigDiscoveryService for EcdsServer {
                 if snapshot.deny_all && fresh {
                     tracing::warn!(node = %node, fleet = %fleet, "{}", unknown_fleet(&fleet));
                 }
+                let delta = match &base {
+                    Some(base) if deltas && !Arc::ptr_eq(base, &snapshot) => {
+                        delta_config(base, &snapshot)
+                    }
+                    _ => None,
+                };
+                sent_delta = delta.is_some();
+                let config = delta.as_deref().unwrap_or(&snapshot.plugin_config);
+                let bytes = config.len();
                 let nonce = nonces.fetch_add(1, Ordering::Relaxed).to_string();
-                let response = proto::response(publisher.gateway(), &snapshot, nonce);
+                last_nonce.clone_from(&nonce);
+                if std::mem::take(&mut retrying) {
+                    retry_nonce = Some(nonce.clone());
+                }
+                let response = proto::response(publisher.gateway(), &snapshot, config, nonce);
                 let version = response.version_info.clone();
                 if tx.send(Ok(response)).await.is_err() {
                     break;
                 }
+                base = (!snapshot.deny_all).then(|| snapshot.clone());
                 last_sent = Some(snapshot);
                 pushed_at = Some(tokio::time::Instant::now());
-                registry.update(&node, |s| s.sent_version = Some(version));
+                registry.update(&node, |s| {
+                    s.sent_version = Some(version);
+                    s.last_push_bytes = bytes;
+                    if sent_delta {
+                        s.delta_pushes += 1;
+                    } else {
+                        s.full_pushes += 1;
+                    }
+                });
             }
             if !node.is_empty() {
                 registry.update(&node, |s| {
@@ -276,14 +333,33 @@ impl ExtensionConfigDiscoveryService for EcdsServer {
         Ok(Response::new(proto::response(
             self.publisher.gateway(),
             &snapshot,
+            &snapshot.plugin_config,
             nonce,
         )))
     }
 }
 
-fn acknowledge(registry: &EnvoyRegistry, node: &str, req: &DiscoveryRequest) {
+/// `next`'s configuration as the changes since `base`'s, when that is under half its size.
+fn delta_config(base: &Snapshot, next: &Snapshot) -> Option<String> {
+    if base.deny_all || next.deny_all {
+        return None;
+    }
+    match filter_core::delta::delta(base.plugin_config.as_bytes(), next.plugin_config.as_bytes()) {
+        Ok(delta) => delta.and_then(|d| String::from_utf8(d).ok()),
+        Err(e) => {
+            tracing::error!(error = %e, "could not compute a delta push; sending the configuration in full");
+            None
+        }
+    }
+}
+
+/// Records an ACK or a NACK; returns whether it was an ACK.
+fn acknowledge(registry: &EnvoyRegistry, node: &str, req: &DiscoveryRequest) -> bool {
     match &req.error_detail {
-        None => registry.update(node, |s| s.acked_version = Some(req.version_info.clone())),
+        None => {
+            registry.update(node, |s| s.acked_version = Some(req.version_info.clone()));
+            true
+        }
         Some(error) => {
             tracing::warn!(node = %node, current = %req.version_info, error = %error.message, "envoy rejected the policy bundle (NACK)");
             registry.update(node, |s| {
@@ -296,6 +372,7 @@ fn acknowledge(registry: &EnvoyRegistry, node: &str, req: &DiscoveryRequest) {
                     at: Utc::now(),
                 });
             });
+            false
         }
     }
 }

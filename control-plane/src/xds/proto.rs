@@ -55,11 +55,17 @@ pub fn wasm_filter(gateway: &Gateway, plugin_config: &str) -> Any {
     pack_any(wasm)
 }
 
-/// A state-of-the-world response with the single ECDS resource.
-pub fn response(gateway: &Gateway, snapshot: &Snapshot, nonce: String) -> DiscoveryResponse {
+/// A state-of-the-world response with the single ECDS resource: `snapshot`'s version with
+/// `plugin_config`, its configuration in full or a delta against the stream's previous one.
+pub fn response(
+    gateway: &Gateway,
+    snapshot: &Snapshot,
+    plugin_config: &str,
+    nonce: String,
+) -> DiscoveryResponse {
     let resource = TypedExtensionConfig {
         name: gateway.resource_name.clone(),
-        typed_config: Some(wasm_filter(gateway, &snapshot.plugin_config)),
+        typed_config: Some(wasm_filter(gateway, plugin_config)),
     };
     DiscoveryResponse {
         version_info: snapshot.version_info(),

@@ -252,6 +252,7 @@ fn memoised_decisions_equal_fresh_ones() {
 /// The filter's configuration of `bundle`, as JSON text.
 fn config_text(bundle: &Bundle) -> Vec<u8> {
     serde_json::to_vec(&crate::config::PluginConfig {
+        base: None,
         version: "1".into(),
         mode: crate::config::Mode::Enforce,
         bundle: Some(bundle.clone()),

@@ -29,6 +29,11 @@ pub enum Mode {
 pub struct PluginConfig {
     /// Opaque bundle version, echoed in audit records and stats.
     pub version: String,
+    /// Present in a delta (`crate::delta`): the version whose agents and policies the
+    /// bundle changes. Its `data` then holds only the agents and policies added or
+    /// changed since; a bundle that drops one is always sent in full.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base: Option<String>,
     #[serde(default)]
     pub mode: Mode,
     /// Rego modules and data; required in [`Mode::Enforce`].
@@ -47,6 +52,9 @@ pub struct PluginConfig {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RawPluginConfig<'a> {
     pub version: String,
+    /// [`PluginConfig::base`].
+    #[serde(default)]
+    pub base: Option<String>,
     #[serde(default)]
     pub mode: Mode,
     #[serde(default, borrow)]
@@ -59,6 +67,9 @@ pub struct RawPluginConfig<'a> {
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RawBundle<'a> {
+    /// Absent in a delta whose modules did not change (`crate::delta`); a full
+    /// configuration without modules is refused when compiled.
+    #[serde(default)]
     pub modules: Vec<RegoModule>,
     #[serde(borrow)]
     pub data: RawData<'a>,
@@ -169,7 +180,7 @@ pub struct Bundle {
     pub data: serde_json::Value,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RegoModule {
     pub name: String,
@@ -287,6 +298,7 @@ impl<'a> RawPluginConfig<'a> {
         };
         Some(Self {
             version: parsed.version,
+            base: parsed.base,
             mode: parsed.mode,
             audit: parsed.audit,
             bundle: Some(RawBundle {
@@ -517,6 +529,7 @@ impl PluginConfig {
     pub fn deny_all() -> Self {
         Self {
             version: "default-deny".into(),
+            base: None,
             mode: Mode::DenyAll,
             bundle: None,
             audit: None,

@@ -9,6 +9,7 @@ pub mod audit;
 pub mod config;
 pub mod data;
 pub mod decision;
+pub mod delta;
 pub mod input;
 pub mod policy;
 pub mod ratelimit;

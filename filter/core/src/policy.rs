@@ -1091,6 +1091,7 @@ mod tests {
     /// A filter configuration of `bundle`, as JSON text.
     fn config_text(bundle: Bundle) -> Vec<u8> {
         serde_json::to_vec(&crate::config::PluginConfig {
+            base: None,
             version: "1".into(),
             mode: crate::config::Mode::Enforce,
             bundle: Some(bundle),

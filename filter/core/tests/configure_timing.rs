@@ -56,6 +56,7 @@ fn configure_timing() {
         // prepared (the raw cache is warm with the unchanged configuration).
         let changed = serde_json::to_vec(&config).unwrap();
         let unchanged = serde_json::to_vec(&PluginConfig {
+            base: None,
             bundle: Some(serde_json::from_slice(&unchanged).unwrap()),
             ..config.clone()
         })

@@ -1,8 +1,9 @@
 //! Configurations: each is compiled once per VM, and the latest accepted decides requests.
 
 use crate::{host, vm};
-use filter_core::config::{AuditSink, ConfigIndex, Mode, RawPluginConfig};
+use filter_core::config::{AuditSink, ConfigIndex, Mode, RawBundle, RawPluginConfig};
 use filter_core::data::Validated;
+use filter_core::delta::Retained;
 use filter_core::policy::CompiledPolicy;
 use proxy_wasm::traits::{Context, RootContext};
 use proxy_wasm::types::LogLevel;
@@ -108,9 +109,27 @@ const VALIDATED: &str = concat!("chronoguard.validated.", env!("CARGO_PKG_VERSIO
 /// entries through it instead of parsing the whole text.
 const INDEX: &str = concat!("chronoguard.index.", env!("CARGO_PKG_VERSION"));
 
+/// The shared-data key of the full configuration the latest canary loaded: the base the
+/// next canary (a fresh VM per push) applies a delta to (`filter_core::delta`).
+const STATE: &str = concat!("chronoguard.state.", env!("CARGO_PKG_VERSION"));
+
+/// How a configuration was read.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Read {
+    /// Parsed in full.
+    Parsed,
+    /// Through the index another VM published for the same bytes.
+    Indexed,
+    /// A delta applied to the entries this VM kept of its base.
+    Delta,
+    /// A delta applied to the base the previous canary published (or that canary's
+    /// result for this very version).
+    DeltaShared,
+}
+
 /// Parses and compiles a configuration; returns it ready for requests, with its audit
-/// sink, and whether it was read through another VM's index.
-fn load(bytes: &[u8]) -> Result<(Active, Option<AuditSink>, bool), String> {
+/// sink, and how it was read.
+fn load(bytes: &[u8]) -> Result<(Active, Option<AuditSink>, Read), String> {
     let index = match host::shared_get(INDEX) {
         Ok((Some(index), _)) => ConfigIndex::decode(&index),
         _ => None,
@@ -118,42 +137,35 @@ fn load(bytes: &[u8]) -> Result<(Active, Option<AuditSink>, bool), String> {
     let indexed = index
         .as_ref()
         .and_then(|index| RawPluginConfig::from_index(bytes, index));
-    let read_through_index = indexed.is_some();
+    let read = if indexed.is_some() {
+        Read::Indexed
+    } else {
+        Read::Parsed
+    };
     let config = match indexed {
         Some(config) => config,
         None => RawPluginConfig::from_slice(bytes).map_err(|e| e.to_string())?,
     };
+    if config.base.is_some() {
+        return load_delta(config);
+    }
     let policy = match (&config.mode, &config.bundle) {
         (Mode::Enforce, Some(bundle)) => {
-            // This VM's entries of the previous configuration: a push only parses and
-            // prepares the agents and policies that changed (on_configure runs between
-            // requests on the worker thread).
             let state = vm::state();
             let mut state = state.borrow_mut();
-            // Entries another VM validated are prepared on first use: the canary (a fresh
-            // VM per push) validates what changed, the workers nothing.
-            let validated = match host::shared_get(VALIDATED) {
-                Ok((Some(bytes), _)) => Validated::decode(&bytes),
-                _ => Validated::default(),
-            };
-            let policy = CompiledPolicy::compile_raw(bundle, &mut state.entries, &validated)
-                .map_err(|e| e.to_string())?;
-            if policy.validated_here() != (0, 0, 0)
-                && host::shared_set(VALIDATED, &policy.validated(), None).is_err()
-            {
-                host::log(
-                    LogLevel::Warn,
-                    "could not publish the validated entries; other VMs validate them again",
-                );
-            }
-            if !read_through_index
-                && let Some(index) = ConfigIndex::build(bytes, &config)
-                && host::shared_set(INDEX, &index.encode(), None).is_err()
-            {
-                host::log(
-                    LogLevel::Warn,
-                    "could not publish the configuration's index; other VMs parse it again",
-                );
+            let policy = compile(bundle, &mut state)?;
+            // The base of the next push's delta.
+            state.retained = Retained::keep(&config);
+            if read == Read::Parsed {
+                if let Some(index) = ConfigIndex::build(bytes, &config)
+                    && host::shared_set(INDEX, &index.encode(), None).is_err()
+                {
+                    host::log(
+                        LogLevel::Warn,
+                        "could not publish the configuration's index; other VMs parse it again",
+                    );
+                }
+                publish_state(bytes);
             }
             Some(policy)
         }
@@ -164,7 +176,110 @@ fn load(bytes: &[u8]) -> Result<(Active, Option<AuditSink>, bool), String> {
         mode: config.mode,
         policy,
     };
-    Ok((active, config.audit, read_through_index))
+    Ok((active, config.audit, read))
+}
+
+/// Loads a delta: merges it with the entries this VM kept of its base, or with the base
+/// the previous canary published (this VM is the canary, or a VM that missed a version).
+/// The VM keeps its entries when the delta is refused.
+fn load_delta(config: RawPluginConfig<'_>) -> Result<(Active, Option<AuditSink>, Read), String> {
+    let base = config.base.clone().unwrap_or_default();
+    let state = vm::state();
+    let mut guard = state.borrow_mut();
+    let mut read = Read::Delta;
+    let mut retained = match guard.retained.take() {
+        Some(kept) if kept.version() == base => kept,
+        kept => {
+            guard.retained = kept;
+            let shared = match host::shared_get(STATE) {
+                Ok((Some(shared), _)) => shared,
+                _ => {
+                    return Err(format!(
+                        "a delta against version {base}, which this VM does not hold and no canary published"
+                    ));
+                }
+            };
+            let full = RawPluginConfig::from_slice(&shared).map_err(|e| e.to_string())?;
+            if full.version == config.version {
+                // The canary published this very configuration in full: load that.
+                drop(guard);
+                return load(&shared).map(|(active, sink, _)| (active, sink, Read::DeltaShared));
+            }
+            if full.version != base {
+                return Err(format!(
+                    "a delta against version {base}, which this VM does not hold (the canary published version {})",
+                    full.version
+                ));
+            }
+            read = Read::DeltaShared;
+            Retained::keep(&full).ok_or("the published base has no bundle")?
+        }
+    };
+    let merged = retained.merge(config);
+    let outcome = merged.and_then(|(merged, changes)| {
+        let bundle = merged.bundle.as_ref().ok_or("a delta without a bundle")?;
+        let policy = match merged.mode {
+            Mode::Enforce => Some(compile(bundle, &mut guard)?),
+            _ => None,
+        };
+        if read == Read::DeltaShared
+            && let Some(full) = filter_core::delta::full_json(&merged)
+        {
+            publish_state(&full);
+        }
+        let active = Active {
+            version: Rc::from(merged.version.as_str()),
+            mode: merged.mode,
+            policy,
+        };
+        Ok((active, merged.audit, changes))
+    });
+    match outcome {
+        Ok((active, sink, changes)) => {
+            retained.apply(changes);
+            guard.retained = Some(retained);
+            Ok((active, sink, read))
+        }
+        Err(e) => {
+            if read == Read::Delta {
+                guard.retained = Some(retained);
+            }
+            Err(e)
+        }
+    }
+}
+
+/// Prepares a bundle's entries against this VM's entries of the previous configuration
+/// (a push only parses and prepares the agents and policies that changed; on_configure
+/// runs between requests on the worker thread) and compiles its modules.
+fn compile(bundle: &RawBundle<'_>, state: &mut vm::VmState) -> Result<CompiledPolicy, String> {
+    // Entries another VM validated are prepared on first use: the canary (a fresh VM per
+    // push) validates what changed, the workers nothing.
+    let validated = match host::shared_get(VALIDATED) {
+        Ok((Some(bytes), _)) => Validated::decode(&bytes),
+        _ => Validated::default(),
+    };
+    let policy = CompiledPolicy::compile_raw(bundle, &mut state.entries, &validated)
+        .map_err(|e| e.to_string())?;
+    if policy.validated_here() != (0, 0, 0)
+        && host::shared_set(VALIDATED, &policy.validated(), None).is_err()
+    {
+        host::log(
+            LogLevel::Warn,
+            "could not publish the validated entries; other VMs validate them again",
+        );
+    }
+    Ok(policy)
+}
+
+/// Publishes a full configuration as the base of the next canary's delta.
+fn publish_state(full: &[u8]) {
+    if host::shared_set(STATE, full, None).is_err() {
+        host::log(
+            LogLevel::Warn,
+            "could not publish the configuration for the next canary; a delta against it will be refused and sent again in full",
+        );
+    }
 }
 
 /// Requests carry no root context (`abi`), so one VM serves one filter instance. A
@@ -230,16 +345,17 @@ pub fn configure(root_context_id: u32) -> bool {
     let started = host::now_ns();
     let state = vm::state();
     match load(&bytes) {
-        Ok((mut active, sink, indexed)) => {
+        Ok((mut active, sink, read)) => {
             let elapsed_ms = host::now_ns().saturating_sub(started) as f64 / 1e6;
             let (agents, policies, modules) = active
                 .policy
                 .as_ref()
                 .map_or((0, 0, 0), CompiledPolicy::validated_here);
-            let through = if indexed {
-                "read through the index, "
-            } else {
-                ""
+            let through = match read {
+                Read::Parsed => "",
+                Read::Indexed => "read through the index, ",
+                Read::Delta => "a delta, ",
+                Read::DeltaShared => "a delta on the published base, ",
             };
             host::log(
                 LogLevel::Info,

@@ -5,6 +5,7 @@ use crate::metrics::Metrics;
 use filter_core::audit::{AuditBuffer, AuditRecord, IdGenerator};
 use filter_core::config::{AuditSink, FastHash};
 use filter_core::data::EntryCache;
+use filter_core::delta::Retained;
 use filter_core::input::{MIN_PEER_TOKEN, PEER_TOKEN_ENV, peer_connection, source_ip};
 use proxy_wasm::types::LogLevel;
 use std::cell::RefCell;
@@ -139,6 +140,8 @@ pub struct VmState {
     pub peers: PeerCache,
     /// Prepared bundle entries of the last configuration (`filter_core::data::EntryCache`).
     pub entries: EntryCache,
+    /// The agents and policies of the last configuration: the base of the next delta.
+    pub retained: Option<Retained>,
     pub metrics: Metrics,
     audit: AuditBuffer,
     sink: Option<AuditSink>,
@@ -168,6 +171,7 @@ impl VmState {
             ids: IdGenerator::new(prefix),
             peers: PeerCache::new(),
             entries: EntryCache::default(),
+            retained: None,
             metrics: Metrics::define(),
             audit: AuditBuffer::new(DEFAULT_CAPACITY),
             sink: None,
