@@ -673,12 +673,18 @@ async fn decision_ids(stack: &Stack, tenant: &str, own: &[Option<&str>]) -> Vec<
 /// then in its long-lived VMs. The canary validates only the agents and policies no VM
 /// validated before and publishes them; the workers then validate none and prepare
 /// entries on first use: a new agent's requests are still decided by its own entry and a
-/// changed policy's by the new one.
+/// changed policy's by the new one. Pushes after the first are deltas: the canary applies
+/// them to the full configuration the previous canary published, the long-lived VMs to
+/// their own entries; a full push is read through the canary's index.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workers_trust_the_agents_the_canary_validated() {
     let (stack, tenant) = stack_with_workers(2).await;
     let policy = stack
         .create_policy(&tenant, "p", &["a.example"], &[])
+        .await
+        .unwrap();
+    let spare = stack
+        .create_policy(&tenant, "spare", &["s.example"], &[])
         .await
         .unwrap();
     let one = agent(&stack, &tenant, "one", &policy).await;
@@ -698,8 +704,8 @@ async fn workers_trust_the_agents_the_canary_validated() {
     // The canary (root context 1 of a fresh VM) validated agent two's new entry only;
     // the main thread's and both workers' long-lived VMs validated nothing.
     let (canary, long_lived) = validated_by_the_last_loads(&stack);
-    assert_eq!(canary, [(1, 0, 0, false)]);
-    assert_eq!(long_lived, [(0, 0, 0, true); 3]);
+    assert_eq!(canary, [(1, 0, 0, "delta on the published base")]);
+    assert_eq!(long_lived, [(0, 0, 0, "delta"); 3]);
 
     // Policy p now also allows c.example: the canary validates that policy only.
     stack
@@ -719,13 +725,27 @@ async fn workers_trust_the_agents_the_canary_validated() {
     let (status, _, _) = send(&stack, &two, Method::GET, "c.example", "/").await;
     assert_eq!(status, 200);
     let (canary, long_lived) = validated_by_the_last_loads(&stack);
-    assert_eq!(canary, [(0, 1, 0, false)]);
-    assert_eq!(long_lived, [(0, 0, 0, true); 3]);
+    assert_eq!(canary, [(0, 1, 0, "delta on the published base")]);
+    assert_eq!(long_lived, [(0, 0, 0, "delta"); 3]);
+
+    // A deletion goes in full: the canary parses it (every entry validated before), the
+    // long-lived VMs read it through its index.
+    stack
+        .admin(Method::DELETE, &format!("/api/v1/policies/{spare}"), None)
+        .await
+        .unwrap();
+    stack.wait_envoy_synced().await.unwrap();
+    let (status, _, _) = send(&stack, &two, Method::GET, "c.example", "/").await;
+    assert_eq!(status, 200);
+    let (canary, long_lived) = validated_by_the_last_loads(&stack);
+    assert_eq!(canary, [(0, 0, 0, "parsed")]);
+    assert_eq!(long_lived, [(0, 0, 0, "index"); 3]);
 }
 
-/// Agents, policies and module sets validated by one load, and whether it read the
-/// configuration through another VM's index.
-type Counts = (u64, u64, u64, bool);
+/// Agents, policies and module sets validated by one load, and how it read the
+/// configuration: parsed, through another VM's index, as a delta on its own entries, or
+/// as a delta on the full configuration the previous canary published.
+type Counts = (u64, u64, u64, &'static str);
 
 /// The agents and policies each VM validated itself when loading the latest
 /// configuration, from the filter's `root R: configuration V loaded (Enforce, B bytes, A
@@ -739,9 +759,18 @@ fn validated_by_the_last_loads(stack: &Stack) -> (Vec<Counts>, Vec<Counts>) {
             let (root, tail) = l.split_once("root ")?.1.split_once(": configuration ")?;
             let (version, tail) = tail.split_once(" loaded (Enforce, ")?;
             let tail = tail.split_once(" bytes, ")?.1;
-            // The long-lived VMs read the canary's index of the same bytes.
-            let indexed = tail.starts_with("read through the index, ");
-            let tail = tail.trim_start_matches("read through the index, ");
+            // How the configuration was read (`filter/wasm/src/root.rs`, `Read`).
+            let (read, tail) = [
+                ("read through the index, ", "index"),
+                ("a delta, ", "delta"),
+                (
+                    "a delta on the published base, ",
+                    "delta on the published base",
+                ),
+            ]
+            .into_iter()
+            .find_map(|(prefix, read)| Some((read, tail.strip_prefix(prefix)?)))
+            .unwrap_or(("parsed", tail));
             let (agents, tail) = tail.split_once(" agents, ")?;
             let (policies, tail) = tail.split_once(" policies and ")?;
             let modules = tail.split_once(" module sets validated here")?.0;
@@ -749,7 +778,7 @@ fn validated_by_the_last_loads(stack: &Stack) -> (Vec<Counts>, Vec<Counts>) {
                 agents.parse().ok()?,
                 policies.parse().ok()?,
                 modules.parse().ok()?,
-                indexed,
+                read,
             );
             Some((root.parse().ok()?, version.parse().ok()?, validated))
         })
