@@ -1154,10 +1154,14 @@ fn configure_summary(log: &str) {
             _ => "not logged".to_owned(),
         };
         if let (Some(median), Some(max)) = (ms.get(ms.len() / 2), ms.last()) {
+            let count = |read: Read| loads.iter().filter(|l| l.read == read).count();
             println!(
-                "on_configure, {what}, over {} loads ({} read through an index): median {median:.3} ms, max {max:.3} ms; validated per load, median / max: agents {}, policies {}",
+                "on_configure, {what}, over {} loads ({} parsed, {} read through an index, {} deltas on the VM's own entries, {} on the published base): median {median:.3} ms, max {max:.3} ms; validated per load, median / max: agents {}, policies {}",
                 ms.len(),
-                loads.iter().filter(|l| l.indexed).count(),
+                count(Read::Parsed),
+                count(Read::Indexed),
+                count(Read::Delta),
+                count(Read::DeltaShared),
                 spread(&agents),
                 spread(&policies),
             );
@@ -1174,12 +1178,36 @@ fn configure_summary(log: &str) {
     if let Some(l) = loads.iter().max_by_key(|l| l.bytes) {
         println!("configuration size {} bytes", l.bytes);
     }
+    let mut deltas: Vec<u64> = loads
+        .iter()
+        .filter(|l| l.read == Read::DeltaShared)
+        .map(|l| l.bytes)
+        .collect();
+    deltas.sort_unstable();
+    if let (Some(median), Some(max)) = (deltas.get(deltas.len() / 2), deltas.last()) {
+        println!(
+            "delta pushes: {} of {} bytes median, {max} max",
+            deltas.len(),
+            median
+        );
+    }
+}
+
+/// How a VM read a configuration (`filter/wasm/src/root.rs`, `Read`).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Read {
+    Parsed,
+    /// Through another VM's index of the same bytes.
+    Indexed,
+    /// A delta applied to the VM's own entries of its base.
+    Delta,
+    /// A delta applied to the full base the previous canary published.
+    DeltaShared,
 }
 
 struct Load {
     root: u32,
-    /// Read through another VM's index of the same bytes (not parsed in full).
-    indexed: bool,
+    read: Read,
     bytes: u64,
     /// Agents and policies the VM validated itself (the others it reused or another VM
     /// validated).
@@ -1202,10 +1230,14 @@ fn configure_loads(log: &str) -> Vec<Load> {
                 .parse()
                 .ok()?;
             let (bytes, rest) = tail.split_once(" bytes, ")?;
-            let (indexed, rest) = match rest.strip_prefix("read through the index, ") {
-                Some(rest) => (true, rest),
-                None => (false, rest),
-            };
+            let (read, rest) = [
+                ("read through the index, ", Read::Indexed),
+                ("a delta, ", Read::Delta),
+                ("a delta on the published base, ", Read::DeltaShared),
+            ]
+            .into_iter()
+            .find_map(|(prefix, read)| Some((read, rest.strip_prefix(prefix)?)))
+            .unwrap_or((Read::Parsed, rest));
             // Modules before 0f50487 do not say what they validated.
             let (validated, rest) = match rest.split_once(" module sets validated here, ") {
                 Some((counts, after)) => {
@@ -1218,7 +1250,7 @@ fn configure_loads(log: &str) -> Vec<Load> {
             let ms = rest.trim_end_matches(" ms)").parse().ok()?;
             Some(Load {
                 root,
-                indexed,
+                read,
                 bytes: bytes.parse().ok()?,
                 validated,
                 ms,
