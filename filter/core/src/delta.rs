@@ -7,9 +7,9 @@
 //! domain edit changes one policy of a 430 KB configuration, so the control plane sends
 //! what changed against the version it last sent on that stream ([`delta`]), and each VM
 //! applies it to the entries it kept of that version ([`Retained`]). A VM that does not
-//! hold the base (Envoy's canary, a fresh VM per push) reads the full configuration of the
-//! base that the previous canary published in shared data; without it the VM refuses the
-//! delta, Envoy NACKs it, and the control plane sends the full configuration.
+//! hold the base (Envoy's canary, a fresh VM per push) reads the entries the previous
+//! canary published in shared data ([`Retained::encode`]); without them the VM refuses
+//! the delta, Envoy NACKs it, and the control plane sends the full configuration.
 
 use crate::config::{
     AuditSink, ConfigError, Mode, RawBundle, RawData, RawEntry, RawPluginConfig, RegoModule,
@@ -79,6 +79,70 @@ impl Retained {
         &self.version
     }
 
+    /// Whether a delta to `version` against `base` applies to these entries: they are
+    /// `base`'s, or already `version`'s (a delta only adds and replaces entries, so
+    /// applying it again changes nothing).
+    pub fn serves(&self, base: &str, version: &str) -> bool {
+        self.version == base || self.version == version
+    }
+
+    /// The shared form, for the next canary: lengths, keys, hashes and texts, read back
+    /// without parsing JSON ([`Retained::decode`]).
+    pub fn encode(&self) -> Vec<u8> {
+        let modules = serde_json::to_vec(&self.modules).unwrap_or_default();
+        let size: usize = self
+            .agents
+            .iter()
+            .chain(&self.policies)
+            .map(|(k, e)| k.len() + e.text.len() + 16)
+            .sum();
+        let mut out = Vec::with_capacity(size + modules.len() + self.version.len() + 16);
+        let bytes = |out: &mut Vec<u8>, b: &[u8]| {
+            out.extend_from_slice(&(b.len() as u32).to_le_bytes());
+            out.extend_from_slice(b);
+        };
+        bytes(&mut out, self.version.as_bytes());
+        bytes(&mut out, &modules);
+        for section in [&self.agents, &self.policies] {
+            out.extend_from_slice(&(section.len() as u32).to_le_bytes());
+            for (key, e) in section {
+                bytes(&mut out, key.as_bytes());
+                out.extend_from_slice(&e.hash.to_le_bytes());
+                bytes(&mut out, &e.text);
+            }
+        }
+        out
+    }
+
+    /// Reads the shared form; `None` for anything else.
+    pub fn decode(bytes: &[u8]) -> Option<Self> {
+        fn take<'b>(r: &mut crate::config::Reader<'b>) -> Option<&'b [u8]> {
+            let n = r.u32()? as usize;
+            r.take(n)
+        }
+        let mut r = crate::config::Reader(bytes);
+        let version = std::str::from_utf8(take(&mut r)?).ok()?.to_owned();
+        let modules = serde_json::from_slice(take(&mut r)?).ok()?;
+        let mut section = || -> Option<Section> {
+            (0..r.u32()?)
+                .map(|_| {
+                    let key = std::str::from_utf8(take(&mut r)?).ok()?;
+                    let hash = r.u64()?;
+                    let text = Box::from(take(&mut r)?);
+                    Some((Box::from(key), Kept { text, hash }))
+                })
+                .collect()
+        };
+        let agents = section()?;
+        let policies = section()?;
+        r.0.is_empty().then_some(Self {
+            version,
+            modules,
+            agents,
+            policies,
+        })
+    }
+
     /// The full configuration `delta` describes, its entries borrowed from this base and
     /// from the delta, and the changes to apply here once it is accepted. Fails when the
     /// delta is not against this version.
@@ -87,7 +151,7 @@ impl Retained {
         delta: RawPluginConfig<'x>,
     ) -> Result<(RawPluginConfig<'x>, Changes), String> {
         let base = delta.base.as_deref().unwrap_or_default();
-        if base != self.version {
+        if !self.serves(base, &delta.version) {
             return Err(format!(
                 "a delta against version {base:?}, but this VM holds version {:?}",
                 self.version
@@ -239,7 +303,8 @@ fn write<'e>(
 
 /// The JSON text of a full configuration with a bundle (a merged delta, say); `None`
 /// for one without a bundle, or a delta.
-pub fn full_json(config: &RawPluginConfig<'_>) -> Option<Vec<u8>> {
+#[cfg(test)]
+fn full_json(config: &RawPluginConfig<'_>) -> Option<Vec<u8>> {
     let bundle = config.bundle.as_ref()?;
     if config.base.is_some() {
         return None;
@@ -447,6 +512,11 @@ mod tests {
                 }
             }
             assert_eq!(retained, keep(&full), "version {version}");
+            // The next canary reads them back as they were published.
+            assert_eq!(
+                Retained::decode(&retained.encode()).as_ref(),
+                Some(&retained)
+            );
             previous = full;
         }
         assert!(deltas > 20 && fulls > 3, "{deltas} deltas, {fulls} in full");
@@ -472,6 +542,16 @@ mod tests {
             .unwrap_err();
         assert!(err.contains("\"2\"") && err.contains("\"1\""), "{err}");
         assert_eq!(retained, keep(&one));
+        // Entries already of the delta's version take it again unchanged.
+        let mut at_two = keep(&two);
+        let delta_2 = delta(&one, &two).unwrap().unwrap();
+        assert_eq!(parsed(&apply(&mut at_two, &delta_2)), parsed(&two));
+        assert_eq!(at_two, keep(&two));
+        // The shared form is refused cut short or with bytes after it.
+        let encoded = at_two.encode();
+        assert!(Retained::decode(&encoded[..encoded.len() - 1]).is_none());
+        assert!(Retained::decode(&[encoded.as_slice(), b"x"].concat()).is_none());
+        assert!(Retained::decode(b"").is_none());
 
         let delta_2 = parsed(&delta(&one, &two).unwrap().unwrap());
         assert_eq!(delta_2["base"], "1");

@@ -109,8 +109,9 @@ const VALIDATED: &str = concat!("chronoguard.validated.", env!("CARGO_PKG_VERSIO
 /// entries through it instead of parsing the whole text.
 const INDEX: &str = concat!("chronoguard.index.", env!("CARGO_PKG_VERSION"));
 
-/// The shared-data key of the full configuration the latest canary loaded: the base the
-/// next canary (a fresh VM per push) applies a delta to (`filter_core::delta`).
+/// The shared-data key of the entries of the configuration the latest canary loaded
+/// (`filter_core::delta::Retained::encode`): the base the next canary (a fresh VM per
+/// push) applies a delta to.
 const STATE: &str = concat!("chronoguard.state.", env!("CARGO_PKG_VERSION"));
 
 /// How a configuration was read.
@@ -122,8 +123,8 @@ enum Read {
     Indexed,
     /// A delta applied to the entries this VM kept of its base.
     Delta,
-    /// A delta applied to the base the previous canary published (or that canary's
-    /// result for this very version).
+    /// A delta applied to the entries the previous canary published (or the entries a
+    /// canary published for this very version).
     DeltaShared,
 }
 
@@ -165,7 +166,9 @@ fn load(bytes: &[u8]) -> Result<(Active, Option<AuditSink>, Read), String> {
                         "could not publish the configuration's index; other VMs parse it again",
                     );
                 }
-                publish_state(bytes);
+                if let Some(retained) = &state.retained {
+                    publish_state(retained);
+                }
             }
             Some(policy)
         }
@@ -179,40 +182,34 @@ fn load(bytes: &[u8]) -> Result<(Active, Option<AuditSink>, Read), String> {
     Ok((active, config.audit, read))
 }
 
-/// Loads a delta: merges it with the entries this VM kept of its base, or with the base
-/// the previous canary published (this VM is the canary, or a VM that missed a version).
-/// The VM keeps its entries when the delta is refused.
+/// Loads a delta: merges it with the entries this VM kept of its base, or with the
+/// entries the previous canary published (this VM is the canary, or a VM that missed a
+/// version). The VM keeps its entries when the delta is refused.
 fn load_delta(config: RawPluginConfig<'_>) -> Result<(Active, Option<AuditSink>, Read), String> {
     let base = config.base.clone().unwrap_or_default();
     let state = vm::state();
     let mut guard = state.borrow_mut();
     let mut read = Read::Delta;
     let mut retained = match guard.retained.take() {
-        Some(kept) if kept.version() == base => kept,
+        Some(kept) if kept.serves(&base, &config.version) => kept,
         kept => {
             guard.retained = kept;
-            let shared = match host::shared_get(STATE) {
-                Ok((Some(shared), _)) => shared,
-                _ => {
+            let published = match host::shared_get(STATE) {
+                Ok((Some(bytes), _)) => Retained::decode(&bytes),
+                _ => None,
+            };
+            match published {
+                Some(published) if published.serves(&base, &config.version) => {
+                    read = Read::DeltaShared;
+                    published
+                }
+                published => {
                     return Err(format!(
-                        "a delta against version {base}, which this VM does not hold and no canary published"
+                        "a delta against version {base}, which this VM does not hold (the last canary published {})",
+                        published.as_ref().map_or("nothing", |p| p.version())
                     ));
                 }
-            };
-            let full = RawPluginConfig::from_slice(&shared).map_err(|e| e.to_string())?;
-            if full.version == config.version {
-                // The canary published this very configuration in full: load that.
-                drop(guard);
-                return load(&shared).map(|(active, sink, _)| (active, sink, Read::DeltaShared));
             }
-            if full.version != base {
-                return Err(format!(
-                    "a delta against version {base}, which this VM does not hold (the canary published version {})",
-                    full.version
-                ));
-            }
-            read = Read::DeltaShared;
-            Retained::keep(&full).ok_or("the published base has no bundle")?
         }
     };
     let merged = retained.merge(config);
@@ -222,11 +219,6 @@ fn load_delta(config: RawPluginConfig<'_>) -> Result<(Active, Option<AuditSink>,
             Mode::Enforce => Some(compile(bundle, &mut guard)?),
             _ => None,
         };
-        if read == Read::DeltaShared
-            && let Some(full) = filter_core::delta::full_json(&merged)
-        {
-            publish_state(&full);
-        }
         let active = Active {
             version: Rc::from(merged.version.as_str()),
             mode: merged.mode,
@@ -237,6 +229,9 @@ fn load_delta(config: RawPluginConfig<'_>) -> Result<(Active, Option<AuditSink>,
     match outcome {
         Ok((active, sink, changes)) => {
             retained.apply(changes);
+            if read == Read::DeltaShared {
+                publish_state(&retained);
+            }
             guard.retained = Some(retained);
             Ok((active, sink, read))
         }
@@ -272,9 +267,9 @@ fn compile(bundle: &RawBundle<'_>, state: &mut vm::VmState) -> Result<CompiledPo
     Ok(policy)
 }
 
-/// Publishes a full configuration as the base of the next canary's delta.
-fn publish_state(full: &[u8]) {
-    if host::shared_set(STATE, full, None).is_err() {
+/// Publishes a configuration's entries as the base of the next canary's delta.
+fn publish_state(retained: &Retained) {
+    if host::shared_set(STATE, &retained.encode(), None).is_err() {
         host::log(
             LogLevel::Warn,
             "could not publish the configuration for the next canary; a delta against it will be refused and sent again in full",

@@ -837,51 +837,77 @@ async fn stall(
     let wire = Wire::Pool(&pool);
     // What a push costs the worker in all (Envoy's update of the filter configuration and
     // the filter's `on_configure`), with no requests to blur it: the worker threads' CPU
-    // time over a span with a push every 1,050 ms, minus over as long without.
-    // The writes are 1,050 ms apart, past the control plane's pacing of pushes
-    // (`gateway.push_min_interval_ms`, 1 s by default), so each is a push of its own.
-    let idle_pushes = 20usize;
+    // time over spans with a push every 1,050 ms, minus over as long without. The idle
+    // worker's own CPU drifts by tens of percent between minutes on these machines, so
+    // the spans come in pairs, quiet and pushing alternately first, and the figure is the
+    // median over the pairs. The writes are 1,050 ms apart, past the control plane's
+    // pacing of pushes (`gateway.push_min_interval_ms`, 1 s by default), so each is a
+    // push of its own.
+    let (pairs, per_span) = (5usize, 8usize);
     let idle_every = Duration::from_millis(1_050);
-    let span = idle_every * idle_pushes as u32 + SETTLE;
+    let span = idle_every * per_span as u32 + SETTLE;
     let worker = || worker_ns(stack.envoy.pid());
     // With `CHRONOGUARD_BENCH_PERF`, each span's worker profile (`stall-<module>-idle-
-    // {quiet,pushes}.data`), to split a push's cost with `tests/perf/attribute.py`.
-    let recording = stall_perf(stack.envoy.pid(), &format!("{module}-idle-quiet"))?;
-    let before = worker();
-    tokio::time::sleep(span).await;
-    let quiet = worker().saturating_sub(before);
-    if let Some(recording) = recording {
-        stop(recording);
+    // {quiet,pushes}-<pair>.data`), to split a push's cost with `tests/perf/attribute.py`.
+    let mut write = 0usize;
+    let mut per_push = Vec::new();
+    let (mut quiet_total, mut pushing_total, mut reached_total) = (0u64, 0u64, 0u64);
+    for pair in 0..pairs {
+        let mut quiet = 0;
+        let mut pushing = 0;
+        let mut reached = 0;
+        for pushes in [pair % 2 == 1, pair % 2 == 0] {
+            let what = if pushes { "pushes" } else { "quiet" };
+            let recording = stall_perf(stack.envoy.pid(), &format!("{module}-idle-{what}-{pair}"))?;
+            let reloads = counters(stack, RELOADS).await?;
+            let (before, started) = (worker(), Instant::now());
+            if pushes {
+                for k in 0..per_span {
+                    tokio::time::sleep_until((started + idle_every * k as u32).into()).await;
+                    write += 1;
+                    stack
+                        .admin(
+                            reqwest::Method::PUT,
+                            &format!("/api/v1/policies/{policy0}"),
+                            Some(policy(Target::Own, 1_000_000 + write)),
+                        )
+                        .await?;
+                }
+            }
+            tokio::time::sleep_until((started + span).into()).await;
+            let used = worker().saturating_sub(before);
+            if let Some(recording) = recording {
+                stop(recording);
+            }
+            if pushes {
+                pushing = used;
+                // Counted, not assumed: a write that found the pacing interval still
+                // running would have joined the next push.
+                reached = counters(stack, RELOADS)
+                    .await?
+                    .saturating_sub(reloads)
+                    .max(1);
+            } else {
+                quiet = used;
+            }
+        }
+        per_push.push((pushing as f64 - quiet as f64) / reached as f64 / 1e6);
+        (quiet_total, pushing_total, reached_total) = (
+            quiet_total + quiet,
+            pushing_total + pushing,
+            reached_total + reached,
+        );
     }
-    let recording = stall_perf(stack.envoy.pid(), &format!("{module}-idle-pushes"))?;
-    let reloads = counters(stack, RELOADS).await?;
-    let (before, started) = (worker(), Instant::now());
-    for k in 0..idle_pushes {
-        tokio::time::sleep_until((started + idle_every * k as u32).into()).await;
-        stack
-            .admin(
-                reqwest::Method::PUT,
-                &format!("/api/v1/policies/{policy0}"),
-                Some(policy(Target::Own, 1_000_000 + k)),
-            )
-            .await?;
-    }
-    tokio::time::sleep_until((started + span).into()).await;
-    let pushing = worker().saturating_sub(before);
-    if let Some(recording) = recording {
-        stop(recording);
-    }
-    // Counted, not assumed: a write that found the pacing interval still running would
-    // have joined the next push.
-    let reached = counters(stack, RELOADS)
-        .await?
-        .saturating_sub(reloads)
-        .max(1);
+    // The quiet spans' mean: the baseline of the idle check after the push windows.
+    let quiet = quiet_total / pairs as u64;
+    let pairs_ms: Vec<String> = per_push.iter().map(|ms| format!("{ms:+.3}")).collect();
     println!(
-        "\nworker CPU per push without requests, module {module}: {:.3} ms ({:.1} ms over {span:?} without pushes, {:.1} ms over as long with {idle_pushes} writes that reached Envoy as {reached} pushes)",
-        (pushing as f64 - quiet as f64) / reached as f64 / 1e6,
-        quiet as f64 / 1e6,
-        pushing as f64 / 1e6,
+        "\nworker CPU per push without requests, module {module}: median {:.3} ms over {pairs} pairs of spans of {span:?} (per pair {} ms); in all {:.1} ms without pushes, {:.1} ms with {} writes that reached Envoy as {reached_total} pushes",
+        median(&per_push),
+        pairs_ms.join(", "),
+        quiet_total as f64 / 1e6,
+        pushing_total as f64 / 1e6,
+        pairs * per_span,
     );
     let mut pushed = 0;
     let mut measure = |what: &'static str, which: Target| {
@@ -1036,7 +1062,7 @@ async fn stall(
     tokio::time::sleep(span).await;
     let after = worker().saturating_sub(before);
     println!(
-        "\nworker CPU without requests or pushes, module {module}: {:.1} ms over {span:?} after {total} pushes since Envoy started; {:.1} ms before the push windows ({:.2}x)",
+        "\nworker CPU without requests or pushes, module {module}: {:.1} ms over {span:?} after {total} pushes since Envoy started; {:.1} ms per such span before the push windows ({:.2}x)",
         after as f64 / 1e6,
         quiet as f64 / 1e6,
         after as f64 / quiet.max(1) as f64,
