@@ -7,8 +7,9 @@
 //! Changes are paced per stream: the first change after a quiet
 //! `gateway.push_min_interval_ms` goes out at once, later ones wait until that long after
 //! the previous push and go out as one (the latest bundle). Each push costs every Envoy
-//! worker about 1.5 ms between requests and its main thread two loads of the bundle
-//! (BENCHMARKS.md), so a burst of admin writes becomes a few pushes, not one per write.
+//! worker about 0.75 ms between requests as a delta (1.3 ms in full) and its main thread
+//! two loads of the bundle (BENCHMARKS.md), so a burst of admin writes becomes a few
+//! pushes, not one per write.
 //! A node's own request (a new stream, a re-request) is answered at once.
 //!
 //! A push after the first on a stream is sent as the changes since the previous one when
