@@ -2,6 +2,7 @@
 //! the REST API: rule conditions, custom Rego, dry-run, time windows relative to now, rate
 //! limits shared across workers, stats.
 
+use filter_core::config::ConfigRead;
 use integration_tests::{Stack, StackOptions};
 use reqwest::Method;
 use serde_json::{Value, json};
@@ -704,8 +705,8 @@ async fn workers_trust_the_agents_the_canary_validated() {
     // The canary (root context 1 of a fresh VM) validated agent two's new entry only;
     // the main thread's and both workers' long-lived VMs validated nothing.
     let (canary, long_lived) = validated_by_the_last_loads(&stack);
-    assert_eq!(canary, [(1, 0, 0, "delta on the published base")]);
-    assert_eq!(long_lived, [(0, 0, 0, "delta"); 3]);
+    assert_eq!(canary, [(1, 0, 0, ConfigRead::DeltaShared)]);
+    assert_eq!(long_lived, [(0, 0, 0, ConfigRead::Delta); 3]);
 
     // Policy p now also allows c.example: the canary validates that policy only.
     stack
@@ -725,8 +726,8 @@ async fn workers_trust_the_agents_the_canary_validated() {
     let (status, _, _) = send(&stack, &two, Method::GET, "c.example", "/").await;
     assert_eq!(status, 200);
     let (canary, long_lived) = validated_by_the_last_loads(&stack);
-    assert_eq!(canary, [(0, 1, 0, "delta on the published base")]);
-    assert_eq!(long_lived, [(0, 0, 0, "delta"); 3]);
+    assert_eq!(canary, [(0, 1, 0, ConfigRead::DeltaShared)]);
+    assert_eq!(long_lived, [(0, 0, 0, ConfigRead::Delta); 3]);
 
     // A deletion goes in full: the canary parses it (every entry validated before), the
     // long-lived VMs read it through its index.
@@ -738,14 +739,14 @@ async fn workers_trust_the_agents_the_canary_validated() {
     let (status, _, _) = send(&stack, &two, Method::GET, "c.example", "/").await;
     assert_eq!(status, 200);
     let (canary, long_lived) = validated_by_the_last_loads(&stack);
-    assert_eq!(canary, [(0, 0, 0, "parsed")]);
-    assert_eq!(long_lived, [(0, 0, 0, "index"); 3]);
+    assert_eq!(canary, [(0, 0, 0, ConfigRead::Parsed)]);
+    assert_eq!(long_lived, [(0, 0, 0, ConfigRead::Indexed); 3]);
 }
 
 /// Agents, policies and module sets validated by one load, and how it read the
 /// configuration: parsed, through another VM's index, as a delta on its own entries, or
 /// as a delta on the full configuration the previous canary published.
-type Counts = (u64, u64, u64, &'static str);
+type Counts = (u64, u64, u64, ConfigRead);
 
 /// The agents and policies each VM validated itself when loading the latest
 /// configuration, from the filter's `root R: configuration V loaded (Enforce, B bytes, A
@@ -759,18 +760,7 @@ fn validated_by_the_last_loads(stack: &Stack) -> (Vec<Counts>, Vec<Counts>) {
             let (root, tail) = l.split_once("root ")?.1.split_once(": configuration ")?;
             let (version, tail) = tail.split_once(" loaded (Enforce, ")?;
             let tail = tail.split_once(" bytes, ")?.1;
-            // How the configuration was read (`filter/wasm/src/root.rs`, `Read`).
-            let (read, tail) = [
-                ("read through the index, ", "index"),
-                ("a delta, ", "delta"),
-                (
-                    "a delta on the published base, ",
-                    "delta on the published base",
-                ),
-            ]
-            .into_iter()
-            .find_map(|(prefix, read)| Some((read, tail.strip_prefix(prefix)?)))
-            .unwrap_or(("parsed", tail));
+            let (read, tail) = ConfigRead::strip(tail);
             let (agents, tail) = tail.split_once(" agents, ")?;
             let (policies, tail) = tail.split_once(" policies and ")?;
             let modules = tail.split_once(" module sets validated here")?.0;

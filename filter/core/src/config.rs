@@ -75,6 +75,44 @@ pub struct RawBundle<'a> {
     pub data: RawData<'a>,
 }
 
+/// How a VM read a configuration, as the filter's `on_configure` log line says it
+/// (`root N: configuration V loaded (Mode, B bytes, <how>A agents, …)`): the filter
+/// writes [`ConfigRead::log_prefix`], the bench and the tests read it back with
+/// [`ConfigRead::strip`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConfigRead {
+    /// Parsed in full.
+    Parsed,
+    /// Through the index another VM published for the same bytes.
+    Indexed,
+    /// A delta applied to the entries this VM kept of its base.
+    Delta,
+    /// A delta applied to the entries the previous canary published (or the entries a
+    /// canary published for this very version).
+    DeltaShared,
+}
+
+impl ConfigRead {
+    /// What the log line says before the counts (nothing when parsed in full).
+    pub fn log_prefix(self) -> &'static str {
+        match self {
+            Self::Parsed => "",
+            Self::Indexed => "read through the index, ",
+            Self::Delta => "a delta, ",
+            Self::DeltaShared => "a delta on the published base, ",
+        }
+    }
+
+    /// How a log line's text after `B bytes, ` says the configuration was read, and the
+    /// text after that.
+    pub fn strip(text: &str) -> (Self, &str) {
+        [Self::Indexed, Self::Delta, Self::DeltaShared]
+            .into_iter()
+            .find_map(|read| Some((read, text.strip_prefix(read.log_prefix())?)))
+            .unwrap_or((Self::Parsed, text))
+    }
+}
+
 /// The data document with agents and policies as JSON text, keyed like [`Bundle::data`],
 /// in document order (a later duplicate key wins where they are used, as in a map).
 #[derive(Debug, Deserialize)]
@@ -563,6 +601,20 @@ impl AuditSink {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Each way of reading a configuration is read back from its log prefix.
+    #[test]
+    fn config_reads_round_trip_through_their_log_prefix() {
+        for read in [
+            ConfigRead::Parsed,
+            ConfigRead::Indexed,
+            ConfigRead::Delta,
+            ConfigRead::DeltaShared,
+        ] {
+            let line = format!("{}3 agents, 0 policies", read.log_prefix());
+            assert_eq!(ConfigRead::strip(&line), (read, "3 agents, 0 policies"));
+        }
+    }
 
     /// The canary's index reads the same bytes back as parsing them does, with the
     /// entries' hashes; it is refused for other bytes (one byte changed, another length,

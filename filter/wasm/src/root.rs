@@ -1,7 +1,7 @@
 //! Configurations: each is compiled once per VM, and the latest accepted decides requests.
 
 use crate::{host, vm};
-use filter_core::config::{AuditSink, ConfigIndex, Mode, RawBundle, RawPluginConfig};
+use filter_core::config::{AuditSink, ConfigIndex, ConfigRead, Mode, RawBundle, RawPluginConfig};
 use filter_core::data::Validated;
 use filter_core::delta::Retained;
 use filter_core::policy::CompiledPolicy;
@@ -114,23 +114,9 @@ const INDEX: &str = concat!("chronoguard.index.", env!("CARGO_PKG_VERSION"));
 /// push) applies a delta to.
 const STATE: &str = concat!("chronoguard.state.", env!("CARGO_PKG_VERSION"));
 
-/// How a configuration was read.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Read {
-    /// Parsed in full.
-    Parsed,
-    /// Through the index another VM published for the same bytes.
-    Indexed,
-    /// A delta applied to the entries this VM kept of its base.
-    Delta,
-    /// A delta applied to the entries the previous canary published (or the entries a
-    /// canary published for this very version).
-    DeltaShared,
-}
-
 /// Parses and compiles a configuration; returns it ready for requests, with its audit
 /// sink, and how it was read.
-fn load(bytes: &[u8]) -> Result<(Active, Option<AuditSink>, Read), String> {
+fn load(bytes: &[u8]) -> Result<(Active, Option<AuditSink>, ConfigRead), String> {
     let index = match host::shared_get(INDEX) {
         Ok((Some(index), _)) => ConfigIndex::decode(&index),
         _ => None,
@@ -139,9 +125,9 @@ fn load(bytes: &[u8]) -> Result<(Active, Option<AuditSink>, Read), String> {
         .as_ref()
         .and_then(|index| RawPluginConfig::from_index(bytes, index));
     let read = if indexed.is_some() {
-        Read::Indexed
+        ConfigRead::Indexed
     } else {
-        Read::Parsed
+        ConfigRead::Parsed
     };
     let config = match indexed {
         Some(config) => config,
@@ -157,7 +143,7 @@ fn load(bytes: &[u8]) -> Result<(Active, Option<AuditSink>, Read), String> {
             let policy = compile(bundle, &mut state)?;
             // The base of the next push's delta.
             state.retained = Retained::keep(&config);
-            if read == Read::Parsed {
+            if read == ConfigRead::Parsed {
                 if let Some(index) = ConfigIndex::build(bytes, &config)
                     && host::shared_set(INDEX, &index.encode(), None).is_err()
                 {
@@ -185,11 +171,13 @@ fn load(bytes: &[u8]) -> Result<(Active, Option<AuditSink>, Read), String> {
 /// Loads a delta: merges it with the entries this VM kept of its base, or with the
 /// entries the previous canary published (this VM is the canary, or a VM that missed a
 /// version). The VM keeps its entries when the delta is refused.
-fn load_delta(config: RawPluginConfig<'_>) -> Result<(Active, Option<AuditSink>, Read), String> {
+fn load_delta(
+    config: RawPluginConfig<'_>,
+) -> Result<(Active, Option<AuditSink>, ConfigRead), String> {
     let base = config.base.clone().unwrap_or_default();
     let state = vm::state();
     let mut guard = state.borrow_mut();
-    let mut read = Read::Delta;
+    let mut read = ConfigRead::Delta;
     let mut retained = match guard.retained.take() {
         Some(kept) if kept.serves(&base, &config.version) => kept,
         kept => {
@@ -200,7 +188,7 @@ fn load_delta(config: RawPluginConfig<'_>) -> Result<(Active, Option<AuditSink>,
             };
             match published {
                 Some(published) if published.serves(&base, &config.version) => {
-                    read = Read::DeltaShared;
+                    read = ConfigRead::DeltaShared;
                     published
                 }
                 published => {
@@ -229,14 +217,14 @@ fn load_delta(config: RawPluginConfig<'_>) -> Result<(Active, Option<AuditSink>,
     match outcome {
         Ok((active, sink, changes)) => {
             retained.apply(changes);
-            if read == Read::DeltaShared {
+            if read == ConfigRead::DeltaShared {
                 publish_state(&retained);
             }
             guard.retained = Some(retained);
             Ok((active, sink, read))
         }
         Err(e) => {
-            if read == Read::Delta {
+            if read == ConfigRead::Delta {
                 guard.retained = Some(retained);
             }
             Err(e)
@@ -346,12 +334,7 @@ pub fn configure(root_context_id: u32) -> bool {
                 .policy
                 .as_ref()
                 .map_or((0, 0, 0), CompiledPolicy::validated_here);
-            let through = match read {
-                Read::Parsed => "",
-                Read::Indexed => "read through the index, ",
-                Read::Delta => "a delta, ",
-                Read::DeltaShared => "a delta on the published base, ",
-            };
+            let through = read.log_prefix();
             host::log(
                 LogLevel::Info,
                 &format!(

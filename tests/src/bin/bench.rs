@@ -6,6 +6,7 @@
 //! control plane on CPU 1. CPU per request = Δ(utime + stime) of the Envoy process over the
 //! measured window ÷ requests served. Results are printed as a Markdown table.
 
+use filter_core::config::ConfigRead;
 use integration_tests::client::H1Pool;
 use integration_tests::{Stack, StackOptions};
 use serde_json::json;
@@ -1180,14 +1181,14 @@ fn configure_summary(log: &str) {
             _ => "not logged".to_owned(),
         };
         if let (Some(median), Some(max)) = (ms.get(ms.len() / 2), ms.last()) {
-            let count = |read: Read| loads.iter().filter(|l| l.read == read).count();
+            let count = |read: ConfigRead| loads.iter().filter(|l| l.read == read).count();
             println!(
                 "on_configure, {what}, over {} loads ({} parsed, {} read through an index, {} deltas on the VM's own entries, {} on the published base): median {median:.3} ms, max {max:.3} ms; validated per load, median / max: agents {}, policies {}",
                 ms.len(),
-                count(Read::Parsed),
-                count(Read::Indexed),
-                count(Read::Delta),
-                count(Read::DeltaShared),
+                count(ConfigRead::Parsed),
+                count(ConfigRead::Indexed),
+                count(ConfigRead::Delta),
+                count(ConfigRead::DeltaShared),
                 spread(&agents),
                 spread(&policies),
             );
@@ -1206,7 +1207,7 @@ fn configure_summary(log: &str) {
     }
     let mut deltas: Vec<u64> = loads
         .iter()
-        .filter(|l| l.read == Read::DeltaShared)
+        .filter(|l| l.read == ConfigRead::DeltaShared)
         .map(|l| l.bytes)
         .collect();
     deltas.sort_unstable();
@@ -1219,21 +1220,9 @@ fn configure_summary(log: &str) {
     }
 }
 
-/// How a VM read a configuration (`filter/wasm/src/root.rs`, `Read`).
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Read {
-    Parsed,
-    /// Through another VM's index of the same bytes.
-    Indexed,
-    /// A delta applied to the VM's own entries of its base.
-    Delta,
-    /// A delta applied to the full base the previous canary published.
-    DeltaShared,
-}
-
 struct Load {
     root: u32,
-    read: Read,
+    read: ConfigRead,
     bytes: u64,
     /// Agents and policies the VM validated itself (the others it reused or another VM
     /// validated).
@@ -1256,14 +1245,7 @@ fn configure_loads(log: &str) -> Vec<Load> {
                 .parse()
                 .ok()?;
             let (bytes, rest) = tail.split_once(" bytes, ")?;
-            let (read, rest) = [
-                ("read through the index, ", Read::Indexed),
-                ("a delta, ", Read::Delta),
-                ("a delta on the published base, ", Read::DeltaShared),
-            ]
-            .into_iter()
-            .find_map(|(prefix, read)| Some((read, rest.strip_prefix(prefix)?)))
-            .unwrap_or((Read::Parsed, rest));
+            let (read, rest) = ConfigRead::strip(rest);
             // Modules before 0f50487 do not say what they validated.
             let (validated, rest) = match rest.split_once(" module sets validated here, ") {
                 Some((counts, after)) => {
