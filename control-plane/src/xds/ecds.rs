@@ -340,18 +340,21 @@ impl ExtensionConfigDiscoveryService for EcdsServer {
     }
 }
 
-/// `next`'s configuration as the changes since `base`'s, when that is under half its size.
-fn delta_config(base: &Snapshot, next: &Snapshot) -> Option<String> {
+/// `next`'s configuration as the changes since `base`'s, when that is under half its size
+/// (computed once per pair for all streams).
+fn delta_config(base: &Snapshot, next: &Snapshot) -> Option<Arc<str>> {
     if base.deny_all || next.deny_all {
         return None;
     }
-    match filter_core::delta::delta(base.plugin_config.as_bytes(), next.plugin_config.as_bytes()) {
-        Ok(delta) => delta.and_then(|d| String::from_utf8(d).ok()),
-        Err(e) => {
-            tracing::error!(error = %e, "could not compute a delta push; sending the configuration in full");
-            None
+    next.delta_from(base, || {
+        match filter_core::delta::delta(base.plugin_config.as_bytes(), next.plugin_config.as_bytes()) {
+            Ok(delta) => delta.and_then(|d| String::from_utf8(d).ok()),
+            Err(e) => {
+                tracing::error!(error = %e, "could not compute a delta push; sending the configuration in full");
+                None
+            }
         }
-    }
+    })
 }
 
 /// Records an ACK or a NACK; returns whether it was an ACK.

@@ -87,6 +87,10 @@ pub enum ConfigRead {
     Indexed,
     /// A delta applied to the entries this VM kept of its base.
     Delta,
+    /// A delta compiled from the entries it lists, on the entries this VM prepared for
+    /// its base (`crate::policy::CompiledPolicy::compile_raw_delta`): a long-lived VM's
+    /// way.
+    DeltaListed,
     /// A delta applied to the entries the previous canary published (or the entries a
     /// canary published for this very version).
     DeltaShared,
@@ -99,6 +103,7 @@ impl ConfigRead {
             Self::Parsed => "",
             Self::Indexed => "read through the index, ",
             Self::Delta => "a delta, ",
+            Self::DeltaListed => "a delta from what it lists, ",
             Self::DeltaShared => "a delta on the published base, ",
         }
     }
@@ -106,10 +111,15 @@ impl ConfigRead {
     /// How a log line's text after `B bytes, ` says the configuration was read, and the
     /// text after that.
     pub fn strip(text: &str) -> (Self, &str) {
-        [Self::Indexed, Self::Delta, Self::DeltaShared]
-            .into_iter()
-            .find_map(|read| Some((read, text.strip_prefix(read.log_prefix())?)))
-            .unwrap_or((Self::Parsed, text))
+        [
+            Self::Indexed,
+            Self::Delta,
+            Self::DeltaListed,
+            Self::DeltaShared,
+        ]
+        .into_iter()
+        .find_map(|read| Some((read, text.strip_prefix(read.log_prefix())?)))
+        .unwrap_or((Self::Parsed, text))
     }
 }
 
@@ -431,10 +441,21 @@ impl ConfigIndex {
 
     /// Reads the shared form; `None` for anything else.
     pub fn decode(bytes: &[u8]) -> Option<Self> {
+        Self::decode_for(bytes, None)
+    }
+
+    /// [`ConfigIndex::decode`] of the index of a configuration of `len` bytes: `None`,
+    /// without reading the entries, when it indexes one of another length (a delta, say,
+    /// after the full configuration the canary indexed).
+    pub fn decode_for(bytes: &[u8], len: Option<usize>) -> Option<Self> {
         let mut r = Reader(bytes);
         let n = r.u32()? as usize;
         let version = String::from_utf8(r.take(n)?.to_vec()).ok()?;
-        let (len, id) = (r.u64()?, r.u64()?);
+        let (indexed_len, id) = (r.u64()?, r.u64()?);
+        if len.is_some_and(|len| len as u64 != indexed_len) {
+            return None;
+        }
+        let len = indexed_len;
         let cuts = (0..r.u32()?)
             .map(|_| Some((r.u32()?, r.u32()?)))
             .collect::<Option<Vec<_>>>()?;
@@ -609,6 +630,7 @@ mod tests {
             ConfigRead::Parsed,
             ConfigRead::Indexed,
             ConfigRead::Delta,
+            ConfigRead::DeltaListed,
             ConfigRead::DeltaShared,
         ] {
             let line = format!("{}3 agents, 0 policies", read.log_prefix());
@@ -626,6 +648,14 @@ mod tests {
         let index = ConfigIndex::build(text, &parsed).unwrap();
         assert_eq!(ConfigIndex::decode(&index.encode()), Some(index.clone()));
         assert_eq!(ConfigIndex::decode(&index.encode()[..20]), None);
+        assert_eq!(
+            ConfigIndex::decode_for(&index.encode(), Some(text.len())),
+            Some(index.clone())
+        );
+        assert_eq!(
+            ConfigIndex::decode_for(&index.encode(), Some(text.len() + 1)),
+            None
+        );
         let read = RawPluginConfig::from_index(text, &index).unwrap();
         let entries = |c: &RawPluginConfig<'_>| -> Vec<(String, Vec<u8>)> {
             let data = &c.bundle.as_ref().unwrap().data;

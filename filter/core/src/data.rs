@@ -214,6 +214,9 @@ pub struct PreparedValues {
 #[derive(Debug, Default)]
 pub struct EntryCache {
     entries: Arc<Entries>,
+    /// What `entries`' policies read and the custom modules they name (`gather`; an
+    /// empty section's when there are none).
+    gathered: (Reads, BTreeSet<String>),
     /// The modules of the previous configuration, and the engine prepared with them.
     pub(crate) engine: Option<Arc<crate::policy::Modules>>,
 }
@@ -373,7 +376,7 @@ impl Entries {
 
     /// The entries as the bundle's data document (`{agents, policies}`), for comparisons.
     #[cfg(test)]
-    fn document(&self) -> regorus::Value {
+    pub(crate) fn document(&self) -> regorus::Value {
         let agents: BTreeMap<_, _> = self
             .agents
             .map
@@ -574,7 +577,7 @@ impl Validated {
 /// policy or rule at fault), reusing unchanged entries from `cache`. On success `cache`
 /// holds this document's entries; on failure it is left as it was.
 pub fn prepare_values(data: &Value, cache: &mut EntryCache) -> Result<PreparedValues, String> {
-    prepare_doc(Doc::object(data)?, cache, &Validated::default())
+    prepare_all(Doc::object(data)?, cache, &Validated::default())
 }
 
 /// [`prepare_values`] for a document whose entries are still JSON text (the filter's
@@ -585,21 +588,68 @@ pub fn prepare_raw(
     cache: &mut EntryCache,
     validated: &Validated,
 ) -> Result<PreparedValues, String> {
-    prepare_doc(Doc::Raw(data), cache, validated)
+    prepare_all(Doc::Raw(data), cache, validated)
+}
+
+/// [`prepare_raw`] for a delta (`crate::delta`): `data` lists only the agents and
+/// policies added or changed since the configuration whose entries `cache` holds, and
+/// the timezones in full. A section the delta leaves alone is taken over as it is, and
+/// in the others only the listed entries are looked at, so a push costs a long-lived VM
+/// what it changed, not a visit to every entry. The caller makes sure `cache` holds the
+/// delta's base. `Ok(None)` when it cannot be done this way: a policy the delta leaves
+/// alone lost its timezone's table, and preparing it again (to refuse it) needs its
+/// text; load the merged configuration with [`prepare_raw`] instead.
+pub fn prepare_raw_delta(
+    data: &RawData<'_>,
+    cache: &mut EntryCache,
+    validated: &Validated,
+) -> Result<Option<PreparedValues>, String> {
+    prepare_doc(Doc::Raw(data), cache, validated, Listed::Changes)
+}
+
+/// What a document lists of the entries of the configuration it describes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Listed {
+    All,
+    /// Only those added or changed since the configuration of the [`EntryCache`].
+    Changes,
+}
+
+/// A whole document (`prepare_doc` gives up only on a delta).
+fn prepare_all(
+    doc: Doc<'_>,
+    cache: &mut EntryCache,
+    validated: &Validated,
+) -> Result<PreparedValues, String> {
+    prepare_doc(doc, cache, validated, Listed::All)?
+        .ok_or_else(|| "a whole document was taken for a delta".to_owned())
 }
 
 fn prepare_doc(
     doc: Doc<'_>,
     cache: &mut EntryCache,
     validated: &Validated,
-) -> Result<PreparedValues, String> {
+    listed: Listed,
+) -> Result<Option<PreparedValues>, String> {
     let mut validated_here = (0, 0);
     let old = &cache.entries;
     let (tables, agents, policies) = doc.parts()?;
+    // The timezone's table may have gone from the bundle since.
+    let has_table = |tz: &str| tables.contains_key(tz);
+    if listed == Listed::Changes
+        && old
+            .policies
+            .map
+            .values()
+            .any(|entry| !has_table(&entry.facts.timezone))
+    {
+        return Ok(None);
+    }
     let agents = Section::update(
         &old.agents,
         "agent",
         &agents,
+        listed,
         |fingerprint| {
             if fingerprint.bytes().any(|b| b.is_ascii_uppercase()) {
                 Cow::Owned(fingerprint.to_ascii_lowercase())
@@ -625,12 +675,11 @@ fn prepare_doc(
             })
         },
     )?;
-    // The timezone's table may have gone from the bundle since.
-    let has_table = |tz: &str| tables.contains_key(tz);
     let policies = Section::update(
         &old.policies,
         "policy",
         &policies,
+        listed,
         |id| Cow::Borrowed(id),
         |entry| has_table(&entry.facts.timezone),
         |id, raw, hash| {
@@ -657,16 +706,22 @@ fn prepare_doc(
             })
         },
     )?;
-    let (reads, custom_keys) = gather(policies.map.values().map(|entry| &entry.facts));
+    // A push that leaves the policies alone leaves what they read alone.
+    let (reads, custom_keys) = if Arc::ptr_eq(&policies, &old.policies) {
+        cache.gathered.clone()
+    } else {
+        gather(policies.map.values().map(|entry| &entry.facts))
+    };
     let entries = Arc::new(Entries { agents, policies });
     cache.entries = entries.clone();
-    Ok(PreparedValues {
+    cache.gathered = (reads.clone(), custom_keys.clone());
+    Ok(Some(PreparedValues {
         entries,
         tables,
         reads,
         custom_keys,
         validated_here,
-    })
+    }))
 }
 
 /// An entry's hash, whatever its kind.
@@ -693,11 +748,14 @@ impl<E: Hashed> Section<E> {
     /// JSON), reusing `old`'s entry wherever the key and the hash of the JSON are
     /// unchanged and `reusable` agrees; `make` builds the others. Entries are looked up
     /// by `lookup_key` of their key; of two entries with the same lookup key, the later
-    /// one counts. Errors name the entry (`<kind> <key>: ...`).
+    /// one counts. With [`Listed::Changes`], `new` holds only the entries added or
+    /// changed since `old`, and `old`'s others stay (`reusable` is the caller's to check
+    /// for them). Errors name the entry (`<kind> <key>: ...`).
     fn update(
         old: &Arc<Self>,
         kind: &str,
         new: &[(&str, Json<'_>)],
+        listed: Listed,
         lookup_key: impl for<'k> Fn(&'k str) -> Cow<'k, str>,
         reusable: impl Fn(&E) -> bool,
         mut make: impl FnMut(&str, Json<'_>, u64) -> Result<E, String>,
@@ -707,6 +765,49 @@ impl<E: Hashed> Section<E> {
                 .map(Arc::new)
                 .map_err(|e| format!("{kind} {key}: {e}"))
         };
+        if listed == Listed::Changes {
+            if new.is_empty() {
+                return Ok(old.clone());
+            }
+            let mut section = Self {
+                map: old.map.clone(),
+                order: old.order.clone(),
+            };
+            for (key, json) in new {
+                let hash = json.hash();
+                let lookup = lookup_key(key);
+                let previous = section
+                    .map
+                    .get_key_value(lookup.as_ref())
+                    .map(|(k, entry)| (k.clone(), entry.clone()));
+                let entry = match &previous {
+                    Some((_, entry)) if entry.content_hash() == hash && reusable(entry) => {
+                        entry.clone()
+                    }
+                    _ => make(key, *json, hash)?,
+                };
+                let written: Arc<str> = Arc::from(*key);
+                match previous {
+                    Some((lookup, replaced)) => {
+                        // In the bundle's order where it was.
+                        match section
+                            .order
+                            .iter_mut()
+                            .find(|(_, e)| Arc::ptr_eq(e, &replaced))
+                        {
+                            Some(slot) => *slot = (written, entry.clone()),
+                            None => section.order.push((written, entry.clone())),
+                        }
+                        section.map.insert(lookup, entry);
+                    }
+                    None => {
+                        section.order.push((written, entry.clone()));
+                        section.map.insert(Arc::from(lookup.as_ref()), entry);
+                    }
+                }
+            }
+            return Ok(Arc::new(section));
+        }
         // The same keys in the same order, none twice: the old section with the changed
         // entries replaced (no new map, no key hashed but the changed ones').
         let same_keys = old.map.len() == old.order.len()

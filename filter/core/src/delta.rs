@@ -60,17 +60,11 @@ impl Retained {
         }
         let bundle = config.bundle.as_ref()?;
         let data = &bundle.data;
-        let section = |entries: &[RawEntry<'_>]| -> Section {
-            entries
-                .iter()
-                .map(|e| (Box::from(&*e.key), kept(e)))
-                .collect()
-        };
         Some(Self {
             version: config.version.clone(),
             modules: bundle.modules.clone(),
-            agents: section(&data.agents),
-            policies: section(&data.policies),
+            agents: owned(&data.agents),
+            policies: owned(&data.policies),
         })
     }
 
@@ -150,26 +144,16 @@ impl Retained {
         &'x self,
         delta: RawPluginConfig<'x>,
     ) -> Result<(RawPluginConfig<'x>, Changes), String> {
-        let base = delta.base.as_deref().unwrap_or_default();
-        if !self.serves(base, &delta.version) {
-            return Err(format!(
-                "a delta against version {base:?}, but this VM holds version {:?}",
-                self.version
-            ));
-        }
+        let changes = self.changes(&delta)?;
         let Some(bundle) = delta.bundle else {
             return Err("a delta without a bundle".into());
         };
-        let (agents, agent_changes) = merge_section(&self.agents, bundle.data.agents);
-        let (policies, policy_changes) = merge_section(&self.policies, bundle.data.policies);
+        let agents = merge_section(&self.agents, bundle.data.agents);
+        let policies = merge_section(&self.policies, bundle.data.policies);
         // A delta leaves the modules out when they did not change.
-        let new_modules = (!bundle.modules.is_empty()).then_some(bundle.modules);
-        let modules = new_modules.clone().unwrap_or_else(|| self.modules.clone());
-        let changes = Changes {
-            version: delta.version.clone(),
-            modules: new_modules,
-            agents: agent_changes,
-            policies: policy_changes,
+        let modules = match bundle.modules.is_empty() {
+            true => self.modules.clone(),
+            false => bundle.modules,
         };
         let merged = RawPluginConfig {
             version: delta.version,
@@ -188,6 +172,29 @@ impl Retained {
         Ok((merged, changes))
     }
 
+    /// The changes `delta` makes to these entries, to [`Retained::apply`] once its
+    /// configuration is accepted (a VM that compiles the delta from what it lists, with
+    /// `crate::policy::CompiledPolicy::compile_raw_delta`, merges nothing). Fails when the
+    /// delta is not against this version.
+    pub fn changes(&self, delta: &RawPluginConfig<'_>) -> Result<Changes, String> {
+        let base = delta.base.as_deref().unwrap_or_default();
+        if !self.serves(base, &delta.version) {
+            return Err(format!(
+                "a delta against version {base:?}, but this VM holds version {:?}",
+                self.version
+            ));
+        }
+        let Some(bundle) = &delta.bundle else {
+            return Err("a delta without a bundle".into());
+        };
+        Ok(Changes {
+            version: delta.version.clone(),
+            modules: (!bundle.modules.is_empty()).then(|| bundle.modules.clone()),
+            agents: owned(&bundle.data.agents),
+            policies: owned(&bundle.data.policies),
+        })
+    }
+
     /// Makes these the entries of the configuration `changes` came from.
     pub fn apply(&mut self, changes: Changes) {
         for (section, list) in [
@@ -203,6 +210,14 @@ impl Retained {
     }
 }
 
+/// Entries with their keys, owned (a [`Section`] or [`SectionChanges`]).
+fn owned<C: FromIterator<(Box<str>, Kept)>>(entries: &[RawEntry<'_>]) -> C {
+    entries
+        .iter()
+        .map(|e| (Box::from(&*e.key), kept(e)))
+        .collect()
+}
+
 fn kept(e: &RawEntry<'_>) -> Kept {
     Kept {
         text: Box::from(e.text),
@@ -211,16 +226,9 @@ fn kept(e: &RawEntry<'_>) -> Kept {
 }
 
 /// One section of a merged configuration: the base's entries the delta leaves alone, then
-/// the delta's; and the changes to keep.
-fn merge_section<'x>(
-    base: &'x Section,
-    upserts: Vec<RawEntry<'x>>,
-) -> (Vec<RawEntry<'x>>, SectionChanges) {
+/// the delta's.
+fn merge_section<'x>(base: &'x Section, upserts: Vec<RawEntry<'x>>) -> Vec<RawEntry<'x>> {
     let touched: HashSet<&str> = upserts.iter().map(|e| &*e.key).collect();
-    let changes: SectionChanges = upserts
-        .iter()
-        .map(|e| (Box::from(&*e.key), kept(e)))
-        .collect();
     let mut merged: Vec<RawEntry<'x>> = Vec::with_capacity(base.len() + upserts.len());
     merged.extend(
         base.iter()
@@ -232,7 +240,7 @@ fn merge_section<'x>(
             }),
     );
     merged.extend(upserts);
-    (merged, changes)
+    merged
 }
 
 /// The parts of a configuration besides its entries, as the wire has them.
@@ -464,13 +472,7 @@ mod tests {
                 (format!("p{i}"), policy)
             })
             .collect();
-        let mut seed = 0x2545_f491_4f6c_dd1d_u64;
-        let mut next = move |n: u64| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed % n
-        };
+        let mut next = crate::test_rng(0x2545_f491_4f6c_dd1d_u64);
         let mut previous = config("1", &agents, &policies);
         let mut retained = keep(&previous);
         let (mut deltas, mut fulls) = (0, 0);

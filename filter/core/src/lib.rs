@@ -18,6 +18,17 @@ pub mod time;
 #[cfg(test)]
 mod cases;
 
+/// A test's reproducible random numbers (xorshift): each call returns one below `n`.
+#[cfg(test)]
+pub(crate) fn test_rng(mut seed: u64) -> impl FnMut(u64) -> u64 {
+    move |n| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % n
+    }
+}
+
 /// The Rego modules of the `rego/` library, embedded so the control plane ships exactly the
 /// library this core was tested against.
 pub const REGO_LIBRARY: &[(&str, &str)] = &[(

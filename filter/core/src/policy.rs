@@ -320,6 +320,37 @@ impl CompiledPolicy {
         Self::build(&bundle.modules, prepared, cache, validated)
     }
 
+    /// [`CompiledPolicy::compile_raw`] for a delta (`crate::delta`) against the
+    /// configuration whose entries `cache` holds, which the caller makes sure of: only
+    /// the agents and policies the delta lists are looked at ([`data::prepare_raw_delta`]),
+    /// and a delta without modules keeps the engine of the base's. `Ok(None)` when the
+    /// delta cannot be compiled this way (no engine kept for the base's modules, or a
+    /// policy it leaves alone lost its timezone's table): compile the merged
+    /// configuration with [`CompiledPolicy::compile_raw`] instead, which gives the same
+    /// result from any cache.
+    pub fn compile_raw_delta(
+        delta: &RawBundle<'_>,
+        cache: &mut EntryCache,
+        validated: &Validated,
+    ) -> Result<Option<Self>, PolicyError> {
+        let kept = match delta.modules.is_empty() {
+            true => match cache.engine.clone() {
+                Some(kept) => Some(kept),
+                None => return Ok(None),
+            },
+            false => None,
+        };
+        let modules = kept
+            .as_ref()
+            .map_or(&delta.modules[..], |kept| &kept.modules);
+        let Some(prepared) =
+            data::prepare_raw_delta(&delta.data, cache, validated).map_err(PolicyError::Data)?
+        else {
+            return Ok(None);
+        };
+        Self::build(modules, prepared, cache, validated).map(Some)
+    }
+
     /// Compiles `modules` and checks the decision rule by evaluating it once on an empty
     /// request, or takes the engine `cache` prepared for the same modules, or defers it
     /// to the first evaluation when another VM validated them.
@@ -1279,5 +1310,184 @@ mod tests {
                 assert_eq!(got.iter().map(|d| d.1).collect::<Vec<_>>(), allowed);
             }
         }
+    }
+
+    /// A chain of random pushes, each sent as a delta where the control plane would: a
+    /// VM that compiles each delta from what it lists, on the entries it prepared for
+    /// the previous version, ends up with the entries, reads and decisions of a fresh VM
+    /// compiling the whole configuration; a delta whose kept policy lost its timezone's
+    /// table is handed back to be merged, and a broken entry is refused either way.
+    #[test]
+    fn a_delta_compiled_from_what_it_lists_equals_the_whole_configuration() {
+        use crate::config::RawPluginConfig;
+        use crate::delta::{Retained, delta};
+        use serde_json::json;
+        let mut next = crate::test_rng(0x9e37_79b9_7f4a_7c15_u64);
+        let paris = json!({"Europe/Paris": [[0, 60]]});
+        let policy = |i: u64, v: u64, tz: bool| {
+            let mut p = json!({
+                "id": format!("p{i}"), "status": "active", "priority": v % 5,
+                "allowed_exact": {format!("d{}.example", v % 3): true},
+                "rules": [{"id": "r", "action": "deny", "priority": 1,
+                    "conditions": [{"field": "method", "operator": "equals", "value": "DELETE"}]}],
+            });
+            if tz {
+                p["timezone"] = json!("Europe/Paris");
+                p["windows"] = json!([{"days": ["mon", "tue"], "start": v % 600, "end": 1200}]);
+            }
+            p
+        };
+        let agent = |v: u64, p: u64| {
+            let status = ["active", "active", "suspended"][(v % 3) as usize];
+            json!({"id": "a", "tenant_id": "t", "name": format!("n{v}"), "status": status, "policies": [format!("p{p}")]})
+        };
+        let mut agents: BTreeMap<String, serde_json::Value> = (0..40)
+            .map(|i| (format!("{i:02x}"), agent(i, i % 6)))
+            .collect();
+        let mut policies: BTreeMap<String, serde_json::Value> = (0..6)
+            .map(|i| (format!("p{i}"), policy(i, i, i == 2)))
+            .collect();
+        let mut timezones = paris.clone();
+        let config = |version: u64,
+                      agents: &BTreeMap<String, serde_json::Value>,
+                      policies: &BTreeMap<String, serde_json::Value>,
+                      timezones: &serde_json::Value| {
+            serde_json::to_vec(&json!({
+                "version": version.to_string(),
+                "mode": "enforce",
+                "bundle": {
+                    "modules": CompiledPolicy::library_modules(),
+                    "data": {"agents": agents, "policies": policies, "timezones": timezones},
+                },
+            }))
+            .unwrap()
+        };
+        let nothing = Validated::default();
+        let mut previous = config(1, &agents, &policies, &timezones);
+        let first = RawPluginConfig::from_slice(&previous).unwrap();
+        let mut cache = EntryCache::default();
+        CompiledPolicy::compile_raw(first.bundle.as_ref().unwrap(), &mut cache, &nothing).unwrap();
+        let mut retained = Retained::keep(&first).unwrap();
+        let (mut listed, mut merged, mut refused) = (0, 0, 0);
+        let at = 1_773_076_200 * SECOND;
+        for version in 2..80 {
+            for _ in 0..=next(3) {
+                let key = format!("{:02x}", next(48));
+                agents.insert(key, agent(version + next(3), next(7)));
+            }
+            if next(2) == 0 {
+                let i = next(7);
+                policies.insert(format!("p{i}"), policy(i, version, next(3) == 0));
+            }
+            // Now and then Paris leaves the bundle (a kept policy may lose its table), or
+            // an entry is broken.
+            let broken = next(12) == 0;
+            if broken {
+                agents.insert("ff".into(), json!({"status": "sleeping"}));
+            }
+            timezones = if next(10) == 0 {
+                json!({})
+            } else {
+                paris.clone()
+            };
+            let full = config(version, &agents, &policies, &timezones);
+            let Some(change) = delta(&previous, &full).unwrap() else {
+                continue;
+            };
+            let whole = RawPluginConfig::from_slice(&full).unwrap();
+            let fresh = CompiledPolicy::compile_raw(
+                whole.bundle.as_ref().unwrap(),
+                &mut EntryCache::default(),
+                &nothing,
+            );
+            let change = RawPluginConfig::from_slice(&change).unwrap();
+            let changes = retained.changes(&change).unwrap();
+            let got = CompiledPolicy::compile_raw_delta(
+                change.bundle.as_ref().unwrap(),
+                &mut cache,
+                &nothing,
+            );
+            let got = match got {
+                Ok(Some(got)) => {
+                    listed += 1;
+                    Ok(got)
+                }
+                Ok(None) => {
+                    // What the filter does then: merge, compile the whole.
+                    merged += 1;
+                    let (whole, _) = retained.merge(change).unwrap();
+                    CompiledPolicy::compile_raw(
+                        whole.bundle.as_ref().unwrap(),
+                        &mut cache,
+                        &nothing,
+                    )
+                }
+                Err(e) => Err(e),
+            };
+            match (got, fresh) {
+                (Ok(mut got), Ok(mut fresh)) => {
+                    assert_eq!(
+                        got.entries.document(),
+                        fresh.entries.document(),
+                        "version {version}"
+                    );
+                    assert_eq!(got.reads, fresh.reads, "version {version}");
+                    assert_eq!(got.tables, fresh.tables, "version {version}");
+                    assert_eq!(got.modules.key, fresh.modules.key);
+                    for fp in agents.keys() {
+                        for (domain, method) in [
+                            ("d0.example", "GET"),
+                            ("d1.example", "DELETE"),
+                            ("d2.example", "GET"),
+                        ] {
+                            let request = RequestFacts {
+                                fingerprint: fp.as_str().into(),
+                                domain: domain.into(),
+                                method: method.into(),
+                                unix_ns: at,
+                                ..RequestFacts::default()
+                            };
+                            let (a, b) = (got.evaluate(&request), fresh.evaluate(&request));
+                            assert_eq!(
+                                format!("{a:?}"),
+                                format!("{b:?}"),
+                                "version {version}, {fp} {domain}"
+                            );
+                        }
+                    }
+                }
+                (Err(got), Err(fresh)) => {
+                    assert_eq!(got.to_string(), fresh.to_string(), "version {version}");
+                    refused += 1;
+                    // Envoy keeps the previous version; the control plane sends the next
+                    // in full. The VM's entries are the refused one's or the previous
+                    // version's: a whole configuration is right on either.
+                    agents.remove("ff");
+                    let full = config(version, &agents, &policies, &paris);
+                    let whole = RawPluginConfig::from_slice(&full).unwrap();
+                    CompiledPolicy::compile_raw(
+                        whole.bundle.as_ref().unwrap(),
+                        &mut cache,
+                        &nothing,
+                    )
+                    .unwrap();
+                    retained = Retained::keep(&whole).unwrap();
+                    previous = full;
+                    continue;
+                }
+                (got, fresh) => panic!(
+                    "version {version}: {:?} against {:?}",
+                    got.err(),
+                    fresh.err()
+                ),
+            }
+            assert!(!broken, "version {version}");
+            retained.apply(changes);
+            previous = full;
+        }
+        assert!(
+            listed > 20 && merged > 2 && refused > 2,
+            "{listed} listed, {merged} merged, {refused} refused"
+        );
     }
 }

@@ -29,6 +29,50 @@ fn set_first_priority(bundle: &mut filter_core::config::Bundle, priority: usize)
     }
 }
 
+/// Two configurations that differ in the first policy's priority.
+#[allow(clippy::unwrap_used)]
+fn one_policy_apart(bytes: &[u8]) -> Vec<Vec<u8>> {
+    let config = PluginConfig::from_slice(bytes).unwrap();
+    (0..2)
+        .map(|n| {
+            let mut config = config.clone();
+            set_first_priority(config.bundle.as_mut().unwrap(), n + 1000);
+            serde_json::to_vec(&config).unwrap()
+        })
+        .collect()
+}
+
+/// The set a canary publishes after validating a configuration on its own.
+#[allow(clippy::unwrap_used)]
+fn canary_validated(bytes: &[u8]) -> Vec<u8> {
+    let raw = RawPluginConfig::from_slice(bytes).unwrap();
+    CompiledPolicy::compile_raw(
+        raw.bundle.as_ref().unwrap(),
+        &mut EntryCache::default(),
+        &Validated::default(),
+    )
+    .unwrap()
+    .validated()
+}
+
+/// A VM's prepared and kept entries after loading `config` in full.
+#[allow(clippy::unwrap_used)]
+fn loaded(config: &RawPluginConfig<'_>) -> (EntryCache, filter_core::delta::Retained) {
+    let mut cache = EntryCache::default();
+    let bundle = config.bundle.as_ref().unwrap();
+    drop(CompiledPolicy::compile_raw(bundle, &mut cache, &Validated::default()).unwrap());
+    (cache, filter_core::delta::Retained::keep(config).unwrap())
+}
+
+/// The delta `text` parsed as the push of version `round` on version `round - 1`.
+#[allow(clippy::unwrap_used)]
+fn chained(text: &[u8], round: usize) -> RawPluginConfig<'_> {
+    let mut raw = RawPluginConfig::from_slice(text).unwrap();
+    raw.version = round.to_string();
+    raw.base = Some((round - 1).to_string());
+    raw
+}
+
 #[test]
 #[ignore = "timing; needs CHRONOGUARD_PLUGIN_CONFIG"]
 fn configure_timing() {
@@ -199,27 +243,16 @@ fn worker_load_timing() {
     let Some(bytes) = config_file() else {
         return;
     };
-    let config = PluginConfig::from_slice(&bytes).unwrap();
     // Two configurations that differ in one policy, loaded in turn.
-    let variants: Vec<Vec<u8>> = (0..2)
-        .map(|n| {
-            let mut config = config.clone();
-            set_first_priority(config.bundle.as_mut().unwrap(), n + 1000);
-            serde_json::to_vec(&config).unwrap()
-        })
-        .collect();
+    let variants = one_policy_apart(&bytes);
     let prepared: Vec<(ConfigIndex, Vec<u8>)> = variants
         .iter()
         .map(|bytes| {
             let raw = RawPluginConfig::from_slice(bytes).unwrap();
-            let validated = CompiledPolicy::compile_raw(
-                raw.bundle.as_ref().unwrap(),
-                &mut EntryCache::default(),
-                &Validated::default(),
+            (
+                ConfigIndex::build(bytes, &raw).unwrap(),
+                canary_validated(bytes),
             )
-            .unwrap()
-            .validated();
-            (ConfigIndex::build(bytes, &raw).unwrap(), validated)
         })
         .collect();
     let mut cache = EntryCache::default();
@@ -237,5 +270,92 @@ fn worker_load_timing() {
     println!(
         "long-lived VM, one-policy push through the index: {:?} per load",
         started.elapsed() / rounds as u32
+    );
+}
+
+/// A long-lived VM's load of one-policy pushes sent as deltas, repeated, each step timed:
+/// the delta parsed, merged with the entries kept of its base, the set the canary
+/// validated decoded, the entries prepared, the kept entries updated. The pushes toggle
+/// the first policy's priority between two values, each under a new version.
+#[test]
+#[ignore = "timing; needs CHRONOGUARD_PLUGIN_CONFIG"]
+fn worker_delta_timing() {
+    use filter_core::delta::delta;
+    let Some(bytes) = config_file() else {
+        return;
+    };
+    let contents = one_policy_apart(&bytes);
+    // The delta to each content from the other, and the set the canary validated for it.
+    let deltas: Vec<(Vec<u8>, Vec<u8>)> = (0..2)
+        .map(|n| {
+            let d = delta(&contents[1 - n], &contents[n]).unwrap().unwrap();
+            (d, canary_validated(&contents[n]))
+        })
+        .collect();
+    let mut first = RawPluginConfig::from_slice(&contents[0]).unwrap();
+    first.version = "0".into();
+    let (mut cache, mut retained) = loaded(&first);
+    let rounds: usize = std::env::var("CHRONOGUARD_ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(2_000);
+    let mut steps = [std::time::Duration::ZERO; 6];
+    let started = Instant::now();
+    for round in 1..=rounds {
+        let (d, published) = &deltas[round % 2];
+        let mut at = Instant::now();
+        let mut step = |n: usize| {
+            let now = Instant::now();
+            steps[n] += now - at;
+            at = now;
+        };
+        let raw = chained(d, round);
+        step(0);
+        let (merged, changes) = retained.merge(raw).unwrap();
+        step(1);
+        let validated = Validated::decode(published);
+        step(2);
+        let policy =
+            CompiledPolicy::compile_raw(merged.bundle.as_ref().unwrap(), &mut cache, &validated)
+                .unwrap();
+        step(3);
+        drop(merged);
+        retained.apply(changes);
+        step(4);
+        drop(policy);
+        step(5);
+    }
+    let per = |d: std::time::Duration| d / rounds as u32;
+    let merged = started.elapsed();
+    // The same pushes compiled from what each delta lists, on the entries of its base.
+    let (mut cache, mut retained) = loaded(&first);
+    let started = Instant::now();
+    for round in 1..=rounds {
+        let (d, published) = &deltas[round % 2];
+        let raw = chained(d, round);
+        let changes = retained.changes(&raw).unwrap();
+        let validated = Validated::decode(published);
+        let policy =
+            CompiledPolicy::compile_raw_delta(raw.bundle.as_ref().unwrap(), &mut cache, &validated)
+                .unwrap()
+                .unwrap();
+        retained.apply(changes);
+        drop(policy);
+    }
+    println!(
+        "long-lived VM, one-policy delta compiled from what it lists: {:?} per load; merged: {:?}",
+        per(started.elapsed()),
+        per(merged)
+    );
+    println!(
+        "long-lived VM, one-policy delta ({} bytes), merged: {:?} per load: parse {:?}, merge {:?}, validated set {:?}, entries {:?}, apply {:?}, drop {:?}",
+        deltas[0].0.len(),
+        per(merged),
+        per(steps[0]),
+        per(steps[1]),
+        per(steps[2]),
+        per(steps[3]),
+        per(steps[4]),
+        per(steps[5]),
     );
 }

@@ -2,9 +2,9 @@
 
 use crate::{host, vm};
 use filter_core::config::{AuditSink, ConfigIndex, ConfigRead, Mode, RawBundle, RawPluginConfig};
-use filter_core::data::Validated;
-use filter_core::delta::Retained;
-use filter_core::policy::CompiledPolicy;
+use filter_core::data::{EntryCache, Validated};
+use filter_core::delta::{Changes, Retained};
+use filter_core::policy::{CompiledPolicy, PolicyError};
 use proxy_wasm::traits::{Context, RootContext};
 use proxy_wasm::types::LogLevel;
 use std::cell::RefCell;
@@ -118,7 +118,7 @@ const STATE: &str = concat!("chronoguard.state.", env!("CARGO_PKG_VERSION"));
 /// sink, and how it was read.
 fn load(bytes: &[u8]) -> Result<(Active, Option<AuditSink>, ConfigRead), String> {
     let index = match host::shared_get(INDEX) {
-        Ok((Some(index), _)) => ConfigIndex::decode(&index),
+        Ok((Some(index), _)) => ConfigIndex::decode_for(&index, Some(bytes.len())),
         _ => None,
     };
     let indexed = index
@@ -140,9 +140,11 @@ fn load(bytes: &[u8]) -> Result<(Active, Option<AuditSink>, ConfigRead), String>
         (Mode::Enforce, Some(bundle)) => {
             let state = vm::state();
             let mut state = state.borrow_mut();
+            state.entries_at = None;
             let policy = compile(bundle, &mut state)?;
             // The base of the next push's delta.
             state.retained = Retained::keep(&config);
+            state.entries_at = Some(config.version.clone());
             if read == ConfigRead::Parsed {
                 if let Some(index) = ConfigIndex::build(bytes, &config)
                     && host::shared_set(INDEX, &index.encode(), None).is_err()
@@ -170,7 +172,9 @@ fn load(bytes: &[u8]) -> Result<(Active, Option<AuditSink>, ConfigRead), String>
 
 /// Loads a delta: merges it with the entries this VM kept of its base, or with the
 /// entries the previous canary published (this VM is the canary, or a VM that missed a
-/// version). The VM keeps its entries when the delta is refused.
+/// version). A VM whose prepared entries are its base's compiles the delta from what it
+/// lists instead of merging (`CompiledPolicy::compile_raw_delta`). The VM keeps its
+/// entries when the delta is refused.
 fn load_delta(
     config: RawPluginConfig<'_>,
 ) -> Result<(Active, Option<AuditSink>, ConfigRead), String> {
@@ -178,6 +182,7 @@ fn load_delta(
     let state = vm::state();
     let mut guard = state.borrow_mut();
     let mut read = ConfigRead::Delta;
+    let prepared_at = guard.entries_at.take();
     let mut retained = match guard.retained.take() {
         Some(kept) if kept.serves(&base, &config.version) => kept,
         kept => {
@@ -200,31 +205,53 @@ fn load_delta(
             }
         }
     };
-    let merged = retained.merge(config);
-    let outcome = merged.and_then(|(merged, changes)| {
-        let bundle = merged.bundle.as_ref().ok_or("a delta without a bundle")?;
-        let policy = match merged.mode {
-            Mode::Enforce => Some(compile(bundle, &mut guard)?),
-            _ => None,
-        };
-        let active = Active {
-            version: Rc::from(merged.version.as_str()),
-            mode: merged.mode,
-            policy,
-        };
-        Ok((active, merged.audit, changes))
-    });
+    let listed = read == ConfigRead::Delta
+        && config.mode == Mode::Enforce
+        && prepared_at.as_deref() == Some(retained.version());
+    let listed = match listed {
+        true => compile_listed(&retained, &config, &mut guard),
+        false => None,
+    };
+    if listed.is_some() {
+        read = ConfigRead::DeltaListed;
+    }
+    let outcome = match listed {
+        Some(outcome) => outcome.map(|(policy, changes)| {
+            let active = Active {
+                version: Rc::from(config.version.as_str()),
+                mode: config.mode,
+                policy: Some(policy),
+            };
+            (active, config.audit, changes)
+        }),
+        None => retained.merge(config).and_then(|(merged, changes)| {
+            let bundle = merged.bundle.as_ref().ok_or("a delta without a bundle")?;
+            let policy = match merged.mode {
+                Mode::Enforce => Some(compile(bundle, &mut guard)?),
+                _ => None,
+            };
+            let active = Active {
+                version: Rc::from(merged.version.as_str()),
+                mode: merged.mode,
+                policy,
+            };
+            Ok((active, merged.audit, changes))
+        }),
+    };
     match outcome {
         Ok((active, sink, changes)) => {
             retained.apply(changes);
             if read == ConfigRead::DeltaShared {
                 publish_state(&retained);
             }
+            if active.policy.is_some() {
+                guard.entries_at = Some(retained.version().to_owned());
+            }
             guard.retained = Some(retained);
             Ok((active, sink, read))
         }
         Err(e) => {
-            if read == ConfigRead::Delta {
+            if read != ConfigRead::DeltaShared {
                 guard.retained = Some(retained);
             }
             Err(e)
@@ -232,19 +259,51 @@ fn load_delta(
     }
 }
 
+/// Compiles a delta from the entries it lists, on this VM's prepared entries of its base;
+/// `None` when it has to be merged instead.
+fn compile_listed(
+    retained: &Retained,
+    config: &RawPluginConfig<'_>,
+    state: &mut vm::VmState,
+) -> Option<Result<(CompiledPolicy, Changes), String>> {
+    let changes = match retained.changes(config) {
+        Ok(changes) => changes,
+        Err(e) => return Some(Err(e)),
+    };
+    let bundle = config.bundle.as_ref()?;
+    let policy = compile_by(state, |entries, validated| {
+        CompiledPolicy::compile_raw_delta(bundle, entries, validated)
+    });
+    policy
+        .transpose()
+        .map(|policy| policy.map(|p| (p, changes)))
+}
+
 /// Prepares a bundle's entries against this VM's entries of the previous configuration
 /// (a push only parses and prepares the agents and policies that changed; on_configure
 /// runs between requests on the worker thread) and compiles its modules.
 fn compile(bundle: &RawBundle<'_>, state: &mut vm::VmState) -> Result<CompiledPolicy, String> {
+    compile_by(state, |entries, validated| {
+        CompiledPolicy::compile_raw(bundle, entries, validated).map(Some)
+    })?
+    .ok_or_else(|| "the configuration was not compiled".to_owned())
+}
+
+/// Compiles with `how`, on this VM's prepared entries and the entries another VM of this
+/// Envoy validated, and publishes what it validated itself.
+fn compile_by(
+    state: &mut vm::VmState,
+    how: impl FnOnce(&mut EntryCache, &Validated) -> Result<Option<CompiledPolicy>, PolicyError>,
+) -> Result<Option<CompiledPolicy>, String> {
     // Entries another VM validated are prepared on first use: the canary (a fresh VM per
     // push) validates what changed, the workers nothing.
     let validated = match host::shared_get(VALIDATED) {
         Ok((Some(bytes), _)) => Validated::decode(&bytes),
         _ => Validated::default(),
     };
-    let policy = CompiledPolicy::compile_raw(bundle, &mut state.entries, &validated)
-        .map_err(|e| e.to_string())?;
-    if policy.validated_here() != (0, 0, 0)
+    let policy = how(&mut state.entries, &validated).map_err(|e| e.to_string())?;
+    if let Some(policy) = &policy
+        && policy.validated_here() != (0, 0, 0)
         && host::shared_set(VALIDATED, &policy.validated(), None).is_err()
     {
         host::log(

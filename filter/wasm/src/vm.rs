@@ -140,6 +140,9 @@ pub struct VmState {
     pub peers: PeerCache,
     /// Prepared bundle entries of the last configuration (`filter_core::data::EntryCache`).
     pub entries: EntryCache,
+    /// The version whose entries `entries` holds (none while a load is under way or
+    /// after one failed): a delta against it is compiled from what it lists.
+    pub entries_at: Option<String>,
     /// The agents and policies of the last configuration: the base of the next delta.
     pub retained: Option<Retained>,
     pub metrics: Metrics,
@@ -171,6 +174,7 @@ impl VmState {
             ids: IdGenerator::new(prefix),
             peers: PeerCache::new(),
             entries: EntryCache::default(),
+            entries_at: None,
             retained: None,
             metrics: Metrics::define(),
             audit: AuditBuffer::new(DEFAULT_CAPACITY),

@@ -1183,10 +1183,11 @@ fn configure_summary(log: &str) {
         if let (Some(median), Some(max)) = (ms.get(ms.len() / 2), ms.last()) {
             let count = |read: ConfigRead| loads.iter().filter(|l| l.read == read).count();
             println!(
-                "on_configure, {what}, over {} loads ({} parsed, {} read through an index, {} deltas on the VM's own entries, {} on the published base): median {median:.3} ms, max {max:.3} ms; validated per load, median / max: agents {}, policies {}",
+                "on_configure, {what}, over {} loads ({} parsed, {} read through an index, {} deltas compiled from what they list, {} merged with the VM's own entries, {} on the published base): median {median:.3} ms, max {max:.3} ms; validated per load, median / max: agents {}, policies {}",
                 ms.len(),
                 count(ConfigRead::Parsed),
                 count(ConfigRead::Indexed),
+                count(ConfigRead::DeltaListed),
                 count(ConfigRead::Delta),
                 count(ConfigRead::DeltaShared),
                 spread(&agents),
