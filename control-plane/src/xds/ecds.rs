@@ -16,7 +16,8 @@
 //! that is under half the bundle (`filter_core::delta`, `gateway.push_deltas`): what a
 //! push costs each worker grows with the configuration Envoy hands it. A NACK of a delta
 //! gets the same version in full at once, and the stream gets only full configurations
-//! from then on.
+//! from then on. Each delta is computed once per pair of versions, for all the streams
+//! that push it ([`Snapshot::delta_from`]).
 
 use super::proto::{self, TYPED_EXTENSION_CONFIG};
 use crate::bundle::{Published, Publisher, Snapshot};
