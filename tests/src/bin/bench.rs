@@ -924,6 +924,8 @@ async fn stall(
             // fall on both kinds of block alike instead of on one window of each.
             let pushes_in = |block: u32| (block % 2 == 1) != ((block / 2) % 2 == 1);
             let reloads = counters(stack, RELOADS).await?;
+            let log_from = std::fs::metadata(&stack.envoy.log).map_or(0, |m| m.len() as usize);
+            let wall = std::time::SystemTime::now();
             let started = Instant::now();
             let load = open_loop_timed(stack, wire, LOAD_PATH, 1_000, BLOCK * blocks, |i| {
                 mixed_host(i).to_owned()
@@ -959,7 +961,7 @@ async fn stall(
             // reaches the worker about 0.1 s after its REST write, so a block's first
             // moments still belong to the one before.
             let mut per_block = vec![Vec::new(); blocks as usize];
-            for (at, latency) in samples {
+            for &(at, latency) in &samples {
                 let block = (at.as_nanos() / BLOCK.as_nanos()) as usize;
                 if let Some(b) = per_block.get_mut(block)
                     && at.saturating_sub(BLOCK * block as u32) >= SETTLE
@@ -989,6 +991,14 @@ async fn stall(
                 })
                 .collect();
             let rounds: Vec<String> = added.iter().map(|d| format!("{d:+.3}")).collect();
+            let log = std::fs::read(&stack.envoy.log).unwrap_or_default();
+            let near = near_pushes(
+                &String::from_utf8_lossy(log.get(log_from..).unwrap_or_default()),
+                stack.envoy.pid(),
+                wall,
+                &samples,
+                blocks,
+            );
             println!(
                 "\npolicy pushes under load, module {module} ({what}; {}; 1,000 req/s open loop for {} s in blocks of {} s, {PUSHES_PER_BLOCK} writes in every other block, {reached} pushes reached Envoy): without pushes p50 {q50:.3} / p99 {q99:.3} / max {qmax:.3} ms; with pushes p50 {c50:.3} / p99 {c99:.3} / max {cmax:.3} ms; p99 added by the pushes per pair of blocks {} ms, median {:+.3} ms",
                 wire.name(),
@@ -997,6 +1007,7 @@ async fn stall(
                 rounds.join(", "),
                 median(&added),
             );
+            println!("  {near}");
             anyhow::Ok(())
         }
     };
@@ -1072,6 +1083,80 @@ async fn stall(
         renice(pid, 0);
     }
     Ok(())
+}
+
+/// How long before a worker's load of a push begins, and after it ends, a request counts
+/// as sent near it: Envoy's work on the worker before the filter's `on_configure` (the
+/// new filter configuration), the log's millisecond truncation, and the request's way to
+/// the worker.
+const NEAR_BEFORE_MS: f64 = 3.0;
+const NEAR_AFTER_MS: f64 = 3.0;
+
+/// The requests a push can stall, against their controls: those sent from
+/// [`NEAR_BEFORE_MS`] before a worker thread's load of a push (the filter's log line,
+/// less its duration) to [`NEAR_AFTER_MS`] after it, and those sent at the same moments
+/// of the paired block without pushes. The p99 of a block dilutes a push's few requests
+/// among 2,000; these are the ones it can reach.
+fn near_pushes(
+    log: &str,
+    envoy: u32,
+    wall: std::time::SystemTime,
+    samples: &[(Duration, Duration)],
+    blocks: u32,
+) -> String {
+    let workers: Vec<u32> = envoy_threads(envoy)
+        .into_iter()
+        .filter(|(_, name)| name.starts_with("wrk:"))
+        .map(|(tid, _)| tid)
+        .collect();
+    let wall_ms = wall
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64() * 1e3);
+    let block_ms = BLOCK.as_secs_f64() * 1e3;
+    // Each load's span in milliseconds since the load started; its block's pair partner
+    // is the other block of the pair (0 and 1, 2 and 3, …).
+    let spans: Vec<(f64, f64)> = configure_loads(log)
+        .iter()
+        .filter_map(|l| {
+            let (at, thread) = l.logged?;
+            workers.contains(&thread).then(|| {
+                let end = at - wall_ms + 1.0;
+                (end - l.ms - NEAR_BEFORE_MS - 1.0, end + NEAR_AFTER_MS)
+            })
+        })
+        .filter(|(from, _)| *from >= 0.0 && *from < block_ms * f64::from(blocks))
+        .collect();
+    let partner = |(from, to): (f64, f64)| {
+        let block = (from / block_ms).floor();
+        let other = if block as u64 % 2 == 0 {
+            block + 1.0
+        } else {
+            block - 1.0
+        };
+        let shift = (other - block) * block_ms;
+        (from + shift, to + shift)
+    };
+    let within = |spans: &[(f64, f64)]| -> Vec<Duration> {
+        samples
+            .iter()
+            .filter(|(at, _)| {
+                let at = at.as_secs_f64() * 1e3;
+                spans.iter().any(|&(from, to)| (from..=to).contains(&at))
+            })
+            .map(|&(_, latency)| latency)
+            .collect()
+    };
+    let (pushed, quiet) = (
+        within(&spans),
+        within(&spans.iter().map(|&s| partner(s)).collect::<Vec<_>>()),
+    );
+    let (n, m) = (pushed.len(), quiet.len());
+    let ((p50, _, pmax), (q50, _, qmax)) = (percentiles(pushed), percentiles(quiet));
+    format!(
+        "requests sent near a worker's load of a push ({} loads; from {NEAR_BEFORE_MS} ms before to {NEAR_AFTER_MS} ms after): {n}, p50 {p50:.3} / max {pmax:.3} ms; at the same moments of the paired blocks without pushes: {m}, p50 {q50:.3} / max {qmax:.3} ms; p50 added {:+.3} ms",
+        spans.len(),
+        p50 - q50,
+    )
 }
 
 /// The domain the propagation changes allow and block on p0, and nothing else names.
@@ -1222,6 +1307,9 @@ fn configure_summary(log: &str) {
 }
 
 struct Load {
+    /// When the line was logged (the load's end, to the millisecond, truncated), in
+    /// milliseconds since the Unix epoch, and the logging thread's id.
+    logged: Option<(f64, u32)>,
     root: u32,
     read: ConfigRead,
     bytes: u64,
@@ -1258,6 +1346,7 @@ fn configure_loads(log: &str) -> Vec<Load> {
             };
             let ms = rest.trim_end_matches(" ms)").parse().ok()?;
             Some(Load {
+                logged: logged_at(l),
                 root,
                 read,
                 bytes: bytes.parse().ok()?,
@@ -1266,6 +1355,18 @@ fn configure_loads(log: &str) -> Vec<Load> {
             })
         })
         .collect()
+}
+
+/// The time and thread of an Envoy log line (`[%Y-%m-%d %T.%e][%t]…`, local time):
+/// milliseconds since the Unix epoch and the thread id.
+fn logged_at(line: &str) -> Option<(f64, u32)> {
+    use chrono::TimeZone;
+    let rest = line.strip_prefix('[')?;
+    let (stamp, rest) = rest.split_once("][")?;
+    let thread = rest.split_once(']')?.0.parse().ok()?;
+    let naive = chrono::NaiveDateTime::parse_from_str(stamp, "%Y-%m-%d %H:%M:%S%.3f").ok()?;
+    let at = chrono::Local.from_local_datetime(&naive).earliest()?;
+    Some((at.timestamp_millis() as f64, thread))
 }
 
 /// Inserts `agents` agents and `policies` policies directly (a bench, not an API test),
@@ -1993,4 +2094,32 @@ fn stop(mut child: std::process::Child) {
         .args(["-INT", &child.id().to_string()])
         .status();
     let _ = child.wait();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    /// A worker's `on_configure` line in Envoy's default log format gives its local time,
+    /// its thread, how the configuration was read and how long the load took.
+    #[test]
+    fn a_load_line_gives_its_time_thread_and_duration() {
+        let line = "[2026-12-02 10:15:46.123][4242][info][wasm] [source/extensions/common/wasm/context.cc:1199] wasm log chronoguard chronoguard: root 3: configuration 12 loaded (Enforce, 954 bytes, a delta from what it lists, 0 agents, 0 policies and 0 module sets validated here, 0.113 ms)";
+        let loads = configure_loads(line);
+        let [load] = loads.as_slice() else {
+            panic!("one load");
+        };
+        let at = chrono::Local
+            .with_ymd_and_hms(2026, 12, 2, 10, 15, 46)
+            .unwrap()
+            .timestamp_millis()
+            + 123;
+        assert_eq!(load.logged, Some((at as f64, 4242)));
+        assert_eq!(
+            (load.root, load.read, load.ms),
+            (3, ConfigRead::DeltaListed, 0.113)
+        );
+        assert_eq!(logged_at("root 3: configuration 12 loaded"), None);
+    }
 }
