@@ -911,10 +911,14 @@ async fn stall(
         pairs * per_span,
     );
     let mut pushed = 0;
+    // The median delay from a write to a worker's load and the median load, from the
+    // windows with pushes, for the draft window's control.
+    let timing = std::cell::Cell::new(None::<(f64, f64)>);
     let mut measure = |what: &'static str, which: Target| {
         let first = pushed + 1;
         pushed += pushes_per_window;
         let policy = &policy;
+        let timing = &timing;
         let target = target(which);
         async move {
             let recording = stall_perf(stack.envoy.pid(), &format!("{module}-{first}"))?;
@@ -991,14 +995,38 @@ async fn stall(
                 })
                 .collect();
             let rounds: Vec<String> = added.iter().map(|d| format!("{d:+.3}")).collect();
+            // The requests near each worker's load of a push, against the same moments of
+            // the paired quiet block. The draft window has no loads: its writes, shifted
+            // by the delay from a write to a load in the windows before, give the moments
+            // a push would have been loaded, and what the harness adds there.
             let log = std::fs::read(&stack.envoy.log).unwrap_or_default();
-            let near = near_pushes(
-                &String::from_utf8_lossy(log.get(log_from..).unwrap_or_default()),
-                stack.envoy.pid(),
-                wall,
-                &samples,
-                blocks,
-            );
+            let log = String::from_utf8_lossy(log.get(log_from..).unwrap_or_default());
+            let loads = worker_loads(&log, stack.envoy.pid(), wall);
+            let writes = write_times(blocks, pushes_in);
+            let near = match (loads.is_empty(), timing.get()) {
+                (false, _) => {
+                    if let Some(measured) = write_to_load(&loads, &writes) {
+                        timing.set(Some(measured));
+                    }
+                    format!(
+                        "requests sent from {NEAR_BEFORE_MS} ms before a worker's load of a push to {NEAR_AFTER_MS} ms after ({} loads): {}",
+                        loads.len(),
+                        near_loads(&samples, &loads, blocks)
+                    )
+                }
+                (true, Some((delay, width))) => {
+                    let moments: Vec<(f64, f64)> = writes
+                        .iter()
+                        .map(|w| (w + delay, w + delay + width))
+                        .collect();
+                    format!(
+                        "requests sent around the moments a push would have been loaded ({} writes, each {delay:.1} ms later, the median in the windows before): {}",
+                        writes.len(),
+                        near_loads(&samples, &moments, blocks)
+                    )
+                }
+                (true, None) => "no worker loaded a push".to_owned(),
+            };
             println!(
                 "\npolicy pushes under load, module {module} ({what}; {}; 1,000 req/s open loop for {} s in blocks of {} s, {PUSHES_PER_BLOCK} writes in every other block, {reached} pushes reached Envoy): without pushes p50 {q50:.3} / p99 {q99:.3} / max {qmax:.3} ms; with pushes p50 {c50:.3} / p99 {c99:.3} / max {cmax:.3} ms; p99 added by the pushes per pair of blocks {} ms, median {:+.3} ms",
                 wire.name(),
@@ -1092,18 +1120,10 @@ async fn stall(
 const NEAR_BEFORE_MS: f64 = 3.0;
 const NEAR_AFTER_MS: f64 = 3.0;
 
-/// The requests a push can stall, against their controls: those sent from
-/// [`NEAR_BEFORE_MS`] before a worker thread's load of a push (the filter's log line,
-/// less its duration) to [`NEAR_AFTER_MS`] after it, and those sent at the same moments
-/// of the paired block without pushes. The p99 of a block dilutes a push's few requests
-/// among 2,000; these are the ones it can reach.
-fn near_pushes(
-    log: &str,
-    envoy: u32,
-    wall: std::time::SystemTime,
-    samples: &[(Duration, Duration)],
-    blocks: u32,
-) -> String {
+/// When each worker thread's load of a push ran, in milliseconds since `wall` (the
+/// filter's log line, less the load's duration; the line's time is truncated to the
+/// millisecond, so its end is taken at the end of that millisecond).
+fn worker_loads(log: &str, envoy: u32, wall: std::time::SystemTime) -> Vec<(f64, f64)> {
     let workers: Vec<u32> = envoy_threads(envoy)
         .into_iter()
         .filter(|(_, name)| name.starts_with("wrk:"))
@@ -1112,28 +1132,63 @@ fn near_pushes(
     let wall_ms = wall
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0.0, |d| d.as_secs_f64() * 1e3);
-    let block_ms = BLOCK.as_secs_f64() * 1e3;
-    // Each load's span in milliseconds since the load started; its block's pair partner
-    // is the other block of the pair (0 and 1, 2 and 3, …).
-    let spans: Vec<(f64, f64)> = configure_loads(log)
+    configure_loads(log)
         .iter()
         .filter_map(|l| {
             let (at, thread) = l.logged?;
-            workers.contains(&thread).then(|| {
-                let end = at - wall_ms + 1.0;
-                (end - l.ms - NEAR_BEFORE_MS - 1.0, end + NEAR_AFTER_MS)
+            let end = at - wall_ms + 1.0;
+            (workers.contains(&thread) && end >= 0.0).then_some((end - l.ms, end))
+        })
+        .collect()
+}
+
+/// The moments of a push-stall window's writes, in milliseconds since its start.
+fn write_times(blocks: u32, pushes_in: impl Fn(u32) -> bool) -> Vec<f64> {
+    let block_ms = BLOCK.as_secs_f64() * 1e3;
+    (0..blocks)
+        .filter(|&b| pushes_in(b))
+        .flat_map(|b| {
+            (0..PUSHES_PER_BLOCK).map(move |k| {
+                block_ms * (f64::from(b) + f64::from(k) / f64::from(PUSHES_PER_BLOCK))
             })
         })
+        .collect()
+}
+
+/// The median time from a write to the worker's load of the push it caused, and the
+/// median load's duration.
+fn write_to_load(loads: &[(f64, f64)], writes: &[f64]) -> Option<(f64, f64)> {
+    let delays: Vec<f64> = loads
+        .iter()
+        .filter_map(|&(from, _)| {
+            let write = writes.iter().rev().find(|&&w| w <= from)?;
+            Some(from - write)
+        })
+        .collect();
+    let widths: Vec<f64> = loads.iter().map(|(from, to)| to - from).collect();
+    (!delays.is_empty()).then(|| (median(&delays), median(&widths)))
+}
+
+/// The requests a push can stall, against their controls: those sent from
+/// [`NEAR_BEFORE_MS`] before a worker's load (`spans`, milliseconds since the window's
+/// start) to [`NEAR_AFTER_MS`] after it, and those sent at the same moments of the
+/// paired block without pushes. The p99 of a block dilutes a push's few requests among
+/// 2,000; these are the ones it can reach.
+fn near_loads(samples: &[(Duration, Duration)], spans: &[(f64, f64)], blocks: u32) -> String {
+    let block_ms = BLOCK.as_secs_f64() * 1e3;
+    let spans: Vec<(f64, f64)> = spans
+        .iter()
+        .map(|&(from, to)| (from - NEAR_BEFORE_MS, to + NEAR_AFTER_MS))
         .filter(|(from, _)| *from >= 0.0 && *from < block_ms * f64::from(blocks))
         .collect();
-    let partner = |(from, to): (f64, f64)| {
+    // The other block of the pair (0 and 1, 2 and 3, …), at the same moment.
+    let partner = |&(from, to): &(f64, f64)| {
         let block = (from / block_ms).floor();
-        let other = if block as u64 % 2 == 0 {
-            block + 1.0
+        let shift = if block as u64 % 2 == 0 {
+            block_ms
         } else {
-            block - 1.0
+            -block_ms
         };
-        let shift = (other - block) * block_ms;
         (from + shift, to + shift)
     };
     let within = |spans: &[(f64, f64)]| -> Vec<Duration> {
@@ -1146,16 +1201,21 @@ fn near_pushes(
             .map(|&(_, latency)| latency)
             .collect()
     };
-    let (pushed, quiet) = (
-        within(&spans),
-        within(&spans.iter().map(|&s| partner(s)).collect::<Vec<_>>()),
-    );
-    let (n, m) = (pushed.len(), quiet.len());
-    let ((p50, _, pmax), (q50, _, qmax)) = (percentiles(pushed), percentiles(quiet));
+    let pushed = within(&spans);
+    let quiet = within(&spans.iter().map(partner).collect::<Vec<_>>());
+    let shape = |mut v: Vec<Duration>| {
+        v.sort();
+        let at = |p: f64| {
+            let i = ((v.len() as f64 - 1.0) * p).round() as usize;
+            v.get(i).copied().unwrap_or_default().as_secs_f64() * 1e3
+        };
+        (v.len(), at(0.5), at(0.9), at(1.0))
+    };
+    let ((n, p50, p90, pmax), (m, q50, q90, qmax)) = (shape(pushed), shape(quiet));
     format!(
-        "requests sent near a worker's load of a push ({} loads; from {NEAR_BEFORE_MS} ms before to {NEAR_AFTER_MS} ms after): {n}, p50 {p50:.3} / max {pmax:.3} ms; at the same moments of the paired blocks without pushes: {m}, p50 {q50:.3} / max {qmax:.3} ms; p50 added {:+.3} ms",
-        spans.len(),
+        "{n} requests, p50 {p50:.3} / p90 {p90:.3} / max {pmax:.3} ms; at the same moments of the paired blocks without pushes: {m}, p50 {q50:.3} / p90 {q90:.3} / max {qmax:.3} ms; added p50 {:+.3} / p90 {:+.3} ms",
         p50 - q50,
+        p90 - q90,
     )
 }
 
@@ -2121,5 +2181,32 @@ mod tests {
             (3, ConfigRead::DeltaListed, 0.113)
         );
         assert_eq!(logged_at("root 3: configuration 12 loaded"), None);
+    }
+
+    /// Requests near a load are compared with those at the same moment of the other block
+    /// of the pair; the delay from a write to its load is measured from the write before.
+    #[test]
+    fn requests_near_a_load_meet_their_controls_in_the_paired_block() {
+        let ms = Duration::from_millis;
+        // Block 1 has the writes (every 250 ms), block 0 is its quiet partner.
+        let writes = write_times(2, |b| b == 1);
+        assert_eq!(writes.len(), PUSHES_PER_BLOCK as usize);
+        assert_eq!((writes[0], writes[1]), (2000.0, 2250.0));
+        let loads = [(2100.0, 2100.5)];
+        assert_eq!(write_to_load(&loads, &writes), Some((100.0, 0.5)));
+        let samples = [
+            (ms(2099), ms(5)),
+            (ms(2102), ms(7)),
+            (ms(99), ms(1)),
+            (ms(103), ms(1)),
+            (ms(500), ms(9)),
+            (ms(2500), ms(9)),
+        ];
+        let near = near_loads(&samples, &loads, 2);
+        assert!(
+            near.starts_with("2 requests, p50 7.000 / p90 7.000 / max 7.000 ms; at the same moments of the paired blocks without pushes: 2, p50 1.000"),
+            "{near}"
+        );
+        assert!(near.ends_with("added p50 +6.000 / p90 +6.000 ms"), "{near}");
     }
 }
