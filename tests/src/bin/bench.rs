@@ -1009,9 +1009,9 @@ async fn stall(
                         timing.set(Some(measured));
                     }
                     format!(
-                        "requests sent from {NEAR_BEFORE_MS} ms before a worker's load of a push to {NEAR_AFTER_MS} ms after ({} loads): {}",
+                        "requests sent near a worker's load of a push ({} loads):{}",
                         loads.len(),
-                        near_loads(&samples, &loads, blocks)
+                        near_lines(&samples, &loads, blocks)
                     )
                 }
                 (true, Some((delay, width))) => {
@@ -1020,9 +1020,9 @@ async fn stall(
                         .map(|w| (w + delay, w + delay + width))
                         .collect();
                     format!(
-                        "requests sent around the moments a push would have been loaded ({} writes, each {delay:.1} ms later, the median in the windows before): {}",
+                        "requests sent near the moments a push would have been loaded ({} writes, each {delay:.1} ms later, the median in the windows before):{}",
                         writes.len(),
-                        near_loads(&samples, &moments, blocks)
+                        near_lines(&samples, &moments, blocks)
                     )
                 }
                 (true, None) => "no worker loaded a push".to_owned(),
@@ -1116,9 +1116,9 @@ async fn stall(
 /// How long before a worker's load of a push begins, and after it ends, a request counts
 /// as sent near it: Envoy's work on the worker before the filter's `on_configure` (the
 /// new filter configuration), the log's millisecond truncation, and the request's way to
-/// the worker.
-const NEAR_BEFORE_MS: f64 = 3.0;
-const NEAR_AFTER_MS: f64 = 3.0;
+/// the worker; and, wider, the whole way of a push from the control plane through
+/// Envoy's main thread (its canary and its own VM's load) to the worker.
+const NEAR_MS: [(f64, f64); 2] = [(3.0, 3.0), (40.0, 5.0)];
 
 /// When each worker thread's load of a push ran, in milliseconds since `wall` (the
 /// filter's log line, less the load's duration; the line's time is truncated to the
@@ -1169,21 +1169,30 @@ fn write_to_load(loads: &[(f64, f64)], writes: &[f64]) -> Option<(f64, f64)> {
     (!delays.is_empty()).then(|| (median(&delays), median(&widths)))
 }
 
-/// The requests a push can stall, against their controls: those sent from
-/// [`NEAR_BEFORE_MS`] before a worker's load (`spans`, milliseconds since the window's
-/// start) to [`NEAR_AFTER_MS`] after it, and those sent at the same moments of the
-/// paired block without pushes. The p99 of a block dilutes a push's few requests among
-/// 2,000; these are the ones it can reach.
-fn near_loads(samples: &[(Duration, Duration)], spans: &[(f64, f64)], blocks: u32) -> String {
+/// The requests a push can stall, against their controls: those sent from `before` ms
+/// before a worker's load (`spans`, milliseconds since the window's start) to `after` ms
+/// after it, and those sent at the same moments of the paired block without pushes. The
+/// p99 of a block dilutes a push's few requests among 2,000; these are the ones it can
+/// reach.
+fn near_loads(
+    samples: &[(Duration, Duration)],
+    spans: &[(f64, f64)],
+    blocks: u32,
+    (before, after): (f64, f64),
+) -> String {
     let block_ms = BLOCK.as_secs_f64() * 1e3;
-    let spans: Vec<(f64, f64)> = spans
+    let loads: Vec<(f64, f64)> = spans
         .iter()
-        .map(|&(from, to)| (from - NEAR_BEFORE_MS, to + NEAR_AFTER_MS))
+        .copied()
         .filter(|(from, _)| *from >= 0.0 && *from < block_ms * f64::from(blocks))
         .collect();
-    // The other block of the pair (0 and 1, 2 and 3, …), at the same moment.
-    let partner = |&(from, to): &(f64, f64)| {
-        let block = (from / block_ms).floor();
+    let spans: Vec<(f64, f64)> = loads
+        .iter()
+        .map(|&(from, to)| (from - before, to + after))
+        .collect();
+    // The same moments in the other block of the load's pair (0 and 1, 2 and 3, …).
+    let partner = |(&(load, _), &(from, to)): (&(f64, f64), &(f64, f64))| {
+        let block = (load / block_ms).floor();
         let shift = if block as u64 % 2 == 0 {
             block_ms
         } else {
@@ -1202,21 +1211,30 @@ fn near_loads(samples: &[(Duration, Duration)], spans: &[(f64, f64)], blocks: u3
             .collect()
     };
     let pushed = within(&spans);
-    let quiet = within(&spans.iter().map(partner).collect::<Vec<_>>());
+    let quiet = within(&loads.iter().zip(&spans).map(partner).collect::<Vec<_>>());
     let shape = |mut v: Vec<Duration>| {
         v.sort();
         let at = |p: f64| {
             let i = ((v.len() as f64 - 1.0) * p).round() as usize;
             v.get(i).copied().unwrap_or_default().as_secs_f64() * 1e3
         };
-        (v.len(), at(0.5), at(0.9), at(1.0))
+        (v.len(), at(0.5), at(0.9), at(0.99), at(1.0))
     };
-    let ((n, p50, p90, pmax), (m, q50, q90, qmax)) = (shape(pushed), shape(quiet));
+    let ((n, p50, p90, p99, pmax), (m, q50, q90, q99, qmax)) = (shape(pushed), shape(quiet));
     format!(
-        "{n} requests, p50 {p50:.3} / p90 {p90:.3} / max {pmax:.3} ms; at the same moments of the paired blocks without pushes: {m}, p50 {q50:.3} / p90 {q90:.3} / max {qmax:.3} ms; added p50 {:+.3} / p90 {:+.3} ms",
+        "from {before} ms before to {after} ms after: {n} requests, p50 {p50:.3} / p90 {p90:.3} / p99 {p99:.3} / max {pmax:.3} ms; at the same moments of the paired blocks without pushes: {m}, p50 {q50:.3} / p90 {q90:.3} / p99 {q99:.3} / max {qmax:.3} ms; added p50 {:+.3} / p90 {:+.3} / p99 {:+.3} ms",
         p50 - q50,
         p90 - q90,
+        p99 - q99,
     )
+}
+
+/// [`near_loads`] for each of [`NEAR_MS`], a line each.
+fn near_lines(samples: &[(Duration, Duration)], spans: &[(f64, f64)], blocks: u32) -> String {
+    NEAR_MS
+        .iter()
+        .map(|&margins| format!("\n    {}", near_loads(samples, spans, blocks, margins)))
+        .collect()
 }
 
 /// The domain the propagation changes allow and block on p0, and nothing else names.
@@ -2202,11 +2220,20 @@ mod tests {
             (ms(500), ms(9)),
             (ms(2500), ms(9)),
         ];
-        let near = near_loads(&samples, &loads, 2);
+        let near = near_loads(&samples, &loads, 2, (3.0, 3.0));
         assert!(
-            near.starts_with("2 requests, p50 7.000 / p90 7.000 / max 7.000 ms; at the same moments of the paired blocks without pushes: 2, p50 1.000"),
+            near.starts_with("from 3 ms before to 3 ms after: 2 requests, p50 7.000 / p90 7.000 / p99 7.000 / max 7.000 ms; at the same moments of the paired blocks without pushes: 2, p50 1.000"),
             "{near}"
         );
-        assert!(near.ends_with("added p50 +6.000 / p90 +6.000 ms"), "{near}");
+        assert!(
+            near.ends_with("added p50 +6.000 / p90 +6.000 / p99 +6.000 ms"),
+            "{near}"
+        );
+        // Wider, from before the block's start: its controls are still the partner's.
+        let wide = near_loads(&samples, &loads, 2, (101.0, 3.0));
+        assert!(
+            wide.contains(": 2 requests") && wide.contains("without pushes: 2, p50 1.000"),
+            "{wide}"
+        );
     }
 }
