@@ -1193,7 +1193,7 @@ fn near_loads(
     // The same moments in the other block of the load's pair (0 and 1, 2 and 3, …).
     let partner = |(&(load, _), &(from, to)): (&(f64, f64), &(f64, f64))| {
         let block = (load / block_ms).floor();
-        let shift = if block as u64 % 2 == 0 {
+        let shift = if (block as u64).is_multiple_of(2) {
             block_ms
         } else {
             -block_ms
