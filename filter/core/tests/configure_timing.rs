@@ -73,6 +73,64 @@ fn chained(text: &[u8], round: usize) -> RawPluginConfig<'_> {
     raw
 }
 
+/// The deltas from each of `contents` (two configurations) to the other, each with the
+/// set a canary published: for the delta's own configuration, or (`previous`) for its
+/// base, as the previous canary left it.
+#[allow(clippy::unwrap_used)]
+fn toggling_deltas(contents: &[Vec<u8>], previous: bool) -> Vec<(Vec<u8>, Vec<u8>)> {
+    (0..2)
+        .map(|n| {
+            let d = filter_core::delta::delta(&contents[1 - n], &contents[n])
+                .unwrap()
+                .unwrap();
+            let validated = if previous { 1 - n } else { n };
+            (d, canary_validated(&contents[validated]))
+        })
+        .collect()
+}
+
+/// `CHRONOGUARD_ROUNDS`, or `default`.
+fn rounds(default: usize) -> usize {
+    std::env::var("CHRONOGUARD_ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Time per step, summed over rounds.
+struct Steps {
+    at: Instant,
+    totals: Vec<std::time::Duration>,
+}
+
+impl Steps {
+    fn new(steps: usize) -> Self {
+        Self {
+            at: Instant::now(),
+            totals: vec![std::time::Duration::ZERO; steps],
+        }
+    }
+
+    /// A round starts.
+    fn start(&mut self) {
+        self.at = Instant::now();
+    }
+
+    /// Step `n` ended.
+    fn step(&mut self, n: usize) {
+        let now = Instant::now();
+        if let Some(total) = self.totals.get_mut(n) {
+            *total += now - self.at;
+        }
+        self.at = now;
+    }
+
+    /// Each step's mean over `rounds`.
+    fn per(&self, rounds: usize) -> Vec<std::time::Duration> {
+        self.totals.iter().map(|t| *t / rounds as u32).collect()
+    }
+}
+
 #[test]
 #[ignore = "timing; needs CHRONOGUARD_PLUGIN_CONFIG"]
 fn configure_timing() {
@@ -280,53 +338,40 @@ fn worker_load_timing() {
 #[test]
 #[ignore = "timing; needs CHRONOGUARD_PLUGIN_CONFIG"]
 fn worker_delta_timing() {
-    use filter_core::delta::delta;
     let Some(bytes) = config_file() else {
         return;
     };
     let contents = one_policy_apart(&bytes);
     // The delta to each content from the other, and the set the canary validated for it.
-    let deltas: Vec<(Vec<u8>, Vec<u8>)> = (0..2)
-        .map(|n| {
-            let d = delta(&contents[1 - n], &contents[n]).unwrap().unwrap();
-            (d, canary_validated(&contents[n]))
-        })
-        .collect();
+    let deltas = toggling_deltas(&contents, false);
     let mut first = RawPluginConfig::from_slice(&contents[0]).unwrap();
     first.version = "0".into();
     let (mut cache, mut retained) = loaded(&first);
-    let rounds: usize = std::env::var("CHRONOGUARD_ROUNDS")
-        .ok()
-        .and_then(|r| r.parse().ok())
-        .unwrap_or(2_000);
-    let mut steps = [std::time::Duration::ZERO; 6];
+    let rounds = rounds(2_000);
+    let mut steps = Steps::new(6);
     let started = Instant::now();
     for round in 1..=rounds {
         let (d, published) = &deltas[round % 2];
-        let mut at = Instant::now();
-        let mut step = |n: usize| {
-            let now = Instant::now();
-            steps[n] += now - at;
-            at = now;
-        };
+        steps.start();
         let raw = chained(d, round);
-        step(0);
+        steps.step(0);
         let (merged, changes) = retained.merge(raw).unwrap();
-        step(1);
+        steps.step(1);
         let validated = Validated::decode(published);
-        step(2);
+        steps.step(2);
         let policy =
             CompiledPolicy::compile_raw(merged.bundle.as_ref().unwrap(), &mut cache, &validated)
                 .unwrap();
-        step(3);
+        steps.step(3);
         drop(merged);
         retained.apply(changes);
-        step(4);
+        steps.step(4);
         drop(policy);
-        step(5);
+        steps.step(5);
     }
     let per = |d: std::time::Duration| d / rounds as u32;
     let merged = started.elapsed();
+    let steps = steps.per(rounds);
     // The same pushes compiled from what each delta lists, on the entries of its base.
     let (mut cache, mut retained) = loaded(&first);
     let started = Instant::now();
@@ -351,11 +396,62 @@ fn worker_delta_timing() {
         "long-lived VM, one-policy delta ({} bytes), merged: {:?} per load: parse {:?}, merge {:?}, validated set {:?}, entries {:?}, apply {:?}, drop {:?}",
         deltas[0].0.len(),
         per(merged),
-        per(steps[0]),
-        per(steps[1]),
-        per(steps[2]),
-        per(steps[3]),
-        per(steps[4]),
-        per(steps[5]),
+        steps[0],
+        steps[1],
+        steps[2],
+        steps[3],
+        steps[4],
+        steps[5],
+    );
+}
+
+/// Envoy's canary (a fresh VM per push) loading a one-policy delta, repeated, each step
+/// timed: the previous canary's published entries decoded, the delta merged with them,
+/// the whole configuration prepared on an empty cache (every entry but the changed one
+/// validated already), the merged entries encoded for the next canary.
+#[test]
+#[ignore = "timing; needs CHRONOGUARD_PLUGIN_CONFIG"]
+fn canary_delta_timing() {
+    let Some(bytes) = config_file() else {
+        return;
+    };
+    let contents = one_policy_apart(&bytes);
+    let deltas = toggling_deltas(&contents, true);
+    let first = RawPluginConfig::from_slice(&contents[0]).unwrap();
+    let (_, retained) = loaded(&first);
+    let mut published = retained.encode();
+    let rounds = rounds(200);
+    let mut steps = Steps::new(5);
+    let started = Instant::now();
+    for round in 1..=rounds {
+        let (d, validated) = &deltas[round % 2];
+        steps.start();
+        let mut retained = filter_core::delta::Retained::decode(&published).unwrap();
+        let mut raw = chained(d, round);
+        raw.base = Some(retained.version().to_owned());
+        steps.step(0);
+        let (merged, changes) = retained.merge(raw).unwrap();
+        steps.step(1);
+        let validated = Validated::decode(validated);
+        let policy = CompiledPolicy::compile_raw(
+            merged.bundle.as_ref().unwrap(),
+            &mut EntryCache::default(),
+            &validated,
+        )
+        .unwrap();
+        steps.step(2);
+        let republished = policy.validated();
+        drop(merged);
+        retained.apply(changes);
+        published = retained.encode();
+        steps.step(3);
+        drop((policy, republished, retained));
+        steps.step(4);
+    }
+    let total = started.elapsed() / rounds as u32;
+    let steps = steps.per(rounds);
+    println!(
+        "canary, one-policy delta: {total:?} per load: published entries decoded {:?}, merge {:?}, prepared {:?}, published again {:?}, dropped {:?}",
+        steps[0], steps[1], steps[2], steps[3], steps[4],
     );
 }
