@@ -76,7 +76,7 @@ fn chained(text: &[u8], round: usize) -> RawPluginConfig<'_> {
 /// The deltas from each of `contents` (two configurations) to the other, each with the
 /// set a canary published: for the delta's own configuration, or (`previous`) for its
 /// base, as the previous canary left it.
-#[allow(clippy::unwrap_used)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
 fn toggling_deltas(contents: &[Vec<u8>], previous: bool) -> Vec<(Vec<u8>, Vec<u8>)> {
     (0..2)
         .map(|n| {
