@@ -19,6 +19,21 @@ pub struct Active {
     pub policy: Option<CompiledPolicy>,
 }
 
+impl Active {
+    /// A configuration's version and mode with its compiled policy, and its audit sink.
+    fn of(
+        config: RawPluginConfig<'_>,
+        policy: Option<CompiledPolicy>,
+    ) -> (Self, Option<AuditSink>) {
+        let active = Self {
+            version: Rc::from(config.version.as_str()),
+            mode: config.mode,
+            policy,
+        };
+        (active, config.audit)
+    }
+}
+
 thread_local! {
     /// The latest configuration this VM accepted: it decides every request (`abi`).
     static CURRENT: RefCell<Option<Rc<RefCell<Active>>>> = const { RefCell::new(None) };
@@ -162,12 +177,8 @@ fn load(bytes: &[u8]) -> Result<(Active, Option<AuditSink>, ConfigRead), String>
         }
         _ => None,
     };
-    let active = Active {
-        version: Rc::from(config.version.as_str()),
-        mode: config.mode,
-        policy,
-    };
-    Ok((active, config.audit, read))
+    let (active, sink) = Active::of(config, policy);
+    Ok((active, sink, read))
 }
 
 /// Loads a delta: merges it with the entries this VM kept of its base, or with the
@@ -217,12 +228,8 @@ fn load_delta(
     }
     let outcome = match listed {
         Some(outcome) => outcome.map(|(policy, changes)| {
-            let active = Active {
-                version: Rc::from(config.version.as_str()),
-                mode: config.mode,
-                policy: Some(policy),
-            };
-            (active, config.audit, changes)
+            let (active, sink) = Active::of(config, Some(policy));
+            (active, sink, changes)
         }),
         None => retained.merge(config).and_then(|(merged, changes)| {
             let bundle = merged.bundle.as_ref().ok_or("a delta without a bundle")?;
@@ -230,12 +237,8 @@ fn load_delta(
                 Mode::Enforce => Some(compile(bundle, &mut guard)?),
                 _ => None,
             };
-            let active = Active {
-                version: Rc::from(merged.version.as_str()),
-                mode: merged.mode,
-                policy,
-            };
-            Ok((active, merged.audit, changes))
+            let (active, sink) = Active::of(merged, policy);
+            Ok((active, sink, changes))
         }),
     };
     match outcome {

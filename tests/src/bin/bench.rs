@@ -934,21 +934,17 @@ async fn stall(
             let load = open_loop_timed(stack, wire, LOAD_PATH, 1_000, BLOCK * blocks, |i| {
                 mixed_host(i).to_owned()
             });
+            let writes = write_times(blocks, pushes_in);
             let pushes = async {
-                let mut i = first;
-                for block in (0..blocks).filter(|&b| pushes_in(b)) {
-                    for k in 0..PUSHES_PER_BLOCK {
-                        let at = started + BLOCK * block + BLOCK * k / PUSHES_PER_BLOCK;
-                        tokio::time::sleep_until(at.into()).await;
-                        stack
-                            .admin(
-                                reqwest::Method::PUT,
-                                &format!("/api/v1/policies/{target}"),
-                                Some(policy(which, i)),
-                            )
-                            .await?;
-                        i += 1;
-                    }
+                for (i, at) in (first..).zip(&writes) {
+                    tokio::time::sleep_until((started + *at).into()).await;
+                    stack
+                        .admin(
+                            reqwest::Method::PUT,
+                            &format!("/api/v1/policies/{target}"),
+                            Some(policy(which, i)),
+                        )
+                        .await?;
                 }
                 anyhow::Ok(())
             };
@@ -1002,7 +998,7 @@ async fn stall(
             let log = std::fs::read(&stack.envoy.log).unwrap_or_default();
             let log = String::from_utf8_lossy(log.get(log_from..).unwrap_or_default());
             let loads = worker_loads(&log, stack.envoy.pid(), wall);
-            let writes = write_times(blocks, pushes_in);
+            let writes: Vec<f64> = writes.iter().map(|w| w.as_secs_f64() * 1e3).collect();
             let near = match (loads.is_empty(), timing.get()) {
                 (false, _) => {
                     if let Some(measured) = write_to_load(&loads, &writes) {
@@ -1142,16 +1138,12 @@ fn worker_loads(log: &str, envoy: u32, wall: std::time::SystemTime) -> Vec<(f64,
         .collect()
 }
 
-/// The moments of a push-stall window's writes, in milliseconds since its start.
-fn write_times(blocks: u32, pushes_in: impl Fn(u32) -> bool) -> Vec<f64> {
-    let block_ms = BLOCK.as_secs_f64() * 1e3;
+/// The moments of a push-stall window's writes since its start: [`PUSHES_PER_BLOCK`]
+/// evenly spread over each block with pushes.
+fn write_times(blocks: u32, pushes_in: impl Fn(u32) -> bool) -> Vec<Duration> {
     (0..blocks)
         .filter(|&b| pushes_in(b))
-        .flat_map(|b| {
-            (0..PUSHES_PER_BLOCK).map(move |k| {
-                block_ms * (f64::from(b) + f64::from(k) / f64::from(PUSHES_PER_BLOCK))
-            })
-        })
+        .flat_map(|b| (0..PUSHES_PER_BLOCK).map(move |k| BLOCK * b + BLOCK * k / PUSHES_PER_BLOCK))
         .collect()
 }
 
@@ -1212,15 +1204,9 @@ fn near_loads(
     };
     let pushed = within(&spans);
     let quiet = within(&loads.iter().zip(&spans).map(partner).collect::<Vec<_>>());
-    let shape = |mut v: Vec<Duration>| {
-        v.sort();
-        let at = |p: f64| {
-            let i = ((v.len() as f64 - 1.0) * p).round() as usize;
-            v.get(i).copied().unwrap_or_default().as_secs_f64() * 1e3
-        };
-        (v.len(), at(0.5), at(0.9), at(0.99), at(1.0))
-    };
-    let ((n, p50, p90, p99, pmax), (m, q50, q90, q99, qmax)) = (shape(pushed), shape(quiet));
+    let (n, m) = (pushed.len(), quiet.len());
+    let shape = |v: Vec<Duration>| quantiles(v, [0.5, 0.9, 0.99, 1.0]);
+    let ([p50, p90, p99, pmax], [q50, q90, q99, qmax]) = (shape(pushed), shape(quiet));
     format!(
         "from {before} ms before to {after} ms after: {n} requests, p50 {p50:.3} / p90 {p90:.3} / p99 {p99:.3} / max {pmax:.3} ms; at the same moments of the paired blocks without pushes: {m}, p50 {q50:.3} / p90 {q90:.3} / p99 {q99:.3} / max {qmax:.3} ms; added p50 {:+.3} / p90 {:+.3} / p99 {:+.3} ms",
         p50 - q50,
@@ -1706,13 +1692,18 @@ async fn whole(response: impl Future<Output = reqwest::Result<reqwest::Response>
 }
 
 /// p50, p99 and max of `samples`, in milliseconds.
-fn percentiles(mut samples: Vec<Duration>) -> (f64, f64, f64) {
+fn percentiles(samples: Vec<Duration>) -> (f64, f64, f64) {
+    let [p50, p99, max] = quantiles(samples, [0.5, 0.99, 1.0]);
+    (p50, p99, max)
+}
+
+/// The quantiles `ps` of `samples`, in milliseconds (0 for none).
+fn quantiles<const N: usize>(mut samples: Vec<Duration>, ps: [f64; N]) -> [f64; N] {
     samples.sort();
-    let at = |p: f64| {
+    ps.map(|p| {
         let i = ((samples.len() as f64 - 1.0) * p).round() as usize;
         samples.get(i).copied().unwrap_or_default().as_secs_f64() * 1e3
-    };
-    (at(0.5), at(0.99), at(1.0))
+    })
 }
 
 /// The load's URL on the gateway listener and on its twin without the filter
@@ -2207,7 +2198,10 @@ mod tests {
     fn requests_near_a_load_meet_their_controls_in_the_paired_block() {
         let ms = Duration::from_millis;
         // Block 1 has the writes (every 250 ms), block 0 is its quiet partner.
-        let writes = write_times(2, |b| b == 1);
+        let writes: Vec<f64> = write_times(2, |b| b == 1)
+            .iter()
+            .map(|w| w.as_secs_f64() * 1e3)
+            .collect();
         assert_eq!(writes.len(), PUSHES_PER_BLOCK as usize);
         assert_eq!((writes[0], writes[1]), (2000.0, 2250.0));
         let loads = [(2100.0, 2100.5)];
