@@ -12,10 +12,11 @@
 //! the delta, Envoy NACKs it, and the control plane sends the full configuration.
 
 use crate::config::{
-    AuditSink, ConfigError, Mode, RawBundle, RawData, RawEntry, RawPluginConfig, RegoModule,
+    AuditSink, ConfigError, Mode, RawBundle, RawData, RawEntry, RawPluginConfig, Reader, RegoModule,
 };
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::ops::Range;
 
 /// An entry's JSON text and its hash, owned.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -24,20 +25,51 @@ struct Kept {
     hash: u64,
 }
 
-type Section = BTreeMap<Box<str>, Kept>;
-
 /// Keys with their new entries.
 type SectionChanges = Vec<(Box<str>, Kept)>;
 
+/// An entry seen in place: its key, the hash of its text, and its text.
+type Entry<'a> = (&'a str, u64, &'a [u8]);
+
+/// Where an entry's key sits in [`Retained`]'s keys and its text in its buffer.
+#[derive(Debug, Clone)]
+struct Span {
+    key: Range<usize>,
+    hash: u64,
+    text: Range<usize>,
+}
+
+/// The agents or the policies of a [`Retained`]: the entries of its buffer, and those a
+/// delta added or replaced since the buffer was written.
+#[derive(Debug, Clone, Default)]
+struct Section {
+    /// Sorted by key, each key once.
+    base: Vec<Span>,
+    /// Each hides `base`'s entry with the same key.
+    overlay: BTreeMap<Box<str>, Kept>,
+}
+
 /// The agents and policies of the configuration a VM accepted last: the base the next
 /// delta applies to.
-#[derive(Debug, Clone, PartialEq, Eq)]
+///
+/// They are kept in their shared form ([`Retained::encode`]), one buffer with the keys and
+/// texts, and a delta's changes beside it until they outgrow a quarter of it. A canary
+/// (a fresh VM per push, on Envoy's main thread) reads the previous canary's entries
+/// without an allocation per entry, and a long-lived VM applies a delta without copying
+/// the buffer (BENCHMARKS.md, "Twenty-first session").
+#[derive(Debug, Clone)]
 pub struct Retained {
     version: String,
     modules: Vec<RegoModule>,
+    buf: Vec<u8>,
+    /// The base entries' keys, checked as UTF-8 once, when the buffer was read.
+    keys: String,
     agents: Section,
     policies: Section,
 }
+
+/// Changes a VM keeps beside its buffer before writing them into it, whatever its size.
+const OVERLAY_MIN: usize = 64;
 
 /// A delta's changes, owned: applied to the [`Retained`] it was merged with once its
 /// configuration is accepted.
@@ -53,19 +85,19 @@ pub struct Changes {
 // === impl Retained ===
 
 impl Retained {
-    /// The entries of a full configuration with a bundle.
+    /// The entries of a full configuration with a bundle (of two entries with one key,
+    /// the later one, as for the filter's own lookups).
     pub fn keep(config: &RawPluginConfig<'_>) -> Option<Self> {
         if config.base.is_some() {
             return None;
         }
         let bundle = config.bundle.as_ref()?;
-        let data = &bundle.data;
-        Some(Self {
-            version: config.version.clone(),
-            modules: bundle.modules.clone(),
-            agents: owned(&data.agents),
-            policies: owned(&data.policies),
-        })
+        let (agents, policies) = (sorted(&bundle.data.agents), sorted(&bundle.data.policies));
+        Self::decode(write_form(
+            &config.version,
+            &bundle.modules,
+            [&agents, &policies],
+        ))
     }
 
     /// The version these entries are of.
@@ -83,55 +115,74 @@ impl Retained {
     /// The shared form, for the next canary: lengths, keys, hashes and texts, read back
     /// without parsing JSON ([`Retained::decode`]).
     pub fn encode(&self) -> Vec<u8> {
-        let modules = serde_json::to_vec(&self.modules).unwrap_or_default();
-        let size: usize = self
-            .agents
-            .iter()
-            .chain(&self.policies)
-            .map(|(k, e)| k.len() + e.text.len() + 16)
-            .sum();
-        let mut out = Vec::with_capacity(size + modules.len() + self.version.len() + 16);
-        let bytes = |out: &mut Vec<u8>, b: &[u8]| {
-            out.extend_from_slice(&(b.len() as u32).to_le_bytes());
-            out.extend_from_slice(b);
-        };
-        bytes(&mut out, self.version.as_bytes());
-        bytes(&mut out, &modules);
-        for section in [&self.agents, &self.policies] {
-            out.extend_from_slice(&(section.len() as u32).to_le_bytes());
-            for (key, e) in section {
-                bytes(&mut out, key.as_bytes());
-                out.extend_from_slice(&e.hash.to_le_bytes());
-                bytes(&mut out, &e.text);
-            }
-        }
-        out
+        write_form(
+            &self.version,
+            &self.modules,
+            [&self.agents.entries(self), &self.policies.entries(self)],
+        )
     }
 
-    /// Reads the shared form; `None` for anything else.
-    pub fn decode(bytes: &[u8]) -> Option<Self> {
-        fn take<'b>(r: &mut crate::config::Reader<'b>) -> Option<&'b [u8]> {
+    /// Reads the shared form, keeping `bytes` as the buffer its entries point into;
+    /// `None` for anything else (keys out of order among them).
+    pub fn decode(bytes: Vec<u8>) -> Option<Self> {
+        fn take<'b>(r: &mut Reader<'b>) -> Option<&'b [u8]> {
             let n = r.u32()? as usize;
             r.take(n)
         }
-        let mut r = crate::config::Reader(bytes);
-        let version = std::str::from_utf8(take(&mut r)?).ok()?.to_owned();
-        let modules = serde_json::from_slice(take(&mut r)?).ok()?;
-        let mut section = || -> Option<Section> {
-            (0..r.u32()?)
+        fn text<'b>(r: &mut Reader<'b>) -> Option<&'b str> {
+            std::str::from_utf8(take(r)?).ok()
+        }
+        let mut keys = String::new();
+        let (version, modules, agents, policies) = {
+            let mut r = Reader(&bytes);
+            let version = text(&mut r)?.to_owned();
+            let modules = (0..r.u32()?)
                 .map(|_| {
-                    let key = std::str::from_utf8(take(&mut r)?).ok()?;
-                    let hash = r.u64()?;
-                    let text = Box::from(take(&mut r)?);
-                    Some((Box::from(key), Kept { text, hash }))
+                    Some(RegoModule {
+                        name: text(&mut r)?.to_owned(),
+                        source: text(&mut r)?.to_owned(),
+                    })
                 })
-                .collect()
+                .collect::<Option<Vec<_>>>()?;
+            let mut section = || -> Option<Section> {
+                let n = r.u32()? as usize;
+                // A span per 16 bytes at most: a forged count allocates no more than that.
+                let mut base = Vec::with_capacity(n.min(r.0.len() / 16));
+                let mut previous: Option<&str> = None;
+                for _ in 0..n {
+                    let key = text(&mut r)?;
+                    if previous.is_some_and(|p| p >= key) {
+                        return None;
+                    }
+                    previous = Some(key);
+                    let at = keys.len();
+                    keys.push_str(key);
+                    let hash = r.u64()?;
+                    let text_at = bytes.len() - r.0.len() + 4;
+                    let text = take(&mut r)?;
+                    base.push(Span {
+                        key: at..keys.len(),
+                        hash,
+                        text: text_at..text_at + text.len(),
+                    });
+                }
+                Some(Section {
+                    base,
+                    overlay: BTreeMap::new(),
+                })
+            };
+            let agents = section()?;
+            let policies = section()?;
+            if !r.0.is_empty() {
+                return None;
+            }
+            (version, modules, agents, policies)
         };
-        let agents = section()?;
-        let policies = section()?;
-        r.0.is_empty().then_some(Self {
+        Some(Self {
             version,
             modules,
+            buf: bytes,
+            keys,
             agents,
             policies,
         })
@@ -148,8 +199,8 @@ impl Retained {
         let Some(bundle) = delta.bundle else {
             return Err("a delta without a bundle".into());
         };
-        let agents = merge_section(&self.agents, bundle.data.agents);
-        let policies = merge_section(&self.policies, bundle.data.policies);
+        let agents = merge_section(self.agents.entries(self), bundle.data.agents);
+        let policies = merge_section(self.policies.entries(self), bundle.data.policies);
         // A delta leaves the modules out when they did not change.
         let modules = match bundle.modules.is_empty() {
             true => self.modules.clone(),
@@ -195,48 +246,157 @@ impl Retained {
         })
     }
 
-    /// Makes these the entries of the configuration `changes` came from.
+    /// Makes these the entries of the configuration `changes` came from. The changes stay
+    /// beside the buffer until they outgrow a quarter of it; then the buffer is written
+    /// again with them.
     pub fn apply(&mut self, changes: Changes) {
         for (section, list) in [
             (&mut self.agents, changes.agents),
             (&mut self.policies, changes.policies),
         ] {
-            section.extend(list);
+            section.overlay.extend(list);
         }
         if let Some(modules) = changes.modules {
             self.modules = modules;
         }
         self.version = changes.version;
+        let (sections, overlay) = [&self.agents, &self.policies]
+            .iter()
+            .fold((0, 0), |(n, o), s| (n + s.base.len(), o + s.overlay.len()));
+        if overlay > OVERLAY_MIN.max(sections / 4)
+            && let Some(written) = Self::decode(self.encode())
+        {
+            *self = written;
+        }
     }
 }
 
-/// Entries with their keys, owned (a [`Section`] or [`SectionChanges`]).
-fn owned<C: FromIterator<(Box<str>, Kept)>>(entries: &[RawEntry<'_>]) -> C {
+impl PartialEq for Retained {
+    /// The same version, modules and entries, however they are laid out.
+    fn eq(&self, other: &Self) -> bool {
+        self.version == other.version
+            && self.modules == other.modules
+            && self.agents.entries(self) == other.agents.entries(other)
+            && self.policies.entries(self) == other.policies.entries(other)
+    }
+}
+
+impl Eq for Retained {}
+
+// === impl Section ===
+
+impl Section {
+    /// The entries in key order, the overlay's over the buffer's (`of`'s).
+    fn entries<'a>(&'a self, of: &'a Retained) -> Vec<Entry<'a>> {
+        let mut out = Vec::with_capacity(self.base.len() + self.overlay.len());
+        let mut overlay = self
+            .overlay
+            .iter()
+            .map(|(key, e)| (&**key, e.hash, &*e.text))
+            .peekable();
+        for span in &self.base {
+            let (Some(key), Some(text)) =
+                (of.keys.get(span.key.clone()), of.buf.get(span.text.clone()))
+            else {
+                continue;
+            };
+            while let Some(before) = overlay.next_if(|(k, _, _)| *k < key) {
+                out.push(before);
+            }
+            out.push(
+                overlay
+                    .next_if(|(k, _, _)| *k == key)
+                    .unwrap_or((key, span.hash, text)),
+            );
+        }
+        out.extend(overlay);
+        out
+    }
+}
+
+/// The shared form of a [`Retained`]: its version, its modules (a count, then each name
+/// and source), then the agents and the policies (a count, then each key, hash and text),
+/// each in key order; `u32` counts and lengths before what they count, `u64` hashes,
+/// little-endian.
+fn write_form(version: &str, modules: &[RegoModule], sections: [&[Entry<'_>]; 2]) -> Vec<u8> {
+    let size: usize = sections
+        .iter()
+        .flat_map(|s| s.iter())
+        .map(|(key, _, text)| key.len() + text.len() + 16)
+        .sum::<usize>()
+        + modules
+            .iter()
+            .map(|m| m.name.len() + m.source.len() + 8)
+            .sum::<usize>()
+        + version.len()
+        + 16;
+    let mut out = Vec::with_capacity(size);
+    let count = |out: &mut Vec<u8>, n: usize| {
+        out.extend_from_slice(&u32::try_from(n).unwrap_or(u32::MAX).to_le_bytes());
+    };
+    let bytes = |out: &mut Vec<u8>, b: &[u8]| {
+        count(out, b.len());
+        out.extend_from_slice(b);
+    };
+    bytes(&mut out, version.as_bytes());
+    count(&mut out, modules.len());
+    for module in modules {
+        bytes(&mut out, module.name.as_bytes());
+        bytes(&mut out, module.source.as_bytes());
+    }
+    for section in sections {
+        count(&mut out, section.len());
+        for (key, hash, text) in section {
+            bytes(&mut out, key.as_bytes());
+            out.extend_from_slice(&hash.to_le_bytes());
+            bytes(&mut out, text);
+        }
+    }
+    out
+}
+
+/// A section's entries in key order, each key once (the later of two).
+fn sorted<'a>(list: &'a [RawEntry<'_>]) -> Vec<Entry<'a>> {
+    let mut entries: Vec<(usize, Entry<'a>)> = list
+        .iter()
+        .enumerate()
+        .map(|(at, e)| (at, (&*e.key, entry_hash(e), e.text)))
+        .collect();
+    entries.sort_unstable_by(|(i, a), (j, b)| a.0.cmp(b.0).then(j.cmp(i)));
+    entries.dedup_by(|later, kept| later.1.0 == kept.1.0);
+    entries.into_iter().map(|(_, e)| e).collect()
+}
+
+/// Entries with their keys, owned.
+fn owned(entries: &[RawEntry<'_>]) -> SectionChanges {
     entries
         .iter()
-        .map(|e| (Box::from(&*e.key), kept(e)))
+        .map(|e| {
+            let kept = Kept {
+                text: Box::from(e.text),
+                hash: entry_hash(e),
+            };
+            (Box::from(&*e.key), kept)
+        })
         .collect()
 }
 
-fn kept(e: &RawEntry<'_>) -> Kept {
-    Kept {
-        text: Box::from(e.text),
-        hash: e.hash.unwrap_or_else(|| crate::data::text_hash(e.text)),
-    }
+fn entry_hash(e: &RawEntry<'_>) -> u64 {
+    e.hash.unwrap_or_else(|| crate::data::text_hash(e.text))
 }
 
 /// One section of a merged configuration: the base's entries the delta leaves alone, then
 /// the delta's.
-fn merge_section<'x>(base: &'x Section, upserts: Vec<RawEntry<'x>>) -> Vec<RawEntry<'x>> {
+fn merge_section<'x>(base: Vec<Entry<'x>>, upserts: Vec<RawEntry<'x>>) -> Vec<RawEntry<'x>> {
     let touched: HashSet<&str> = upserts.iter().map(|e| &*e.key).collect();
     let mut merged: Vec<RawEntry<'x>> = Vec::with_capacity(base.len() + upserts.len());
     merged.extend(
-        base.iter()
-            .filter(|(key, _)| !touched.contains(&***key))
-            .map(|(key, e)| RawEntry {
+        base.into_iter()
+            .filter(|(key, _, _)| !touched.contains(key))
+            .map(|(key, hash, text)| RawEntry {
                 key: Cow::Borrowed(key),
-                text: &e.text,
-                hash: Some(e.hash),
+                text,
+                hash: Some(hash),
             }),
     );
     merged.extend(upserts);
@@ -516,12 +676,53 @@ mod tests {
             assert_eq!(retained, keep(&full), "version {version}");
             // The next canary reads them back as they were published.
             assert_eq!(
-                Retained::decode(&retained.encode()).as_ref(),
+                Retained::decode(retained.encode()).as_ref(),
                 Some(&retained)
             );
             previous = full;
         }
         assert!(deltas > 20 && fulls > 3, "{deltas} deltas, {fulls} in full");
+    }
+
+    /// A long-lived VM's changes stay beside its buffer until they outgrow a quarter of
+    /// it (and `OVERLAY_MIN`), then go into a buffer written again: the entries are those
+    /// of the latest configuration all along, and the changes kept beside stay bounded.
+    #[test]
+    fn changes_are_written_into_the_buffer_once_they_outgrow_it() {
+        let mut agents: BTreeMap<String, Value> = (0..300)
+            .map(|i| (format!("a{i:03}"), json!({"status": "active", "n": 0})))
+            .collect();
+        let policies = BTreeMap::from([("p".to_owned(), json!({"id": "p"}))]);
+        let mut previous = config("0", &agents, &policies);
+        let mut retained = keep(&previous);
+        let mut written = 0;
+        for version in 1..=120 {
+            // Two agents changed, one added, per push.
+            for key in [
+                format!("a{:03}", version * 7 % 300),
+                format!("a{:03}", version * 13 % 300),
+            ] {
+                agents.insert(key, json!({"status": "active", "n": version}));
+            }
+            agents.insert(format!("b{version:03}"), json!({"status": "active"}));
+            let full = config(&version.to_string(), &agents, &policies);
+            let overlay_before = retained.agents.overlay.len();
+            apply(&mut retained, &delta(&previous, &full).unwrap().unwrap());
+            if retained.agents.overlay.len() < overlay_before {
+                assert!(retained.agents.overlay.is_empty());
+                written += 1;
+            }
+            let (a, p) = (&retained.agents, &retained.policies);
+            let limit = OVERLAY_MIN.max((a.base.len() + p.base.len()) / 4);
+            let beside = a.overlay.len() + p.overlay.len();
+            assert!(
+                beside <= limit,
+                "version {version}: {beside} changes beside"
+            );
+            assert_eq!(retained, keep(&full), "version {version}");
+            previous = full;
+        }
+        assert!(written >= 3, "the buffer was written again {written} times");
     }
 
     /// A delta names its base: against another version it is refused, and the kept
@@ -551,9 +752,9 @@ mod tests {
         assert_eq!(at_two, keep(&two));
         // The shared form is refused cut short or with bytes after it.
         let encoded = at_two.encode();
-        assert!(Retained::decode(&encoded[..encoded.len() - 1]).is_none());
-        assert!(Retained::decode(&[encoded.as_slice(), b"x"].concat()).is_none());
-        assert!(Retained::decode(b"").is_none());
+        assert!(Retained::decode(encoded[..encoded.len() - 1].to_vec()).is_none());
+        assert!(Retained::decode([encoded.as_slice(), b"x"].concat()).is_none());
+        assert!(Retained::decode(Vec::new()).is_none());
 
         let delta_2 = parsed(&delta(&one, &two).unwrap().unwrap());
         assert_eq!(delta_2["base"], "1");

@@ -126,8 +126,8 @@ const INDEX: &str = concat!("chronoguard.index.", env!("CARGO_PKG_VERSION"));
 
 /// The shared-data key of the entries of the configuration the latest canary loaded
 /// (`filter_core::delta::Retained::encode`): the base the next canary (a fresh VM per
-/// push) applies a delta to.
-const STATE: &str = concat!("chronoguard.state.", env!("CARGO_PKG_VERSION"));
+/// push) applies a delta to. The `2` names the form (the modules' own lengths, not JSON).
+const STATE: &str = concat!("chronoguard.state.2.", env!("CARGO_PKG_VERSION"));
 
 /// Parses and compiles a configuration; returns it ready for requests, with its audit
 /// sink, and how it was read.
@@ -199,7 +199,7 @@ fn load_delta(
         kept => {
             guard.retained = kept;
             let published = match host::shared_get(STATE) {
-                Ok((Some(bytes), _)) => Retained::decode(&bytes),
+                Ok((Some(bytes), _)) => Retained::decode(bytes),
                 _ => None,
             };
             match published {
