@@ -674,10 +674,10 @@ async fn decision_ids(stack: &Stack, tenant: &str, own: &[Option<&str>]) -> Vec<
 /// then in its long-lived VMs. The canary validates only the agents and policies no VM
 /// validated before and publishes them; the workers then validate none and prepare
 /// entries on first use: a new agent's requests are still decided by its own entry and a
-/// changed policy's by the new one. Pushes after the first are deltas: the canary applies
-/// them to the full configuration the previous canary published, the long-lived VMs
-/// compile them from what they list on their own entries; a full push is read through
-/// the canary's index.
+/// changed policy's by the new one. Pushes after the first are deltas: the canary checks
+/// them against the entries the previous canary published without preparing those they
+/// leave alone, the long-lived VMs compile them from what they list on their own entries;
+/// a full push is read through the canary's index.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workers_trust_the_agents_the_canary_validated() {
     let (stack, tenant) = stack_with_workers(2).await;
@@ -706,7 +706,7 @@ async fn workers_trust_the_agents_the_canary_validated() {
     // The canary (root context 1 of a fresh VM) validated agent two's new entry only;
     // the main thread's and both workers' long-lived VMs validated nothing.
     let (canary, long_lived) = validated_by_the_last_loads(&stack);
-    assert_eq!(canary, [(1, 0, 0, ConfigRead::DeltaShared)]);
+    assert_eq!(canary, [(1, 0, 0, ConfigRead::DeltaChecked)]);
     assert_eq!(long_lived, [(0, 0, 0, ConfigRead::DeltaListed); 3]);
 
     // Policy p now also allows c.example: the canary validates that policy only.
@@ -727,7 +727,7 @@ async fn workers_trust_the_agents_the_canary_validated() {
     let (status, _, _) = send(&stack, &two, Method::GET, "c.example", "/").await;
     assert_eq!(status, 200);
     let (canary, long_lived) = validated_by_the_last_loads(&stack);
-    assert_eq!(canary, [(0, 1, 0, ConfigRead::DeltaShared)]);
+    assert_eq!(canary, [(0, 1, 0, ConfigRead::DeltaChecked)]);
     assert_eq!(long_lived, [(0, 0, 0, ConfigRead::DeltaListed); 3]);
 
     // A deletion goes in full: the canary parses it (every entry validated before), the

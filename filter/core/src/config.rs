@@ -94,6 +94,10 @@ pub enum ConfigRead {
     /// A delta applied to the entries the previous canary published (or the entries a
     /// canary published for this very version).
     DeltaShared,
+    /// A delta checked against the entries the previous canary published, without
+    /// preparing those it leaves alone (`crate::policy::CompiledPolicy::check_delta`): a
+    /// VM's way that decides no requests yet, Envoy's configuration canary's.
+    DeltaChecked,
 }
 
 impl ConfigRead {
@@ -105,6 +109,7 @@ impl ConfigRead {
             Self::Delta => "a delta, ",
             Self::DeltaListed => "a delta from what it lists, ",
             Self::DeltaShared => "a delta on the published base, ",
+            Self::DeltaChecked => "a delta checked against the published base, ",
         }
     }
 
@@ -116,6 +121,7 @@ impl ConfigRead {
             Self::Delta,
             Self::DeltaListed,
             Self::DeltaShared,
+            Self::DeltaChecked,
         ]
         .into_iter()
         .find_map(|read| Some((read, text.strip_prefix(read.log_prefix())?)))

@@ -482,36 +482,66 @@ impl Validated {
     /// counts and lengths, `u64` hashes.
     pub(crate) fn encode(
         mut agents: Vec<u64>,
-        mut policies: Vec<(u64, &PolicyFacts)>,
+        policies: Vec<(u64, &PolicyFacts)>,
         modules: Vec<u64>,
+    ) -> Vec<u8> {
+        // Facts always serialise (strings, booleans and small integers).
+        let facts: Vec<(u64, Vec<u8>)> = policies
+            .iter()
+            .map(|(hash, facts)| (*hash, serde_json::to_vec(facts).unwrap_or_default()))
+            .collect();
+        let facts: Vec<(u64, &[u8])> = facts.iter().map(|(h, json)| (*h, &json[..])).collect();
+        Self::write(&mut agents, facts, modules)
+    }
+
+    /// The shared form of these hashes and facts' JSON (sorted and deduplicated here).
+    fn write(
+        agents: &mut Vec<u64>,
+        mut policies: Vec<(u64, &[u8])>,
+        mut modules: Vec<u64>,
     ) -> Vec<u8> {
         agents.sort_unstable();
         agents.dedup();
         policies.sort_unstable_by_key(|(hash, _)| *hash);
         policies.dedup_by_key(|(hash, _)| *hash);
-        // Facts always serialise (strings, booleans and small integers).
-        let facts: Vec<Vec<u8>> = policies
-            .iter()
-            .map(|(_, facts)| serde_json::to_vec(facts).unwrap_or_default())
-            .collect();
+        modules.sort_unstable();
+        modules.dedup();
         let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX).to_le_bytes();
         let mut bytes = Vec::with_capacity(
             12 + agents.len() * 8
                 + policies.len() * 12
                 + modules.len() * 8
-                + facts.iter().map(Vec::len).sum::<usize>(),
+                + policies.iter().map(|(_, json)| json.len()).sum::<usize>(),
         );
         bytes.extend(count(agents.len()));
         bytes.extend(agents.iter().flat_map(|h| h.to_le_bytes()));
         bytes.extend(count(policies.len()));
-        for ((hash, _), json) in policies.iter().zip(&facts) {
+        for (hash, json) in &policies {
             bytes.extend(hash.to_le_bytes());
             bytes.extend(count(json.len()));
         }
         bytes.extend(count(modules.len()));
         bytes.extend(modules.iter().flat_map(|h| h.to_le_bytes()));
-        facts.iter().for_each(|json| bytes.extend(json));
+        policies.iter().for_each(|(_, json)| bytes.extend(*json));
         bytes
+    }
+
+    /// The shared form of these entries and `added`'s, of those whose hashes are listed
+    /// in `agents` and `policies` (a configuration's), with both's module sets: what a
+    /// VM publishes after validating a delta's own entries against this set
+    /// (`crate::policy::CompiledPolicy::check_delta`). The facts are copied as they are.
+    pub(crate) fn extended(&self, added: &Validated, agents: &[u64], policies: &[u64]) -> Vec<u8> {
+        let mut kept: Vec<u64> = agents
+            .iter()
+            .copied()
+            .filter(|h| added.agent(*h) || self.agent(*h))
+            .collect();
+        let facts: Vec<(u64, &[u8])> = policies
+            .iter()
+            .filter_map(|h| Some((*h, added.facts_json(*h).or_else(|| self.facts_json(*h))?)))
+            .collect();
+        let modules = self.modules.iter().chain(&added.modules).copied().collect();
+        Self::write(&mut kept, facts, modules)
     }
 
     /// Reads the shared form ([`Validated::encode`]) without parsing any policy's facts;
@@ -559,12 +589,27 @@ impl Validated {
 
     /// The facts of the validated policy whose text has this hash.
     fn policy(&self, hash: u64) -> Option<PolicyFacts> {
+        serde_json::from_slice(self.facts_json(hash)?).ok()
+    }
+
+    /// The timezone of the validated policy whose text has this hash (its facts' other
+    /// fields skipped, not built).
+    pub(crate) fn timezone(&self, hash: u64) -> Option<String> {
+        #[derive(Deserialize)]
+        struct Timezone {
+            timezone: String,
+        }
+        let facts: Timezone = serde_json::from_slice(self.facts_json(hash)?).ok()?;
+        Some(facts.timezone)
+    }
+
+    /// The JSON of the facts of the validated policy whose text has this hash.
+    fn facts_json(&self, hash: u64) -> Option<&[u8]> {
         let at = self
             .policies
             .binary_search_by_key(&hash, |(h, _)| *h)
             .ok()?;
-        let span = self.policies.get(at)?.1.clone();
-        serde_json::from_slice(self.facts.get(span)?).ok()
+        self.facts.get(self.policies.get(at)?.1.clone())
     }
 
     /// How many agents, policies and module sets.

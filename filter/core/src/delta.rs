@@ -61,6 +61,8 @@ struct Section {
 pub struct Retained {
     version: String,
     modules: Vec<RegoModule>,
+    /// The names of the configuration's timezones (its offset tables), sorted.
+    timezones: Vec<String>,
     buf: Vec<u8>,
     /// The base entries' keys, checked as UTF-8 once, when the buffer was read.
     keys: String,
@@ -78,6 +80,8 @@ pub struct Changes {
     version: String,
     /// New modules; `None`: the base's.
     modules: Option<Vec<RegoModule>>,
+    /// A delta carries all the timezones.
+    timezones: Vec<String>,
     agents: SectionChanges,
     policies: SectionChanges,
 }
@@ -93,9 +97,11 @@ impl Retained {
         }
         let bundle = config.bundle.as_ref()?;
         let (agents, policies) = (sorted(&bundle.data.agents), sorted(&bundle.data.policies));
+        let timezones = timezone_names(bundle.data.timezones.as_ref());
         Self::decode(write_form(
             &config.version,
             &bundle.modules,
+            &timezones,
             [&agents, &policies],
         ))
     }
@@ -112,12 +118,49 @@ impl Retained {
         self.version == base || self.version == version
     }
 
+    /// The Rego modules.
+    pub fn modules(&self) -> &[RegoModule] {
+        &self.modules
+    }
+
+    /// The names of the timezones the configuration has offset tables for, sorted.
+    pub fn timezones(&self) -> &[String] {
+        &self.timezones
+    }
+
+    /// The policies' keys and the hashes of their texts, in key order.
+    pub fn policies(&self) -> impl Iterator<Item = (&str, u64)> {
+        self.policies
+            .entries(self)
+            .into_iter()
+            .map(|(key, hash, _)| (key, hash))
+    }
+
+    /// The hashes of the agents' and of the policies' texts.
+    pub fn hashes(&self) -> (Vec<u64>, Vec<u64>) {
+        let hashes = |s: &Section| s.entries(self).into_iter().map(|(_, h, _)| h).collect();
+        (hashes(&self.agents), hashes(&self.policies))
+    }
+
+    /// The bundle of these entries, with `timezones` (a delta's, which carries them all).
+    pub fn bundle(&self, timezones: Option<serde_json::Value>) -> RawBundle<'_> {
+        RawBundle {
+            modules: self.modules.clone(),
+            data: RawData {
+                agents: raw(self.agents.entries(self)),
+                policies: raw(self.policies.entries(self)),
+                timezones,
+            },
+        }
+    }
+
     /// The shared form, for the next canary: lengths, keys, hashes and texts, read back
     /// without parsing JSON ([`Retained::decode`]).
     pub fn encode(&self) -> Vec<u8> {
         write_form(
             &self.version,
             &self.modules,
+            &self.timezones,
             [&self.agents.entries(self), &self.policies.entries(self)],
         )
     }
@@ -133,7 +176,7 @@ impl Retained {
             std::str::from_utf8(take(r)?).ok()
         }
         let mut keys = String::new();
-        let (version, modules, agents, policies) = {
+        let (version, modules, timezones, agents, policies) = {
             let mut r = Reader(&bytes);
             let version = text(&mut r)?.to_owned();
             let modules = (0..r.u32()?)
@@ -143,6 +186,9 @@ impl Retained {
                         source: text(&mut r)?.to_owned(),
                     })
                 })
+                .collect::<Option<Vec<_>>>()?;
+            let timezones = (0..r.u32()?)
+                .map(|_| Some(text(&mut r)?.to_owned()))
                 .collect::<Option<Vec<_>>>()?;
             let mut section = || -> Option<Section> {
                 let n = r.u32()? as usize;
@@ -176,11 +222,12 @@ impl Retained {
             if !r.0.is_empty() {
                 return None;
             }
-            (version, modules, agents, policies)
+            (version, modules, timezones, agents, policies)
         };
         Some(Self {
             version,
             modules,
+            timezones,
             buf: bytes,
             keys,
             agents,
@@ -241,6 +288,7 @@ impl Retained {
         Ok(Changes {
             version: delta.version.clone(),
             modules: (!bundle.modules.is_empty()).then(|| bundle.modules.clone()),
+            timezones: timezone_names(bundle.data.timezones.as_ref()),
             agents: owned(&bundle.data.agents),
             policies: owned(&bundle.data.policies),
         })
@@ -259,6 +307,7 @@ impl Retained {
         if let Some(modules) = changes.modules {
             self.modules = modules;
         }
+        self.timezones = changes.timezones;
         self.version = changes.version;
         let (sections, overlay) = [&self.agents, &self.policies]
             .iter()
@@ -276,6 +325,7 @@ impl PartialEq for Retained {
     fn eq(&self, other: &Self) -> bool {
         self.version == other.version
             && self.modules == other.modules
+            && self.timezones == other.timezones
             && self.agents.entries(self) == other.agents.entries(other)
             && self.policies.entries(self) == other.policies.entries(other)
     }
@@ -315,10 +365,15 @@ impl Section {
 }
 
 /// The shared form of a [`Retained`]: its version, its modules (a count, then each name
-/// and source), then the agents and the policies (a count, then each key, hash and text),
-/// each in key order; `u32` counts and lengths before what they count, `u64` hashes,
-/// little-endian.
-fn write_form(version: &str, modules: &[RegoModule], sections: [&[Entry<'_>]; 2]) -> Vec<u8> {
+/// and source), its timezones' names (a count, then each), then the agents and the
+/// policies (a count, then each key, hash and text), each in key order; `u32` counts and
+/// lengths before what they count, `u64` hashes, little-endian.
+fn write_form(
+    version: &str,
+    modules: &[RegoModule],
+    timezones: &[String],
+    sections: [&[Entry<'_>]; 2],
+) -> Vec<u8> {
     let size: usize = sections
         .iter()
         .flat_map(|s| s.iter())
@@ -328,6 +383,7 @@ fn write_form(version: &str, modules: &[RegoModule], sections: [&[Entry<'_>]; 2]
             .iter()
             .map(|m| m.name.len() + m.source.len() + 8)
             .sum::<usize>()
+        + timezones.iter().map(|tz| tz.len() + 4).sum::<usize>()
         + version.len()
         + 16;
     let mut out = Vec::with_capacity(size);
@@ -344,6 +400,10 @@ fn write_form(version: &str, modules: &[RegoModule], sections: [&[Entry<'_>]; 2]
         bytes(&mut out, module.name.as_bytes());
         bytes(&mut out, module.source.as_bytes());
     }
+    count(&mut out, timezones.len());
+    for tz in timezones {
+        bytes(&mut out, tz.as_bytes());
+    }
     for section in sections {
         count(&mut out, section.len());
         for (key, hash, text) in section {
@@ -353,6 +413,16 @@ fn write_form(version: &str, modules: &[RegoModule], sections: [&[Entry<'_>]; 2]
         }
     }
     out
+}
+
+/// The names of a configuration's timezones (its `timezones` object's keys), sorted.
+fn timezone_names(timezones: Option<&serde_json::Value>) -> Vec<String> {
+    let mut names: Vec<String> = timezones
+        .and_then(serde_json::Value::as_object)
+        .map(|o| o.keys().cloned().collect())
+        .unwrap_or_default();
+    names.sort_unstable();
+    names
 }
 
 /// A section's entries in key order, each key once (the later of two).
@@ -387,20 +457,24 @@ fn entry_hash(e: &RawEntry<'_>) -> u64 {
 
 /// One section of a merged configuration: the base's entries the delta leaves alone, then
 /// the delta's.
-fn merge_section<'x>(base: Vec<Entry<'x>>, upserts: Vec<RawEntry<'x>>) -> Vec<RawEntry<'x>> {
+fn merge_section<'x>(mut base: Vec<Entry<'x>>, upserts: Vec<RawEntry<'x>>) -> Vec<RawEntry<'x>> {
     let touched: HashSet<&str> = upserts.iter().map(|e| &*e.key).collect();
-    let mut merged: Vec<RawEntry<'x>> = Vec::with_capacity(base.len() + upserts.len());
-    merged.extend(
-        base.into_iter()
-            .filter(|(key, _, _)| !touched.contains(key))
-            .map(|(key, hash, text)| RawEntry {
-                key: Cow::Borrowed(key),
-                text,
-                hash: Some(hash),
-            }),
-    );
+    base.retain(|(key, _, _)| !touched.contains(key));
+    let mut merged = raw(base);
     merged.extend(upserts);
     merged
+}
+
+/// Entries as a configuration's, borrowed.
+fn raw(entries: Vec<Entry<'_>>) -> Vec<RawEntry<'_>> {
+    entries
+        .into_iter()
+        .map(|(key, hash, text)| RawEntry {
+            key: Cow::Borrowed(key),
+            text,
+            hash: Some(hash),
+        })
+        .collect()
 }
 
 /// The parts of a configuration besides its entries, as the wire has them.

@@ -229,6 +229,15 @@ pub(crate) struct Modules {
     engine: OnceLock<Result<Engine, String>>,
 }
 
+/// What [`CompiledPolicy::check_delta`] tells of a delta it accepts.
+#[derive(Debug)]
+pub struct Checked {
+    /// The validated set to publish (`Validated`'s shared form).
+    pub validated: Vec<u8>,
+    /// Agents, policies and module sets validated here.
+    pub validated_here: (usize, usize, usize),
+}
+
 /// A bundle compiled once per configuration; evaluation never parses or compiles.
 #[derive(Debug, Clone)]
 pub struct CompiledPolicy {
@@ -349,6 +358,77 @@ impl CompiledPolicy {
             return Ok(None);
         };
         Self::build(modules, prepared, cache, validated).map(Some)
+    }
+
+    /// Accepts a delta against `base`, the entries a previous canary published, without
+    /// preparing the entries the delta leaves alone, where that gives the answer
+    /// [`CompiledPolicy::compile_raw`] would give on the merged configuration: for a VM
+    /// that decides no requests yet (Envoy's configuration canary, a fresh VM per push),
+    /// which would otherwise prepare every agent and policy to check one. The delta's own
+    /// entries are validated (or found in `validated`) and its modules are the base's;
+    /// the entries it leaves alone were accepted with the base, and each policy among
+    /// them only needs its timezone's table still in the bundle: so it is when the delta
+    /// keeps every table the base had, and otherwise the policy's facts in `validated`
+    /// tell. Returns the validated set to publish for the delta's
+    /// configuration. `None` when it cannot be told this way: the delta is not against
+    /// `base`, changes the modules, leaves alone a policy whose facts `validated` lacks
+    /// or whose timezone lost its table, or has an entry that fails (compile the merged
+    /// configuration then: it refuses with the error a whole configuration gets).
+    pub fn check_delta(
+        base: &crate::delta::Retained,
+        delta: &crate::config::RawPluginConfig<'_>,
+        validated: &Validated,
+    ) -> Option<Checked> {
+        let bundle = delta.bundle.as_ref()?;
+        let against = delta.base.as_deref()?;
+        if !bundle.modules.is_empty()
+            || delta.mode != crate::config::Mode::Enforce
+            || !base.serves(against, &delta.version)
+        {
+            return None;
+        }
+        let own = RawBundle {
+            modules: base.modules().to_vec(),
+            data: crate::config::RawData {
+                agents: bundle.data.agents.clone(),
+                policies: bundle.data.policies.clone(),
+                timezones: bundle.data.timezones.clone(),
+            },
+        };
+        let checked = Self::compile_raw(&own, &mut EntryCache::default(), validated).ok()?;
+        // Every policy of the base had its timezone's table: while the delta keeps every
+        // table the base had, each still has. Otherwise each policy it leaves alone is
+        // looked at.
+        let listed: std::collections::HashSet<&str> =
+            bundle.data.policies.iter().map(|e| &*e.key).collect();
+        let all_kept = base
+            .timezones()
+            .iter()
+            .all(|tz| checked.tables.contains_key(tz));
+        let kept_tables = all_kept
+            || base
+                .policies()
+                .filter(|(key, _)| !listed.contains(key))
+                .all(|(_, hash)| {
+                    validated
+                        .timezone(hash)
+                        .is_some_and(|tz| checked.tables.contains_key(&tz))
+                });
+        if !kept_tables {
+            return None;
+        }
+        // The base's entries and the delta's: a superset of the configuration's, by the
+        // entries this delta replaces, so the set never outgrows two configurations.
+        let (mut agents, mut policies) = base.hashes();
+        let hash =
+            |e: &crate::config::RawEntry<'_>| e.hash.unwrap_or_else(|| data::text_hash(e.text));
+        agents.extend(bundle.data.agents.iter().map(hash));
+        policies.extend(bundle.data.policies.iter().map(hash));
+        let added = Validated::decode(&checked.validated());
+        Some(Checked {
+            validated: validated.extended(&added, &agents, &policies),
+            validated_here: checked.validated_here,
+        })
     }
 
     /// Compiles `modules` and checks the decision rule by evaluating it once on an empty
@@ -1312,6 +1392,160 @@ mod tests {
         }
     }
 
+    /// The random configurations of the delta differential tests: 48 agents and 7
+    /// policies (some with a window in Paris) edited at random, Paris now and then left
+    /// out of the bundle (a policy may lose its table), and now and then a broken agent.
+    struct Chain {
+        next: Box<dyn FnMut(u64) -> u64>,
+        agents: BTreeMap<String, serde_json::Value>,
+        policies: BTreeMap<String, serde_json::Value>,
+    }
+
+    impl Chain {
+        fn new(seed: u64) -> Self {
+            let agents = (0..40)
+                .map(|i| (format!("{i:02x}"), Self::agent(i, i % 6)))
+                .collect();
+            let policies = (0..6)
+                .map(|i| (format!("p{i}"), Self::policy(i, i, i == 2)))
+                .collect();
+            Self {
+                next: Box::new(crate::test_rng(seed)),
+                agents,
+                policies,
+            }
+        }
+
+        fn policy(i: u64, v: u64, tz: bool) -> serde_json::Value {
+            let mut p = serde_json::json!({
+                "id": format!("p{i}"), "status": "active", "priority": v % 5,
+                "allowed_exact": {format!("d{}.example", v % 3): true},
+                "rules": [{"id": "r", "action": "deny", "priority": 1,
+                    "conditions": [{"field": "method", "operator": "equals", "value": "DELETE"}]}],
+            });
+            if tz {
+                p["timezone"] = serde_json::json!("Europe/Paris");
+                p["windows"] =
+                    serde_json::json!([{"days": ["mon", "tue"], "start": v % 600, "end": 1200}]);
+            }
+            p
+        }
+
+        fn agent(v: u64, p: u64) -> serde_json::Value {
+            let status = ["active", "active", "suspended"][(v % 3) as usize];
+            serde_json::json!({"id": "a", "tenant_id": "t", "name": format!("n{v}"), "status": status, "policies": [format!("p{p}")]})
+        }
+
+        /// The full configuration of `version` with the current entries.
+        fn config(&self, version: u64, paris: bool) -> Vec<u8> {
+            let timezones = match paris {
+                true => serde_json::json!({"Europe/Paris": [[0, 60]]}),
+                false => serde_json::json!({}),
+            };
+            serde_json::to_vec(&serde_json::json!({
+                "version": version.to_string(),
+                "mode": "enforce",
+                "bundle": {
+                    "modules": CompiledPolicy::library_modules(),
+                    "data": {"agents": self.agents, "policies": self.policies, "timezones": timezones},
+                },
+            }))
+            .unwrap()
+        }
+
+        /// Edits the entries; returns `version`'s configuration and whether it has a
+        /// broken entry.
+        fn step(&mut self, version: u64) -> (Vec<u8>, bool) {
+            let next = &mut self.next;
+            for _ in 0..=next(3) {
+                let key = format!("{:02x}", next(48));
+                let agent = Self::agent(version + next(3), next(7));
+                self.agents.insert(key, agent);
+            }
+            if next(2) == 0 {
+                let i = next(7);
+                let policy = Self::policy(i, version, next(3) == 0);
+                self.policies.insert(format!("p{i}"), policy);
+            }
+            let broken = next(12) == 0;
+            if broken {
+                self.agents
+                    .insert("ff".into(), serde_json::json!({"status": "sleeping"}));
+            }
+            let paris = next(10) != 0;
+            (self.config(version, paris), broken)
+        }
+
+        /// What the control plane sends after a refusal: `version` mended, in full.
+        fn mended(&mut self, version: u64) -> Vec<u8> {
+            self.agents.remove("ff");
+            self.config(version, true)
+        }
+    }
+
+    /// `got` has the entries, reads, tables and modules of `fresh` and decides three
+    /// requests of every agent alike.
+    fn assert_decides_alike(
+        got: &mut CompiledPolicy,
+        fresh: &mut CompiledPolicy,
+        chain: &Chain,
+        version: u64,
+    ) {
+        assert_eq!(
+            got.entries.document(),
+            fresh.entries.document(),
+            "version {version}"
+        );
+        assert_eq!(got.reads, fresh.reads, "version {version}");
+        assert_eq!(got.tables, fresh.tables, "version {version}");
+        assert_eq!(got.modules.key, fresh.modules.key);
+        let at = 1_773_076_200 * SECOND;
+        for fp in chain.agents.keys() {
+            for (domain, method) in [
+                ("d0.example", "GET"),
+                ("d1.example", "DELETE"),
+                ("d2.example", "GET"),
+            ] {
+                let request = RequestFacts {
+                    fingerprint: fp.as_str().into(),
+                    domain: domain.into(),
+                    method: method.into(),
+                    unix_ns: at,
+                    ..RequestFacts::default()
+                };
+                let (a, b) = (got.evaluate(&request), fresh.evaluate(&request));
+                assert_eq!(
+                    format!("{a:?}"),
+                    format!("{b:?}"),
+                    "version {version}, {fp} {domain}"
+                );
+            }
+        }
+    }
+
+    /// Fails the test: one side accepted the configuration, the other refused it.
+    fn verdicts_differ<A, B>(
+        version: u64,
+        got: Result<A, PolicyError>,
+        fresh: Result<B, PolicyError>,
+    ) -> ! {
+        panic!(
+            "version {version}: {:?} against {:?}",
+            got.err(),
+            fresh.err()
+        )
+    }
+
+    /// A fresh VM's compilation of a whole configuration.
+    fn whole(config: &[u8], validated: &Validated) -> Result<CompiledPolicy, PolicyError> {
+        let whole = crate::config::RawPluginConfig::from_slice(config).unwrap();
+        CompiledPolicy::compile_raw(
+            whole.bundle.as_ref().unwrap(),
+            &mut EntryCache::default(),
+            validated,
+        )
+    }
+
     /// A chain of random pushes, each sent as a delta where the control plane would: a
     /// VM that compiles each delta from what it lists, on the entries it prepared for
     /// the previous version, ends up with the entries, reads and decisions of a fresh VM
@@ -1321,85 +1555,20 @@ mod tests {
     fn a_delta_compiled_from_what_it_lists_equals_the_whole_configuration() {
         use crate::config::RawPluginConfig;
         use crate::delta::{Retained, delta};
-        use serde_json::json;
-        let mut next = crate::test_rng(0x9e37_79b9_7f4a_7c15_u64);
-        let paris = json!({"Europe/Paris": [[0, 60]]});
-        let policy = |i: u64, v: u64, tz: bool| {
-            let mut p = json!({
-                "id": format!("p{i}"), "status": "active", "priority": v % 5,
-                "allowed_exact": {format!("d{}.example", v % 3): true},
-                "rules": [{"id": "r", "action": "deny", "priority": 1,
-                    "conditions": [{"field": "method", "operator": "equals", "value": "DELETE"}]}],
-            });
-            if tz {
-                p["timezone"] = json!("Europe/Paris");
-                p["windows"] = json!([{"days": ["mon", "tue"], "start": v % 600, "end": 1200}]);
-            }
-            p
-        };
-        let agent = |v: u64, p: u64| {
-            let status = ["active", "active", "suspended"][(v % 3) as usize];
-            json!({"id": "a", "tenant_id": "t", "name": format!("n{v}"), "status": status, "policies": [format!("p{p}")]})
-        };
-        let mut agents: BTreeMap<String, serde_json::Value> = (0..40)
-            .map(|i| (format!("{i:02x}"), agent(i, i % 6)))
-            .collect();
-        let mut policies: BTreeMap<String, serde_json::Value> = (0..6)
-            .map(|i| (format!("p{i}"), policy(i, i, i == 2)))
-            .collect();
-        let mut timezones = paris.clone();
-        let config = |version: u64,
-                      agents: &BTreeMap<String, serde_json::Value>,
-                      policies: &BTreeMap<String, serde_json::Value>,
-                      timezones: &serde_json::Value| {
-            serde_json::to_vec(&json!({
-                "version": version.to_string(),
-                "mode": "enforce",
-                "bundle": {
-                    "modules": CompiledPolicy::library_modules(),
-                    "data": {"agents": agents, "policies": policies, "timezones": timezones},
-                },
-            }))
-            .unwrap()
-        };
+        let mut chain = Chain::new(0x9e37_79b9_7f4a_7c15_u64);
         let nothing = Validated::default();
-        let mut previous = config(1, &agents, &policies, &timezones);
+        let mut previous = chain.config(1, true);
         let first = RawPluginConfig::from_slice(&previous).unwrap();
         let mut cache = EntryCache::default();
         CompiledPolicy::compile_raw(first.bundle.as_ref().unwrap(), &mut cache, &nothing).unwrap();
         let mut retained = Retained::keep(&first).unwrap();
         let (mut listed, mut merged, mut refused) = (0, 0, 0);
-        let at = 1_773_076_200 * SECOND;
         for version in 2..80 {
-            for _ in 0..=next(3) {
-                let key = format!("{:02x}", next(48));
-                agents.insert(key, agent(version + next(3), next(7)));
-            }
-            if next(2) == 0 {
-                let i = next(7);
-                policies.insert(format!("p{i}"), policy(i, version, next(3) == 0));
-            }
-            // Now and then Paris leaves the bundle (a kept policy may lose its table), or
-            // an entry is broken.
-            let broken = next(12) == 0;
-            if broken {
-                agents.insert("ff".into(), json!({"status": "sleeping"}));
-            }
-            timezones = if next(10) == 0 {
-                json!({})
-            } else {
-                paris.clone()
-            };
-            let full = config(version, &agents, &policies, &timezones);
+            let (full, broken) = chain.step(version);
             let Some(change) = delta(&previous, &full).unwrap() else {
                 continue;
             };
-            let whole = RawPluginConfig::from_slice(&full).unwrap();
-            let fresh = CompiledPolicy::compile_raw(
-                whole.bundle.as_ref().unwrap(),
-                &mut EntryCache::default(),
-                &nothing,
-            );
+            let fresh = whole(&full, &nothing);
             let change = RawPluginConfig::from_slice(&change).unwrap();
             let changes = retained.changes(&change).unwrap();
             let got = CompiledPolicy::compile_raw_delta(
@@ -1426,35 +1595,7 @@ mod tests {
             };
             match (got, fresh) {
                 (Ok(mut got), Ok(mut fresh)) => {
-                    assert_eq!(
-                        got.entries.document(),
-                        fresh.entries.document(),
-                        "version {version}"
-                    );
-                    assert_eq!(got.reads, fresh.reads, "version {version}");
-                    assert_eq!(got.tables, fresh.tables, "version {version}");
-                    assert_eq!(got.modules.key, fresh.modules.key);
-                    for fp in agents.keys() {
-                        for (domain, method) in [
-                            ("d0.example", "GET"),
-                            ("d1.example", "DELETE"),
-                            ("d2.example", "GET"),
-                        ] {
-                            let request = RequestFacts {
-                                fingerprint: fp.as_str().into(),
-                                domain: domain.into(),
-                                method: method.into(),
-                                unix_ns: at,
-                                ..RequestFacts::default()
-                            };
-                            let (a, b) = (got.evaluate(&request), fresh.evaluate(&request));
-                            assert_eq!(
-                                format!("{a:?}"),
-                                format!("{b:?}"),
-                                "version {version}, {fp} {domain}"
-                            );
-                        }
-                    }
+                    assert_decides_alike(&mut got, &mut fresh, &chain, version);
                 }
                 (Err(got), Err(fresh)) => {
                     assert_eq!(got.to_string(), fresh.to_string(), "version {version}");
@@ -1462,8 +1603,7 @@ mod tests {
                     // Envoy keeps the previous version; the control plane sends the next
                     // in full. The VM's entries are the refused one's or the previous
                     // version's: a whole configuration is right on either.
-                    agents.remove("ff");
-                    let full = config(version, &agents, &policies, &paris);
+                    let full = chain.mended(version);
                     let whole = RawPluginConfig::from_slice(&full).unwrap();
                     CompiledPolicy::compile_raw(
                         whole.bundle.as_ref().unwrap(),
@@ -1475,11 +1615,7 @@ mod tests {
                     previous = full;
                     continue;
                 }
-                (got, fresh) => panic!(
-                    "version {version}: {:?} against {:?}",
-                    got.err(),
-                    fresh.err()
-                ),
+                (got, fresh) => verdicts_differ(version, got, fresh),
             }
             assert!(!broken, "version {version}");
             retained.apply(changes);
@@ -1488,6 +1624,106 @@ mod tests {
         assert!(
             listed > 20 && merged > 2 && refused > 2,
             "{listed} listed, {merged} merged, {refused} refused"
+        );
+    }
+
+    /// The same chain through Envoy's configuration canary, a fresh VM per push that
+    /// reads the entries and the validated set the previous canary published: a delta
+    /// it accepts with `check_delta` is one the whole configuration compiles, the set it
+    /// publishes lets a fresh VM compile the whole configuration without validating
+    /// anything again, and that VM decides as one compiling it from scratch. Every
+    /// delta `check_delta` hands back (a broken entry, a policy that lost its table, a
+    /// set without the base's facts) is merged, and refused or accepted as the whole is.
+    #[test]
+    fn a_delta_checked_against_the_published_entries_is_accepted_as_the_whole_configuration() {
+        use crate::config::RawPluginConfig;
+        use crate::delta::{Retained, delta};
+        let mut chain = Chain::new(0x2545_f491_4f6c_dd1d_u64);
+        let nothing = Validated::default();
+        let mut previous = chain.config(1, true);
+        let mut published = Retained::keep(&RawPluginConfig::from_slice(&previous).unwrap())
+            .unwrap()
+            .encode();
+        let mut validated = whole(&previous, &nothing).unwrap().validated();
+        let (mut checked, mut merged, mut refused) = (0, 0, 0);
+        let mut complete = true;
+        for version in 2..120 {
+            let (full, broken) = chain.step(version);
+            let Some(change) = delta(&previous, &full).unwrap() else {
+                continue;
+            };
+            let fresh = whole(&full, &nothing);
+            let change = RawPluginConfig::from_slice(&change).unwrap();
+            let mut retained = Retained::decode(published.clone()).unwrap();
+            let changes = retained.changes(&change).unwrap();
+            // Now and then another VM's set replaced the previous canary's (here: none).
+            // A set covers a configuration's entries until a canary extends one that does
+            // not; a VM that validates a whole configuration publishes all of its entries.
+            let (set, covered) = match version % 7 {
+                0 => (Validated::default(), false),
+                _ => (Validated::decode(&validated), complete),
+            };
+            let timezones = change.bundle.as_ref().unwrap().data.timezones.clone();
+            match (CompiledPolicy::check_delta(&retained, &change, &set), fresh) {
+                (Some(got), Ok(mut fresh)) => {
+                    checked += 1;
+                    retained.apply(changes);
+                    // A fresh VM that later decides requests compiles the whole from what
+                    // the canary kept and published, validating nothing again (when the
+                    // set the canary extended covered its base).
+                    let set = Validated::decode(&got.validated);
+                    let mut later = CompiledPolicy::compile_raw(
+                        &retained.bundle(timezones),
+                        &mut EntryCache::default(),
+                        &set,
+                    )
+                    .unwrap();
+                    if covered {
+                        assert_eq!(later.validated_here(), (0, 0, 0), "version {version}");
+                    }
+                    complete = covered;
+                    assert_decides_alike(&mut later, &mut fresh, &chain, version);
+                    validated = got.validated;
+                }
+                (Some(_), Err(e)) => panic!("version {version}: accepted, but the whole: {e}"),
+                (None, fresh) => {
+                    let (merged_config, _) = retained.merge(change).unwrap();
+                    let got = CompiledPolicy::compile_raw(
+                        merged_config.bundle.as_ref().unwrap(),
+                        &mut EntryCache::default(),
+                        &set,
+                    );
+                    match (got, fresh) {
+                        (Ok(got), Ok(_)) => {
+                            merged += 1;
+                            complete = true;
+                            validated = got.validated();
+                            retained.apply(changes);
+                        }
+                        // Refused either way; with several faults, each may name
+                        // another first (the merged configuration lists the delta's
+                        // entries last).
+                        (Err(_), Err(_)) => {
+                            refused += 1;
+                            complete = true;
+                            let full = chain.mended(version);
+                            let config = RawPluginConfig::from_slice(&full).unwrap();
+                            validated = whole(&full, &nothing).unwrap().validated();
+                            published = Retained::keep(&config).unwrap().encode();
+                            previous = full;
+                            continue;
+                        }
+                        (got, fresh) => verdicts_differ(version, got, fresh),
+                    }
+                }
+            }
+            assert!(!broken, "version {version}");
+            published = retained.encode();
+            previous = full;
+        }
+        assert!(
+            checked > 30 && merged > 2 && refused > 2,
+            "{checked} checked, {merged} merged, {refused} refused"
         );
     }
 }

@@ -406,12 +406,20 @@ fn worker_delta_timing() {
 }
 
 /// Envoy's canary (a fresh VM per push) loading a one-policy delta, repeated, each step
-/// timed: the previous canary's published entries decoded, the delta merged with them,
-/// the whole configuration prepared on an empty cache (every entry but the changed one
-/// validated already), the merged entries encoded for the next canary.
-#[test]
-#[ignore = "timing; needs CHRONOGUARD_PLUGIN_CONFIG"]
-fn canary_delta_timing() {
+/// timed and printed as `what` with `steps` (their names, the first one the previous
+/// canary's published entries decoded). `load` takes the entries, the delta and the
+/// validated set the previous canary published, and returns what it publishes in turn.
+#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
+fn canary_rounds(
+    what: &str,
+    steps: &[&str],
+    mut load: impl FnMut(
+        filter_core::delta::Retained,
+        RawPluginConfig<'_>,
+        &[u8],
+        &mut Steps,
+    ) -> Vec<u8>,
+) {
     let Some(bytes) = config_file() else {
         return;
     };
@@ -421,39 +429,94 @@ fn canary_delta_timing() {
     let (_, retained) = loaded(&first);
     let mut published = retained.encode();
     let rounds = rounds(200);
-    let mut steps = Steps::new(5);
+    let mut timed = Steps::new(steps.len());
     let started = Instant::now();
     for round in 1..=rounds {
         let (d, validated) = &deltas[round % 2];
         // The host hands the canary its own copy of the shared data.
         let shared = published.clone();
-        steps.start();
-        let mut retained = filter_core::delta::Retained::decode(shared).unwrap();
+        timed.start();
+        let retained = filter_core::delta::Retained::decode(shared).unwrap();
         let mut raw = chained(d, round);
         raw.base = Some(retained.version().to_owned());
-        steps.step(0);
-        let (merged, changes) = retained.merge(raw).unwrap();
-        steps.step(1);
-        let validated = Validated::decode(validated);
-        let policy = CompiledPolicy::compile_raw(
-            merged.bundle.as_ref().unwrap(),
-            &mut EntryCache::default(),
-            &validated,
-        )
-        .unwrap();
-        steps.step(2);
-        let republished = policy.validated();
-        drop(merged);
-        retained.apply(changes);
-        published = retained.encode();
-        steps.step(3);
-        drop((policy, republished, retained));
-        steps.step(4);
+        timed.step(0);
+        published = load(retained, raw, validated, &mut timed);
     }
     let total = started.elapsed() / rounds as u32;
-    let steps = steps.per(rounds);
-    println!(
-        "canary, one-policy delta: {total:?} per load: published entries decoded {:?}, merge {:?}, prepared {:?}, published again {:?}, dropped {:?}",
-        steps[0], steps[1], steps[2], steps[3], steps[4],
+    let each: Vec<String> = steps
+        .iter()
+        .zip(timed.per(rounds))
+        .map(|(name, t)| format!("{name} {t:?}"))
+        .collect();
+    println!("{what}: {total:?} per load: {}", each.join(", "));
+}
+
+/// The canary merging the delta with the published entries and preparing the whole
+/// configuration on an empty cache (every entry but the changed one validated already),
+/// then encoding the merged entries for the next canary: its way before
+/// `CompiledPolicy::check_delta`, and still when that hands a delta back.
+#[test]
+#[ignore = "timing; needs CHRONOGUARD_PLUGIN_CONFIG"]
+#[allow(clippy::unwrap_used)]
+fn canary_delta_timing() {
+    let steps = [
+        "published entries decoded",
+        "merge",
+        "prepared",
+        "published again",
+        "dropped",
+    ];
+    canary_rounds(
+        "canary, one-policy delta merged",
+        &steps,
+        |mut retained, raw, validated, timed| {
+            let (merged, changes) = retained.merge(raw).unwrap();
+            timed.step(1);
+            let validated = Validated::decode(validated);
+            let policy = CompiledPolicy::compile_raw(
+                merged.bundle.as_ref().unwrap(),
+                &mut EntryCache::default(),
+                &validated,
+            )
+            .unwrap();
+            timed.step(2);
+            let republished = policy.validated();
+            drop(merged);
+            retained.apply(changes);
+            let published = retained.encode();
+            timed.step(3);
+            drop((policy, republished, retained));
+            timed.step(4);
+            published
+        },
+    );
+}
+
+/// The canary's load of a one-policy delta checked against the published entries
+/// (`CompiledPolicy::check_delta`): what Envoy's main thread pays per push.
+#[test]
+#[ignore = "timing; needs CHRONOGUARD_PLUGIN_CONFIG"]
+#[allow(clippy::unwrap_used)]
+fn canary_checked_timing() {
+    let steps = [
+        "published entries decoded",
+        "checked",
+        "published again",
+        "dropped",
+    ];
+    canary_rounds(
+        "canary, one-policy delta checked",
+        &steps,
+        |mut retained, raw, validated, timed| {
+            let validated = Validated::decode(validated);
+            let checked = CompiledPolicy::check_delta(&retained, &raw, &validated).unwrap();
+            timed.step(1);
+            retained.apply(retained.changes(&raw).unwrap());
+            let published = retained.encode();
+            timed.step(2);
+            drop((checked, retained, validated));
+            timed.step(3);
+            published
+        },
     );
 }

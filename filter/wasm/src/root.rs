@@ -15,8 +15,17 @@ use std::time::Duration;
 pub struct Active {
     pub version: Rc<str>,
     pub mode: Mode,
-    /// Present in [`Mode::Enforce`].
+    /// Present in [`Mode::Enforce`] (once [`Deferred`] is compiled, see [`current`]).
     pub policy: Option<CompiledPolicy>,
+    deferred: Option<Deferred>,
+}
+
+/// A configuration accepted without compiling it whole (`CompiledPolicy::check_delta`):
+/// compiled from the VM's kept entries when it first decides.
+struct Deferred {
+    timezones: Option<serde_json::Value>,
+    /// What the check validated: agents, policies, module sets.
+    validated_here: (usize, usize, usize),
 }
 
 impl Active {
@@ -29,8 +38,18 @@ impl Active {
             version: Rc::from(config.version.as_str()),
             mode: config.mode,
             policy,
+            deferred: None,
         };
         (active, config.audit)
+    }
+
+    /// Agents, policies and module sets its load validated itself.
+    fn validated_here(&self) -> (usize, usize, usize) {
+        match (&self.policy, &self.deferred) {
+            (Some(policy), _) => policy.validated_here(),
+            (None, Some(deferred)) => deferred.validated_here,
+            (None, None) => (0, 0, 0),
+        }
     }
 }
 
@@ -42,9 +61,68 @@ thread_local! {
     static PLUGIN: RefCell<Serving> = const { RefCell::new(Serving::Nobody) };
 }
 
-/// The configuration that decides requests now (none before the first one: fail closed).
+/// The configuration that decides requests now (none before the first one: fail closed),
+/// compiled first if it was accepted without ([`Deferred`]).
 pub fn current() -> Option<Rc<RefCell<Active>>> {
+    let active = accepted()?;
+    if active.try_borrow().is_ok_and(|a| a.deferred.is_some())
+        && let Ok(mut deferred) = active.try_borrow_mut()
+    {
+        compile_deferred(&mut deferred);
+    }
+    Some(active)
+}
+
+/// The configuration this VM accepted last, as it is.
+fn accepted() -> Option<Rc<RefCell<Active>>> {
     CURRENT.with(|c| c.borrow().clone())
+}
+
+/// Compiles a configuration accepted without it from the entries this VM kept of it. A
+/// failure (none seen: the check accepts only what compiles) leaves it without a policy,
+/// so its requests are denied (`not_configured`); it is logged and counted.
+fn compile_deferred(active: &mut Active) {
+    let Some(deferred) = active.deferred.take() else {
+        return;
+    };
+    let started = host::now_ns();
+    let state = vm::state();
+    let mut guard = state.borrow_mut();
+    let compiled = match guard.retained.take() {
+        Some(kept) if kept.version() == &*active.version => {
+            let compiled = compile(&kept.bundle(deferred.timezones), &mut guard);
+            guard.retained = Some(kept);
+            compiled
+        }
+        kept => {
+            guard.retained = kept;
+            Err("this VM no longer holds its entries".to_owned())
+        }
+    };
+    match compiled {
+        Ok(policy) => {
+            guard.entries_at = Some(active.version.to_string());
+            active.policy = Some(policy);
+            let elapsed_ms = host::now_ns().saturating_sub(started) as f64 / 1e6;
+            host::log(
+                LogLevel::Info,
+                &format!(
+                    "configuration {} compiled for its first decision ({elapsed_ms:.3} ms)",
+                    active.version
+                ),
+            );
+        }
+        Err(err) => {
+            host::increment(guard.metrics.config_rejected, 1);
+            host::log(
+                LogLevel::Critical,
+                &format!(
+                    "configuration {} could not be compiled: {err}; its requests are denied",
+                    active.version
+                ),
+            );
+        }
+    }
 }
 
 /// The longest tick period: how often the tick decides ahead of time the memoised
@@ -126,8 +204,8 @@ const INDEX: &str = concat!("chronoguard.index.", env!("CARGO_PKG_VERSION"));
 
 /// The shared-data key of the entries of the configuration the latest canary loaded
 /// (`filter_core::delta::Retained::encode`): the base the next canary (a fresh VM per
-/// push) applies a delta to. The `2` names the form (the modules' own lengths, not JSON).
-const STATE: &str = concat!("chronoguard.state.2.", env!("CARGO_PKG_VERSION"));
+/// push) applies a delta to. The `3` names the form (`Retained::encode`).
+const STATE: &str = concat!("chronoguard.state.3.", env!("CARGO_PKG_VERSION"));
 
 /// Parses and compiles a configuration; returns it ready for requests, with its audit
 /// sink, and how it was read.
@@ -216,6 +294,33 @@ fn load_delta(
             }
         }
     };
+    // A VM that decides no requests yet (Envoy's configuration canary, a fresh VM per
+    // push) checks the delta against the published entries without preparing those it
+    // leaves alone, and compiles the whole when it first decides ([`current`]).
+    if read == ConfigRead::DeltaShared && accepted().is_none() {
+        let validated = match host::shared_get(VALIDATED) {
+            Ok((Some(bytes), _)) => Validated::decode(&bytes),
+            _ => Validated::default(),
+        };
+        if let Some(checked) = CompiledPolicy::check_delta(&retained, &config, &validated) {
+            retained.apply(retained.changes(&config)?);
+            publish_state(&retained);
+            if checked.validated_here != (0, 0, 0) {
+                publish_validated(&checked.validated);
+            }
+            guard.retained = Some(retained);
+            let timezones = config
+                .bundle
+                .as_ref()
+                .and_then(|b| b.data.timezones.clone());
+            let (mut active, sink) = Active::of(config, None);
+            active.deferred = Some(Deferred {
+                timezones,
+                validated_here: checked.validated_here,
+            });
+            return Ok((active, sink, ConfigRead::DeltaChecked));
+        }
+    }
     let listed = read == ConfigRead::Delta
         && config.mode == Mode::Enforce
         && prepared_at.as_deref() == Some(retained.version());
@@ -307,14 +412,20 @@ fn compile_by(
     let policy = how(&mut state.entries, &validated).map_err(|e| e.to_string())?;
     if let Some(policy) = &policy
         && policy.validated_here() != (0, 0, 0)
-        && host::shared_set(VALIDATED, &policy.validated(), None).is_err()
     {
+        publish_validated(&policy.validated());
+    }
+    Ok(policy)
+}
+
+/// Publishes the entries this Envoy's VMs validated (`Validated`'s shared form).
+fn publish_validated(set: &[u8]) {
+    if host::shared_set(VALIDATED, set, None).is_err() {
         host::log(
             LogLevel::Warn,
             "could not publish the validated entries; other VMs validate them again",
         );
     }
-    Ok(policy)
 }
 
 /// Publishes a configuration's entries as the base of the next canary's delta.
@@ -392,10 +503,7 @@ pub fn configure(root_context_id: u32) -> bool {
     match load(&bytes) {
         Ok((mut active, sink, read)) => {
             let elapsed_ms = host::now_ns().saturating_sub(started) as f64 / 1e6;
-            let (agents, policies, modules) = active
-                .policy
-                .as_ref()
-                .map_or((0, 0, 0), CompiledPolicy::validated_here);
+            let (agents, policies, modules) = active.validated_here();
             let through = read.log_prefix();
             host::log(
                 LogLevel::Info,
@@ -422,7 +530,7 @@ pub fn configure(root_context_id: u32) -> bool {
                     state.set_sink(sink);
                 }
                 // Decisions about agents the push left alone stay memoised.
-                let previous = current();
+                let previous = accepted();
                 if let (Some(policy), Some(previous)) = (active.policy.as_mut(), previous)
                     && let Ok(mut previous) = previous.try_borrow_mut()
                     && let Some(old) = previous.policy.as_mut()
@@ -441,7 +549,7 @@ pub fn configure(root_context_id: u32) -> bool {
             // the filter there (fail open). Only a VM that has never accepted one refuses:
             // Envoy's configuration canary is such a fresh VM, and its refusal is what
             // makes Envoy NACK a bad configuration before any worker sees it.
-            if let Some(kept) = current() {
+            if let Some(kept) = accepted() {
                 let kept = kept.try_borrow().map(|a| a.version.clone()).ok();
                 host::log(
                     LogLevel::Critical,

@@ -1332,13 +1332,14 @@ fn configure_summary(log: &str) {
         if let (Some(median), Some(max)) = (ms.get(ms.len() / 2), ms.last()) {
             let count = |read: ConfigRead| loads.iter().filter(|l| l.read == read).count();
             println!(
-                "on_configure, {what}, over {} loads ({} parsed, {} read through an index, {} deltas compiled from what they list, {} merged with the VM's own entries, {} on the published base): median {median:.3} ms, max {max:.3} ms; validated per load, median / max: agents {}, policies {}",
+                "on_configure, {what}, over {} loads ({} parsed, {} read through an index, {} deltas compiled from what they list, {} merged with the VM's own entries, {} on the published base, {} checked against it): median {median:.3} ms, max {max:.3} ms; validated per load, median / max: agents {}, policies {}",
                 ms.len(),
                 count(ConfigRead::Parsed),
                 count(ConfigRead::Indexed),
                 count(ConfigRead::DeltaListed),
                 count(ConfigRead::Delta),
                 count(ConfigRead::DeltaShared),
+                count(ConfigRead::DeltaChecked),
                 spread(&agents),
                 spread(&policies),
             );
@@ -1357,7 +1358,7 @@ fn configure_summary(log: &str) {
     }
     let mut deltas: Vec<u64> = loads
         .iter()
-        .filter(|l| l.read == ConfigRead::DeltaShared)
+        .filter(|l| matches!(l.read, ConfigRead::DeltaShared | ConfigRead::DeltaChecked))
         .map(|l| l.bytes)
         .collect();
     deltas.sort_unstable();
