@@ -31,12 +31,14 @@ type SectionChanges = Vec<(Box<str>, Kept)>;
 /// An entry seen in place: its key, the hash of its text, and its text.
 type Entry<'a> = (&'a str, u64, &'a [u8]);
 
-/// Where an entry's key sits in [`Retained`]'s keys and its text in its buffer.
+/// Where an entry sits in [`Retained`]'s buffer: its key, its text, and its whole record
+/// in the shared form (lengths, key, hash and text).
 #[derive(Debug, Clone)]
 struct Span {
     key: Range<usize>,
     hash: u64,
     text: Range<usize>,
+    record: Range<usize>,
 }
 
 /// The agents or the policies of a [`Retained`]: the entries of its buffer, and those a
@@ -63,9 +65,8 @@ pub struct Retained {
     modules: Vec<RegoModule>,
     /// The names of the configuration's timezones (its offset tables), sorted.
     timezones: Vec<String>,
+    /// The shared form the base entries were read from (their keys checked as UTF-8).
     buf: Vec<u8>,
-    /// The base entries' keys, checked as UTF-8 once, when the buffer was read.
-    keys: String,
     agents: Section,
     policies: Section,
 }
@@ -136,9 +137,14 @@ impl Retained {
             .map(|(key, hash, _)| (key, hash))
     }
 
-    /// The hashes of the agents' and of the policies' texts.
+    /// The hashes of the agents' and of the policies' texts, and of those the changes
+    /// beside the buffer replaced (until they are written into it): a superset, found
+    /// without reading a key.
     pub fn hashes(&self) -> (Vec<u64>, Vec<u64>) {
-        let hashes = |s: &Section| s.entries(self).into_iter().map(|(_, h, _)| h).collect();
+        let hashes = |s: &Section| {
+            let base = s.base.iter().map(|span| span.hash);
+            base.chain(s.overlay.values().map(|e| e.hash)).collect()
+        };
         (hashes(&self.agents), hashes(&self.policies))
     }
 
@@ -155,14 +161,23 @@ impl Retained {
     }
 
     /// The shared form, for the next canary: lengths, keys, hashes and texts, read back
-    /// without parsing JSON ([`Retained::decode`]).
+    /// without parsing JSON ([`Retained::decode`]). The buffer's records between two
+    /// changes are copied in one piece.
     pub fn encode(&self) -> Vec<u8> {
-        write_form(
-            &self.version,
-            &self.modules,
-            &self.timezones,
-            [&self.agents.entries(self), &self.policies.entries(self)],
-        )
+        let mut out = Vec::with_capacity(self.buf.len() + self.changes_size() + 64);
+        put_header(&mut out, &self.version, &self.modules, &self.timezones);
+        self.agents.write(&self.buf, &mut out);
+        self.policies.write(&self.buf, &mut out);
+        out
+    }
+
+    /// The bytes of the changes beside the buffer, about.
+    fn changes_size(&self) -> usize {
+        [&self.agents, &self.policies]
+            .iter()
+            .flat_map(|s| s.overlay.iter())
+            .map(|(key, e)| key.len() + e.text.len() + 16)
+            .sum()
     }
 
     /// Reads the shared form, keeping `bytes` as the buffer its entries point into;
@@ -175,7 +190,6 @@ impl Retained {
         fn text<'b>(r: &mut Reader<'b>) -> Option<&'b str> {
             std::str::from_utf8(take(r)?).ok()
         }
-        let mut keys = String::new();
         let (version, modules, timezones, agents, policies) = {
             let mut r = Reader(&bytes);
             let version = text(&mut r)?.to_owned();
@@ -196,20 +210,21 @@ impl Retained {
                 let mut base = Vec::with_capacity(n.min(r.0.len() / 16));
                 let mut previous: Option<&str> = None;
                 for _ in 0..n {
+                    let record = bytes.len() - r.0.len();
                     let key = text(&mut r)?;
                     if previous.is_some_and(|p| p >= key) {
                         return None;
                     }
                     previous = Some(key);
-                    let at = keys.len();
-                    keys.push_str(key);
                     let hash = r.u64()?;
                     let text_at = bytes.len() - r.0.len() + 4;
                     let text = take(&mut r)?;
+                    let end = text_at + text.len();
                     base.push(Span {
-                        key: at..keys.len(),
+                        key: record + 4..record + 4 + key.len(),
                         hash,
-                        text: text_at..text_at + text.len(),
+                        text: text_at..end,
+                        record: record..end,
                     });
                 }
                 Some(Section {
@@ -229,7 +244,6 @@ impl Retained {
             modules,
             timezones,
             buf: bytes,
-            keys,
             agents,
             policies,
         })
@@ -346,8 +360,12 @@ impl Section {
             .peekable();
         for span in &self.base {
             let (Some(key), Some(text)) =
-                (of.keys.get(span.key.clone()), of.buf.get(span.text.clone()))
+                (of.buf.get(span.key.clone()), of.buf.get(span.text.clone()))
             else {
+                continue;
+            };
+            // Checked when the buffer was read.
+            let Ok(key) = std::str::from_utf8(key) else {
                 continue;
             };
             while let Some(before) = overlay.next_if(|(k, _, _)| *k < key) {
@@ -362,12 +380,54 @@ impl Section {
         out.extend(overlay);
         out
     }
+
+    /// Writes the entries in the shared form: a count, then each record in key order,
+    /// runs of the buffer's records that no change splits copied in one piece.
+    fn write(&self, buf: &[u8], out: &mut Vec<u8>) {
+        let at = out.len();
+        put_count(out, 0);
+        let mut written = 0;
+        // Records of `buf` not copied yet.
+        let mut run = 0..0;
+        let flush = |out: &mut Vec<u8>, run: &mut Range<usize>| {
+            out.extend_from_slice(buf.get(run.clone()).unwrap_or_default());
+            *run = 0..0;
+        };
+        let mut overlay = self.overlay.iter().peekable();
+        for span in &self.base {
+            let key = buf.get(span.key.clone()).unwrap_or_default();
+            while let Some((k, e)) = overlay.next_if(|(k, _)| k.as_bytes() < key) {
+                flush(out, &mut run);
+                put_record(out, k, e.hash, &e.text);
+                written += 1;
+            }
+            written += 1;
+            if let Some((k, e)) = overlay.next_if(|(k, _)| k.as_bytes() == key) {
+                flush(out, &mut run);
+                put_record(out, k, e.hash, &e.text);
+            } else if !run.is_empty() && run.end == span.record.start {
+                run.end = span.record.end;
+            } else {
+                flush(out, &mut run);
+                run = span.record.clone();
+            }
+        }
+        flush(out, &mut run);
+        for (k, e) in overlay {
+            put_record(out, k, e.hash, &e.text);
+            written += 1;
+        }
+        let count = u32::try_from(written).unwrap_or(u32::MAX).to_le_bytes();
+        if let Some(slot) = out.get_mut(at..at + 4) {
+            slot.copy_from_slice(&count);
+        }
+    }
 }
 
 /// The shared form of a [`Retained`]: its version, its modules (a count, then each name
 /// and source), its timezones' names (a count, then each), then the agents and the
-/// policies (a count, then each key, hash and text), each in key order; `u32` counts and
-/// lengths before what they count, `u64` hashes, little-endian.
+/// policies (a count, then each record: key, hash and text), each in key order; `u32`
+/// counts and lengths before what they count, `u64` hashes, little-endian.
 fn write_form(
     version: &str,
     modules: &[RegoModule],
@@ -378,41 +438,46 @@ fn write_form(
         .iter()
         .flat_map(|s| s.iter())
         .map(|(key, _, text)| key.len() + text.len() + 16)
-        .sum::<usize>()
-        + modules
-            .iter()
-            .map(|m| m.name.len() + m.source.len() + 8)
-            .sum::<usize>()
-        + timezones.iter().map(|tz| tz.len() + 4).sum::<usize>()
-        + version.len()
-        + 16;
-    let mut out = Vec::with_capacity(size);
-    let count = |out: &mut Vec<u8>, n: usize| {
-        out.extend_from_slice(&u32::try_from(n).unwrap_or(u32::MAX).to_le_bytes());
-    };
-    let bytes = |out: &mut Vec<u8>, b: &[u8]| {
-        count(out, b.len());
-        out.extend_from_slice(b);
-    };
-    bytes(&mut out, version.as_bytes());
-    count(&mut out, modules.len());
-    for module in modules {
-        bytes(&mut out, module.name.as_bytes());
-        bytes(&mut out, module.source.as_bytes());
-    }
-    count(&mut out, timezones.len());
-    for tz in timezones {
-        bytes(&mut out, tz.as_bytes());
-    }
+        .sum();
+    let mut out = Vec::with_capacity(size + 64);
+    put_header(&mut out, version, modules, timezones);
     for section in sections {
-        count(&mut out, section.len());
+        put_count(&mut out, section.len());
         for (key, hash, text) in section {
-            bytes(&mut out, key.as_bytes());
-            out.extend_from_slice(&hash.to_le_bytes());
-            bytes(&mut out, text);
+            put_record(&mut out, key, *hash, text);
         }
     }
     out
+}
+
+/// The shared form's version, modules and timezones.
+fn put_header(out: &mut Vec<u8>, version: &str, modules: &[RegoModule], timezones: &[String]) {
+    put_bytes(out, version.as_bytes());
+    put_count(out, modules.len());
+    for module in modules {
+        put_bytes(out, module.name.as_bytes());
+        put_bytes(out, module.source.as_bytes());
+    }
+    put_count(out, timezones.len());
+    for tz in timezones {
+        put_bytes(out, tz.as_bytes());
+    }
+}
+
+/// An entry's record in the shared form.
+fn put_record(out: &mut Vec<u8>, key: &str, hash: u64, text: &[u8]) {
+    put_bytes(out, key.as_bytes());
+    out.extend_from_slice(&hash.to_le_bytes());
+    put_bytes(out, text);
+}
+
+fn put_count(out: &mut Vec<u8>, n: usize) {
+    out.extend_from_slice(&u32::try_from(n).unwrap_or(u32::MAX).to_le_bytes());
+}
+
+fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
+    put_count(out, b.len());
+    out.extend_from_slice(b);
 }
 
 /// The names of a configuration's timezones (its `timezones` object's keys), sorted.
@@ -748,6 +813,9 @@ mod tests {
                 }
             }
             assert_eq!(retained, keep(&full), "version {version}");
+            // Written with the changes beside the buffer, the shared form is the one a
+            // VM holding the whole configuration writes.
+            assert_eq!(retained.encode(), keep(&full).encode(), "version {version}");
             // The next canary reads them back as they were published.
             assert_eq!(
                 Retained::decode(retained.encode()).as_ref(),
@@ -794,6 +862,7 @@ mod tests {
                 "version {version}: {beside} changes beside"
             );
             assert_eq!(retained, keep(&full), "version {version}");
+            assert_eq!(retained.encode(), keep(&full).encode(), "version {version}");
             previous = full;
         }
         assert!(written >= 3, "the buffer was written again {written} times");
