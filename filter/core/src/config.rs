@@ -151,6 +151,14 @@ pub struct RawEntry<'a> {
     pub hash: Option<u64>,
 }
 
+impl RawEntry<'_> {
+    /// The hash of its text (`crate::data::text_hash`), taken now if it was not known.
+    pub fn content_hash(&self) -> u64 {
+        self.hash
+            .unwrap_or_else(|| crate::data::text_hash(self.text))
+    }
+}
+
 /// Where the entries of one configuration sit in its bytes, so that a VM loading the
 /// same bytes again skips parsing them: Envoy loads every configuration first in its
 /// canary, which parses it fully and publishes this, then in each worker VM. The bytes
@@ -391,7 +399,7 @@ impl ConfigIndex {
                     Some(Indexed {
                         key: span(key.as_bytes())?,
                         text: span(e.text)?,
-                        hash: e.hash.unwrap_or_else(|| crate::data::text_hash(e.text)),
+                        hash: e.content_hash(),
                     })
                 })
                 .collect::<Option<Vec<_>>>()?;

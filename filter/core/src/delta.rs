@@ -350,34 +350,38 @@ impl Eq for Retained {}
 // === impl Section ===
 
 impl Section {
-    /// The entries in key order, the overlay's over the buffer's (`of`'s).
-    fn entries<'a>(&'a self, of: &'a Retained) -> Vec<Entry<'a>> {
-        let mut out = Vec::with_capacity(self.base.len() + self.overlay.len());
-        let mut overlay = self
-            .overlay
-            .iter()
-            .map(|(key, e)| (&**key, e.hash, &*e.text))
-            .peekable();
+    /// Visits the entries in key order, each change instead of the buffer's entry with
+    /// its key.
+    fn walk<'a>(&'a self, buf: &[u8], mut visit: impl FnMut(Step<'a>)) {
+        let mut overlay = self.overlay.iter().peekable();
         for span in &self.base {
-            let (Some(key), Some(text)) =
-                (of.buf.get(span.key.clone()), of.buf.get(span.text.clone()))
-            else {
-                continue;
-            };
-            // Checked when the buffer was read.
-            let Ok(key) = std::str::from_utf8(key) else {
-                continue;
-            };
-            while let Some(before) = overlay.next_if(|(k, _, _)| *k < key) {
-                out.push(before);
+            let key = buf.get(span.key.clone()).unwrap_or_default();
+            while let Some((k, e)) = overlay.next_if(|(k, _)| k.as_bytes() < key) {
+                visit(Step::Changed(k, e));
             }
-            out.push(
-                overlay
-                    .next_if(|(k, _, _)| *k == key)
-                    .unwrap_or((key, span.hash, text)),
-            );
+            match overlay.next_if(|(k, _)| k.as_bytes() == key) {
+                Some((k, e)) => visit(Step::Changed(k, e)),
+                None => visit(Step::Kept(span)),
+            }
         }
-        out.extend(overlay);
+        overlay.for_each(|(k, e)| visit(Step::Changed(k, e)));
+    }
+
+    /// The entries in key order, the changes' over the buffer's (`of`'s).
+    fn entries<'a>(&'a self, of: &'a Retained) -> Vec<Entry<'a>> {
+        let mut out: Vec<Entry<'a>> = Vec::with_capacity(self.base.len() + self.overlay.len());
+        self.walk(&of.buf, |step| match step {
+            Step::Changed(key, e) => out.push((key, e.hash, &*e.text)),
+            Step::Kept(span) => {
+                let key = of.buf.get(span.key.clone()).unwrap_or_default();
+                // Keys were checked as UTF-8 when the buffer was read.
+                if let (Ok(key), Some(text)) =
+                    (std::str::from_utf8(key), of.buf.get(span.text.clone()))
+                {
+                    out.push((key, span.hash, text));
+                }
+            }
+        });
         out
     }
 
@@ -393,35 +397,34 @@ impl Section {
             out.extend_from_slice(buf.get(run.clone()).unwrap_or_default());
             *run = 0..0;
         };
-        let mut overlay = self.overlay.iter().peekable();
-        for span in &self.base {
-            let key = buf.get(span.key.clone()).unwrap_or_default();
-            while let Some((k, e)) = overlay.next_if(|(k, _)| k.as_bytes() < key) {
-                flush(out, &mut run);
-                put_record(out, k, e.hash, &e.text);
-                written += 1;
-            }
+        self.walk(buf, |step| {
             written += 1;
-            if let Some((k, e)) = overlay.next_if(|(k, _)| k.as_bytes() == key) {
-                flush(out, &mut run);
-                put_record(out, k, e.hash, &e.text);
-            } else if !run.is_empty() && run.end == span.record.start {
-                run.end = span.record.end;
-            } else {
-                flush(out, &mut run);
-                run = span.record.clone();
+            match step {
+                Step::Changed(key, e) => {
+                    flush(out, &mut run);
+                    put_record(out, key, e.hash, &e.text);
+                }
+                Step::Kept(span) if !run.is_empty() && run.end == span.record.start => {
+                    run.end = span.record.end;
+                }
+                Step::Kept(span) => {
+                    flush(out, &mut run);
+                    run = span.record.clone();
+                }
             }
-        }
+        });
         flush(out, &mut run);
-        for (k, e) in overlay {
-            put_record(out, k, e.hash, &e.text);
-            written += 1;
-        }
         let count = u32::try_from(written).unwrap_or(u32::MAX).to_le_bytes();
         if let Some(slot) = out.get_mut(at..at + 4) {
             slot.copy_from_slice(&count);
         }
     }
+}
+
+/// An entry of a [`Section`]'s walk: the buffer's, or a change.
+enum Step<'a> {
+    Kept(&'a Span),
+    Changed(&'a str, &'a Kept),
 }
 
 /// The shared form of a [`Retained`]: its version, its modules (a count, then each name
@@ -495,7 +498,7 @@ fn sorted<'a>(list: &'a [RawEntry<'_>]) -> Vec<Entry<'a>> {
     let mut entries: Vec<(usize, Entry<'a>)> = list
         .iter()
         .enumerate()
-        .map(|(at, e)| (at, (&*e.key, entry_hash(e), e.text)))
+        .map(|(at, e)| (at, (&*e.key, e.content_hash(), e.text)))
         .collect();
     entries.sort_unstable_by(|(i, a), (j, b)| a.0.cmp(b.0).then(j.cmp(i)));
     entries.dedup_by(|later, kept| later.1.0 == kept.1.0);
@@ -509,15 +512,11 @@ fn owned(entries: &[RawEntry<'_>]) -> SectionChanges {
         .map(|e| {
             let kept = Kept {
                 text: Box::from(e.text),
-                hash: entry_hash(e),
+                hash: e.content_hash(),
             };
             (Box::from(&*e.key), kept)
         })
         .collect()
-}
-
-fn entry_hash(e: &RawEntry<'_>) -> u64 {
-    e.hash.unwrap_or_else(|| crate::data::text_hash(e.text))
 }
 
 /// One section of a merged configuration: the base's entries the delta leaves alone, then

@@ -420,10 +420,8 @@ impl CompiledPolicy {
         // The base's entries and the delta's: a superset of the configuration's, by the
         // entries this delta replaces, so the set never outgrows two configurations.
         let (mut agents, mut policies) = base.hashes();
-        let hash =
-            |e: &crate::config::RawEntry<'_>| e.hash.unwrap_or_else(|| data::text_hash(e.text));
-        agents.extend(bundle.data.agents.iter().map(hash));
-        policies.extend(bundle.data.policies.iter().map(hash));
+        agents.extend(bundle.data.agents.iter().map(|e| e.content_hash()));
+        policies.extend(bundle.data.policies.iter().map(|e| e.content_hash()));
         let added = Validated::decode(&checked.validated());
         Some(Checked {
             validated: validated.extended(&added, &agents, &policies),

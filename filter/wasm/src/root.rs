@@ -298,10 +298,7 @@ fn load_delta(
     // push) checks the delta against the published entries without preparing those it
     // leaves alone, and compiles the whole when it first decides ([`current`]).
     if read == ConfigRead::DeltaShared && accepted().is_none() {
-        let validated = match host::shared_get(VALIDATED) {
-            Ok((Some(bytes), _)) => Validated::decode(&bytes),
-            _ => Validated::default(),
-        };
+        let validated = shared_validated();
         if let Some(checked) = CompiledPolicy::check_delta(&retained, &config, &validated) {
             retained.apply(retained.changes(&config)?);
             publish_state(&retained);
@@ -405,10 +402,7 @@ fn compile_by(
 ) -> Result<Option<CompiledPolicy>, String> {
     // Entries another VM validated are prepared on first use: the canary (a fresh VM per
     // push) validates what changed, the workers nothing.
-    let validated = match host::shared_get(VALIDATED) {
-        Ok((Some(bytes), _)) => Validated::decode(&bytes),
-        _ => Validated::default(),
-    };
+    let validated = shared_validated();
     let policy = how(&mut state.entries, &validated).map_err(|e| e.to_string())?;
     if let Some(policy) = &policy
         && policy.validated_here() != (0, 0, 0)
@@ -416,6 +410,14 @@ fn compile_by(
         publish_validated(&policy.validated());
     }
     Ok(policy)
+}
+
+/// The entries this Envoy's VMs validated (none when unreadable).
+fn shared_validated() -> Validated {
+    match host::shared_get(VALIDATED) {
+        Ok((Some(bytes), _)) => Validated::decode(&bytes),
+        _ => Validated::default(),
+    }
 }
 
 /// Publishes the entries this Envoy's VMs validated (`Validated`'s shared form).
